@@ -1,0 +1,1 @@
+"""Converters from the original MinD-Vis / CompVis checkpoints to mindvis folders (explicit key maps)."""

@@ -1,0 +1,1 @@
+"""Lightning training for each stage."""
