@@ -60,8 +60,14 @@ def _to_namespace(obj: Any) -> Any:
     return obj
 
 
-def load_torch_file(path: str | os.PathLike, map_location: str = "cpu") -> Any:
+def load_torch_file(path: str | os.PathLike, map_location: str = "cpu", verify_crc: bool = True) -> Any:
     """Load a PyTorch pickle file safely: tensors, containers and the original config objects only.
+
+    Args:
+        path: a ``torch.save`` file (zip format, or the legacy pickle format).
+        map_location: where tensors are placed.
+        verify_crc: for zip-format files, check every member's CRC-32 first. PyTorch's reader does not,
+            so without this a file with damaged tensor bytes loads silently with wrong values.
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or names a global outside the allow-list.
@@ -73,6 +79,8 @@ def load_torch_file(path: str | os.PathLike, map_location: str = "cpu") -> Any:
         raise CheckpointError("checkpoint file not found", path=path)
     if path.stat().st_size == 0:
         raise CheckpointError("checkpoint file is empty", path=path)
+    if verify_crc and zipfile.is_zipfile(path):
+        _verify_zip_crc(path)
     try:
         with torch.serialization.safe_globals(list(_STANDINS)):
             obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -88,7 +96,22 @@ def load_torch_file(path: str | os.PathLike, map_location: str = "cpu") -> Any:
             AttributeError, TypeError, IndexError) as exc:
         raise CheckpointError(f"truncated or corrupt checkpoint ({type(exc).__name__}: "
                               f"{_first_line(str(exc))})", path=path) from None
-    return _to_namespace(obj)
+    try:
+        return _to_namespace(obj)
+    except TypeError as exc:  # e.g. a config object whose attribute names are not strings
+        raise CheckpointError(f"malformed config object in checkpoint ({_first_line(str(exc))})", path=path) from None
+
+
+def _verify_zip_crc(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
+        raise CheckpointError(f"truncated or corrupt checkpoint ({type(exc).__name__}: "
+                              f"{_first_line(str(exc))})", path=path) from None
+    if bad is not None:
+        raise CheckpointError(f"corrupt checkpoint: the CRC-32 of archive member '{bad}' does not match "
+                              "its contents", path=path)
 
 
 def _first_line(msg: str) -> str:
