@@ -24,7 +24,7 @@ from mindvis.errors import MindVisError
 
 #: Command modules in the order they appear in ``--help``.
 COMMAND_MODULES = [
-
+    "data",
 ]
 
 app = typer.Typer(
