@@ -24,6 +24,8 @@ from mindvis.errors import MindVisError
 
 #: Command modules in the order they appear in ``--help``.
 COMMAND_MODULES = [
+    "evaluate",
+    "train_classifier",
     "data",
 ]
 
