@@ -24,6 +24,7 @@ from mindvis.errors import MindVisError
 
 #: Command modules in the order they appear in ``--help``.
 COMMAND_MODULES = [
+    "simulate",
     "evaluate",
     "train_classifier",
     "data",
@@ -59,6 +60,9 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("mindvis").setLevel(level)
+    # Lightning prints through its own handlers; don't print its messages a second time through ours
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).propagate = False
 
 
 for _name in COMMAND_MODULES:

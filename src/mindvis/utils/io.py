@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,18 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_npz_atomic(path: str | os.PathLike, compressed: bool = False, **arrays: np.ndarray) -> None:
-    """``np.savez`` to ``path`` atomically (the name is kept exactly; no ``.npz`` is appended)."""
-    with atomic_write(path, "wb") as fh:
-        (np.savez_compressed if compressed else np.savez)(fh, **arrays)
+    """Write an ``.npz`` to ``path`` atomically and byte-reproducibly (fixed zip timestamps, no pickle).
+
+    The name is kept exactly (no ``.npz`` is appended). Uncompressed members can be memory-mapped by readers.
+    """
+    method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with atomic_write(path, "wb") as fh, zipfile.ZipFile(fh, "w", method, allowZip64=True) as zf:
+        for key, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            info.compress_type = method
+            with zf.open(info, "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asarray(arr), allow_pickle=False)
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -102,6 +112,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     prepare_output_dir(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
         yield tmp
         if path.exists():
