@@ -28,6 +28,8 @@ COMMAND_MODULES = [
     "evaluate",
     "train_classifier",
     "data",
+    "convert",
+    "reconstruct",
 ]
 
 app = typer.Typer(

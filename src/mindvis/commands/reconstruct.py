@@ -1,0 +1,370 @@
+"""``mindvis reconstruct``: images from fMRI with a trained (or converted) MinD-Vis pipeline.
+
+Writes into ``--out``: ``samples/item0000_s0.png`` ... (one PNG per sample), ``grid.png`` (one row per
+item, the ground truth first when known, as the original), ``reconstructions.npz`` (``images`` uint8
+``[N, S, H, W, 3]``, ``seeds``, ``ground_truth`` when known) and ``run.json`` (the settings).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from mindvis.errors import ConfigError, DataError
+
+_logger = logging.getLogger(__name__)
+
+_FMRI_KEYS = ("fmri", "voxels", "X", "arr_0")
+_IMAGE_KEYS = ("images", "ground_truth", "test_images", "arr_0")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("reconstruct")(reconstruct)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input readers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _pick_array(path: Path, npz: Any, key: str | None, candidates: tuple[str, ...], what: str) -> np.ndarray:
+    names = list(npz.files)
+    if key is not None:
+        if key not in names:
+            raise DataError(
+                f"no array named {key!r} (the file has {', '.join(names) or 'none'})", path=path, field=key
+            )
+        return npz[key]
+    if len(names) == 1:
+        return npz[names[0]]
+    for k in candidates:
+        if k in names:
+            return npz[k]
+    raise DataError(
+        f"several arrays ({', '.join(names)}); say which holds the {what} with the key option", path=path
+    )
+
+
+def _load_array(path: Path, key: str | None, candidates: tuple[str, ...], what: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError("file not found", path=path)
+    if path.stat().st_size == 0:
+        raise DataError("file is empty", path=path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return np.asarray(_pick_array(path, npz, key, candidates, what))
+    except DataError:
+        raise
+    except ValueError as exc:
+        raise DataError(f"cannot read the array ({exc}); object arrays are refused", path=path) from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"not a readable .npy/.npz file ({exc})", path=path) from None
+    raise DataError(f"expected a .npy or .npz file, got {suffix or 'no extension'}", path=path)
+
+
+def load_fmri_file(path: Path, key: str | None = None) -> np.ndarray:
+    """Voxels ``[N, V]`` float32 from a ``.npy`` or ``.npz`` (``[V]`` is one item).
+
+    Raises:
+        DataError: missing or empty file, unreadable array, non-float dtype, wrong rank, no rows, NaN/Inf.
+    """
+    arr = _load_array(path, key, _FMRI_KEYS, "fMRI")
+    if arr.dtype.kind != "f":
+        raise DataError(
+            f"expected floating-point voxels, got dtype {arr.dtype}", path=path, field=key or "fmri"
+        )
+    if arr.ndim == 3 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2:
+        raise DataError(
+            f"expected fMRI of shape [N, V], got {list(arr.shape)}", path=path, field=key or "fmri"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"no fMRI values (shape {list(arr.shape)})", path=path, field=key or "fmri")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise DataError(
+            f"{int(bad.sum())} NaN/Inf value(s) in {len(rows)} sample(s) (first: row {rows[0]})",
+            path=path,
+            field=key or "fmri",
+        )
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def load_images_file(path: Path, key: str | None = None) -> np.ndarray:
+    """Ground-truth images ``[N, H, W, 3]`` uint8 from a ``.npy`` / ``.npz`` (gray ``[N, H, W]`` is repeated)."""
+    arr = _load_array(path, key, _IMAGE_KEYS, "images")
+    if arr.ndim == 3:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise DataError(
+            f"expected images [N, H, W, 3], got {list(arr.shape)}", path=path, field=key or "images"
+        )
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.dtype != np.uint8:
+        if arr.dtype.kind == "f" and np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1:
+            arr = (arr * 255).astype(np.uint8)
+        else:
+            raise DataError(
+                f"expected uint8 images (or floats in [0, 1]), got {arr.dtype}",
+                path=path,
+                field=key or "images",
+            )
+    return arr
+
+
+def read_dataset_split(
+    dataset: str, split: str, data_dir: Path | None, subject: str | None
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Hook for ``--dataset/--split``: voxels ``[N, V]``, ground-truth images ``[N, H, W, 3]`` (or ``None``) and a
+    description, read through the dataset readers (:func:`mindvis.data.formats.registry.load_dataset`).
+
+    The voxels are returned as stored; normalisation and padding are applied by the caller
+    (``--preprocess`` / ``--pad-to-model``).
+    """
+    from mindvis.data.formats.registry import load_dataset
+
+    ds = load_dataset(dataset, data_dir=data_dir, subject=subject, split=split)
+    voxels = np.asarray(ds.voxels, dtype=np.float32)
+    gt = ds.images[ds.image_ids] if ds.paired else None
+    return voxels, gt, f"{dataset}:{ds.subject}/{ds.split} ({ds.source or data_dir})"
+
+
+def fit_to_model(voxels: np.ndarray, num_voxels: int, pad: bool, source: str) -> np.ndarray:
+    """Check the voxel count against the model; with ``pad``, wrap-pad (or crop) to it.
+
+    Raises:
+        DataError: the counts differ and ``pad`` is off.
+    """
+    v = voxels.shape[1]
+    if v == num_voxels:
+        return voxels
+    if not pad:
+        raise DataError(
+            f"the fMRI has {v} voxels per sample but the model takes {num_voxels}; apply the "
+            "training preprocessing (--preprocess) or pass --pad-to-model to wrap-pad/crop",
+            path=source,
+            field="voxels",
+        )
+    from mindvis.data.preprocess import pad_columns
+
+    if v > num_voxels:
+        _logger.warning("cropping %d voxels to the model's %d", v, num_voxels)
+    else:
+        _logger.info("wrap-padding %d voxels to the model's %d", v, num_voxels)
+    return np.ascontiguousarray(pad_columns(voxels, num_voxels, mode="wrap"), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+
+
+def make_grid(images: np.ndarray, ground_truth: np.ndarray | None = None, pad: int = 2) -> np.ndarray:
+    """``images: [N, S, H, W, 3]`` (+ ``ground_truth: [N, h, w, 3]``) -> one uint8 picture, a row per item."""
+    n, s, h, w, _ = images.shape
+    cols = s + (ground_truth is not None)
+    grid = np.full((n * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        row = []
+        if ground_truth is not None:
+            row.append(_resize(ground_truth[i], h))
+        row.extend(images[i])
+        for j, tile in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y : y + h, x : x + w] = tile
+    return grid
+
+
+def _save_png(path: Path, img: np.ndarray) -> None:
+    from PIL import Image
+
+    from mindvis.utils.io import atomic_write
+
+    with atomic_write(path, "wb") as fh:
+        Image.fromarray(img).save(fh, format="PNG")
+
+
+def write_outputs(
+    out: Path,
+    images: np.ndarray,
+    seeds: list[int],
+    ground_truth: np.ndarray | None,
+    run_info: dict[str, Any],
+    overwrite: bool,
+) -> Path:
+    """Write the PNGs, the grid, the npz and run.json into ``out`` (the folder appears complete or not at all)."""
+    from mindvis.utils.io import atomic_dir, save_npz_atomic, write_json
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "samples").mkdir()
+        for i in range(images.shape[0]):
+            for s in range(images.shape[1]):
+                _save_png(tmp / "samples" / f"item{i:04d}_s{s}.png", images[i, s])
+        _save_png(tmp / "grid.png", make_grid(images, ground_truth))
+        arrays: dict[str, np.ndarray] = {"images": images, "seeds": np.asarray(seeds, dtype=np.int64)}
+        if ground_truth is not None:
+            arrays["ground_truth"] = ground_truth
+        save_npz_atomic(tmp / "reconstructions.npz", compressed=True, **arrays)
+        write_json(tmp / "run.json", run_info)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("CUDA is not available on this machine", field="--device")
+    return name
+
+
+def reconstruct(
+    model: Path = typer.Option(..., "--model", help="Pipeline folder (from `mindvis convert` or training)."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    fmri: Path | None = typer.Option(None, "--fmri", help="Voxels [N, V] as .npy or .npz."),
+    fmri_key: str | None = typer.Option(None, "--fmri-key", help="Array name inside an .npz."),
+    images: Path | None = typer.Option(
+        None, "--images", help="Ground-truth images [N, H, W, 3] (.npy/.npz)."
+    ),
+    images_key: str | None = typer.Option(None, "--images-key", help="Array name inside the images .npz."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Read a dataset split instead of --fmri."),
+    split: str = typer.Option("test", "--split", help="Split of --dataset."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Folder of --dataset."),
+    subject: str | None = typer.Option(None, "--subject", help="Subject of --dataset."),
+    preprocess: Path | None = typer.Option(
+        None, "--preprocess", help="Fitted preprocessing JSON (default: preprocess.json in the model folder)."
+    ),
+    pad_to_model: bool = typer.Option(
+        False, "--pad-to-model", help="Wrap-pad (or crop) the voxels to the model's count."
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N items."),
+    num_samples: int = typer.Option(5, "--num-samples", min=1, help="Images per fMRI item."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps (default per sampler)."),
+    sampler: str = typer.Option("plms", "--sampler", help="plms (the original's), ddim or dpmsolver++."),
+    eta: float = typer.Option(0.0, "--eta", min=0.0, help="DDIM noise (0: deterministic)."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance (1: off)."),
+    seed: int = typer.Option(0, "--seed", help="Item i uses seed + i."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Latents per UNet call."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+) -> None:
+    """Reconstruct the seen images from fMRI: a PNG per sample, a grid, and an npz of all images."""
+    import time
+
+    import torch
+    from rich.console import Console
+
+    from mindvis.pipeline import MindVisPipeline
+    from mindvis.sampling import SAMPLERS
+    from mindvis.utils.io import prepare_output_dir
+
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}", field="--sampler")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose {', '.join(dtypes)}", field="--dtype")
+    if (fmri is None) == (dataset is None):
+        raise ConfigError("give exactly one of --fmri FILE and --dataset NAME", field="--fmri")
+    prepare_output_dir(out, overwrite=overwrite)
+    dev = _device(device)
+
+    # inputs first (cheap checks before the model load)
+    gt: np.ndarray | None = None
+    if fmri is not None:
+        voxels = load_fmri_file(fmri, fmri_key)
+        source = str(fmri)
+    else:
+        voxels, gt, source = read_dataset_split(str(dataset), split, data_dir, subject)
+    if images is not None:
+        gt = load_images_file(images, images_key)
+    if limit is not None:
+        voxels = voxels[:limit]
+        gt = None if gt is None else gt[:limit]
+    if gt is not None and len(gt) != len(voxels):
+        raise DataError(
+            f"{len(gt)} ground-truth images for {len(voxels)} fMRI items",
+            path=images or source,
+            field="--images",
+        )
+
+    pipe = MindVisPipeline.from_pretrained(model)
+    if pipe.num_voxels is None:
+        raise ConfigError(
+            "this model is a class-conditional prior, not an fMRI model", path=model, field="--model"
+        )
+    pre_path = preprocess if preprocess is not None else (model / "preprocess.json")
+    if preprocess is not None or pre_path.is_file():
+        from mindvis.data.preprocess import load_preprocessor
+
+        pre = load_preprocessor(pre_path, subject=subject)
+        voxels = np.asarray(pre.transform(voxels, source=source), dtype=np.float32)
+        _logger.info("applied the preprocessing in %s", pre_path)
+    voxels = fit_to_model(voxels, pipe.num_voxels, pad_to_model, source)
+    pipe.to(dev, dtypes[dtype] if dtype != "float32" else None)
+
+    t0 = time.perf_counter()
+    result = pipe(
+        voxels,
+        num_samples=num_samples,
+        num_inference_steps=steps,
+        sampler=sampler,  # type: ignore[arg-type]
+        eta=eta,
+        seed=seed,
+        batch_size=batch_size,
+        guidance_scale=guidance_scale,
+        progress=progress,
+    )
+    elapsed = time.perf_counter() - t0
+    imgs = np.asarray(result.images)
+    run_info = {
+        "model": str(model),
+        "fmri": source,
+        "items": int(imgs.shape[0]),
+        "num_samples": num_samples,
+        "sampler": result.sampler,
+        "num_inference_steps": result.num_inference_steps,
+        "eta": eta,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "batch_size": batch_size,
+        "device": dev,
+        "dtype": dtype,
+        "pad_to_model": pad_to_model,
+        "preprocess": str(pre_path) if (preprocess is not None or pre_path.is_file()) else None,
+        "seconds": round(elapsed, 3),
+        "ground_truth": gt is not None,
+    }
+    write_outputs(out, imgs, result.seeds, gt, run_info, overwrite=overwrite)
+    Console().print(
+        f"[green]wrote[/green] {out}: {imgs.shape[0]} items x {imgs.shape[1]} samples "
+        f"({result.sampler}, {result.num_inference_steps} steps, {elapsed:.1f} s)"
+    )

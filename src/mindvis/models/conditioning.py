@@ -1,0 +1,238 @@
+"""Double conditioning of the latent diffusion UNet on fMRI (MinD-Vis stage B, Chen et al., CVPR 2023).
+
+The fMRI encoder's tokens ``[N, L, D]`` condition the UNet twice:
+
+* cross-attention context: ``channel_mapper`` (Conv1d over the token axis, ``L -> L // 2 -> T``, kernel 1, no
+  nonlinearity) and ``dim_mapper`` (Linear ``D -> C``) give ``[N, T, C]`` with ``T = 77``;
+* time embedding: ``time_mapper`` (Conv1d ``T -> T // 2 -> 1`` over the context tokens, then Linear
+  ``C -> E``) gives ``[N, E]``, which the UNet adds to its time embedding (``E = 4 * model_channels``).
+
+With ``global_pool`` the encoder gives one token ``[N, 1, D]``: there is no channel mapper, the context is
+``[N, 1, C]``, and the time path is a single Linear. Either path can be switched off, as in the paper's
+ablation (cross-attention only, or time conditioning only, where the attention then sees a zero context).
+
+:class:`ClassEmbedder` is the label-conditional counterpart (the CompVis label2img prior): labels ``[N]``
+-> ``[N, 1, C]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mindvis.errors import ConfigError, DataError
+from mindvis.models.ldm import _ConfigMixin, _int
+
+_logger = logging.getLogger(__name__)
+
+#: Conditioning sequence length of the original (hard-coded there; CLIP's 77).
+COND_TOKENS = 77
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on.
+
+    Attributes:
+        context: ``[N, T, C]`` cross-attention context.
+        time_cond: ``[N, E]`` vector added to the time embedding, or ``None``.
+    """
+
+    context: Tensor
+    time_cond: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.context.shape[0])
+
+    def repeat_interleave(self, repeats: int) -> Conditioning:
+        """Each item repeated ``repeats`` times in place: ``[N, ...] -> [N * repeats, ...]``."""
+        tc = None if self.time_cond is None else self.time_cond.repeat_interleave(repeats, dim=0)
+        return Conditioning(self.context.repeat_interleave(repeats, dim=0), tc)
+
+    def index(self, idx: Tensor | slice) -> Conditioning:
+        tc = None if self.time_cond is None else self.time_cond[idx]
+        return Conditioning(self.context[idx], tc)
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        ctx = torch.cat([p.context for p in parts], dim=0)
+        if any(p.time_cond is None for p in parts):
+            return Conditioning(ctx, None)
+        return Conditioning(ctx, torch.cat([p.time_cond for p in parts], dim=0))  # type: ignore[misc]
+
+    def to(self, *args, **kwargs) -> Conditioning:  # noqa: ANN002, ANN003
+        tc = None if self.time_cond is None else self.time_cond.to(*args, **kwargs)
+        return Conditioning(self.context.to(*args, **kwargs), tc)
+
+
+@dataclass
+class DCConditionerConfig(_ConfigMixin):
+    """Sizes of the double conditioner.
+
+    Args:
+        num_tokens: L, tokens per sample from the fMRI encoder (its patch count; 1 with ``global_pool``).
+        token_dim: D, the encoder width.
+        context_dim: C, the UNet's cross-attention width.
+        time_embed_dim: E, the UNet's time-embedding width (4 x model_channels).
+        cond_tokens: T, context length (77 in the original).
+        global_pool: the encoder mean-pools to one token.
+        use_cross_attn: feed the fMRI context to cross-attention (off: a zero context ``[N, 1, C]``).
+        use_time_cond: compute the time-embedding vector.
+    """
+
+    num_tokens: int
+    token_dim: int
+    context_dim: int
+    time_embed_dim: int
+    cond_tokens: int = COND_TOKENS
+    global_pool: bool = False
+    use_cross_attn: bool = True
+    use_time_cond: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_tokens", "token_dim", "context_dim", "time_embed_dim", "cond_tokens"):
+            _int(name, getattr(self, name))
+        for name in ("global_pool", "use_cross_attn", "use_time_cond"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"expected true or false, got {getattr(self, name)!r}", field=name)
+        if not (self.use_cross_attn or self.use_time_cond):
+            raise ConfigError(
+                "at least one of use_cross_attn and use_time_cond must be on", field="use_time_cond"
+            )
+        if self.global_pool and self.num_tokens != 1:
+            raise ConfigError(
+                f"with global_pool the encoder gives 1 token, not {self.num_tokens}", field="num_tokens"
+            )
+        if not self.global_pool and self.num_tokens < 2:
+            raise ConfigError(
+                "the channel mapper needs at least 2 tokens (use global_pool for one)", field="num_tokens"
+            )
+        if not self.global_pool and self.cond_tokens < 2:
+            raise ConfigError("the time mapper needs at least 2 context tokens", field="cond_tokens")
+
+    @property
+    def context_tokens(self) -> int:
+        """Length of the context the conditioner computes (``1`` with ``global_pool``)."""
+        return 1 if self.global_pool else self.cond_tokens
+
+
+class DCConditioner(nn.Module):
+    """fMRI tokens -> cross-attention context and time-embedding vector.
+
+    Parameters (converted from the original): ``channel_mapper.{0,1}`` (``cond_stage_model.channel_mapper``),
+    ``dim_mapper`` (``cond_stage_model.dim_mapper``), ``time_mapper.{0,1,2}`` or ``time_mapper`` (a single
+    Linear with ``global_pool``) (``model.diffusion_model.time_embed_condtion``).
+    """
+
+    def __init__(self, config: DCConditionerConfig):
+        super().__init__()
+        if not isinstance(config, DCConditionerConfig):
+            raise ConfigError(f"expected a DCConditionerConfig, got {type(config).__name__}")
+        self.config = c = config
+        if not c.global_pool:
+            self.channel_mapper = nn.Sequential(
+                nn.Conv1d(c.num_tokens, c.num_tokens // 2, 1, bias=True),
+                nn.Conv1d(c.num_tokens // 2, c.cond_tokens, 1, bias=True),
+            )
+        else:
+            self.channel_mapper = None
+        self.dim_mapper = nn.Linear(c.token_dim, c.context_dim, bias=True)
+        if c.use_time_cond:
+            if c.global_pool:
+                self.time_mapper: nn.Module | None = nn.Linear(c.context_dim, c.time_embed_dim)
+            else:
+                self.time_mapper = nn.Sequential(
+                    nn.Conv1d(c.cond_tokens, c.cond_tokens // 2, 1, bias=True),
+                    nn.Conv1d(c.cond_tokens // 2, 1, 1, bias=True),
+                    nn.Linear(c.context_dim, c.time_embed_dim),
+                )
+        else:
+            self.time_mapper = None
+
+    @property
+    def time_dim(self) -> int | None:
+        """E when the time path is on, else ``None``."""
+        return self.config.time_embed_dim if self.time_mapper is not None else None
+
+    def context_from_tokens(self, tokens: Tensor) -> Tensor:
+        """``tokens: [N, L, D]`` -> context ``[N, T, C]`` (``[N, 1, C]`` with ``global_pool``)."""
+        c = self.config
+        if tokens.ndim != 3 or tokens.shape[1] != c.num_tokens or tokens.shape[2] != c.token_dim:
+            raise DataError(
+                f"expected encoder tokens [N, {c.num_tokens}, {c.token_dim}], got {list(tokens.shape)}",
+                field="tokens",
+            )
+        h = tokens if self.channel_mapper is None else self.channel_mapper(tokens)  # [N, T, D]
+        return self.dim_mapper(h)  # [N, T, C]
+
+    def time_from_context(self, context: Tensor) -> Tensor | None:
+        """``context: [N, T, C]`` -> ``[N, E]``, or ``None`` when the time path is off."""
+        if self.time_mapper is None:
+            return None
+        return self.time_mapper(context).squeeze(1)  # [N, 1, E] -> [N, E]
+
+    def forward(self, tokens: Tensor) -> Conditioning:
+        """``tokens: [N, L, D]`` -> :class:`Conditioning` (context ``[N, T, C]``, time vector ``[N, E]``)."""
+        context = self.context_from_tokens(tokens)
+        time_cond = self.time_from_context(context)
+        if not self.config.use_cross_attn:
+            context = context.new_zeros(context.shape[0], 1, context.shape[2])
+        return Conditioning(context, time_cond)
+
+    def null_conditioning(self, n: int, like: Tensor) -> Conditioning:
+        """The unconditional input for classifier-free guidance: a zero context ``[n, T, C]`` and zero time vector."""
+        c = self.config
+        ctx = like.new_zeros(n, c.context_tokens if c.use_cross_attn else 1, c.context_dim)
+        tc = None if self.time_mapper is None else like.new_zeros(n, c.time_embed_dim)
+        return Conditioning(ctx, tc)
+
+
+@dataclass
+class ClassEmbedderConfig(_ConfigMixin):
+    """Label embedding of the class-conditional prior: ``n_classes`` rows of width ``embed_dim`` (= C)."""
+
+    n_classes: int = 1001
+    embed_dim: int = 512
+
+    def __post_init__(self) -> None:
+        _int("n_classes", self.n_classes)
+        _int("embed_dim", self.embed_dim)
+
+
+class ClassEmbedder(nn.Module):
+    """Class labels ``[N]`` int64 -> context ``[N, 1, C]`` (CompVis ``ClassEmbedder``; key ``embedding.weight``)."""
+
+    time_dim = None
+
+    def __init__(self, config: ClassEmbedderConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.n_classes, config.embed_dim)
+
+    def forward(self, labels: Tensor) -> Conditioning:
+        labels = torch.as_tensor(labels, device=self.embedding.weight.device)
+        if labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise DataError(
+                f"expected integer class labels [N], got {labels.dtype} {list(labels.shape)}", field="labels"
+            )
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.config.n_classes):
+            raise DataError(f"class labels must lie in [0, {self.config.n_classes})", field="labels")
+        return Conditioning(self.embedding(labels.long()[:, None]), None)
+
+    def null_conditioning(self, n: int, like: Tensor) -> Conditioning:
+        """The last class (1000 of 1001 in the ImageNet prior) as the unconditional input."""
+        labels = torch.full((n,), self.config.n_classes - 1, dtype=torch.long, device=like.device)
+        return self(labels)
+
+
+__all__ = [
+    "COND_TOKENS",
+    "ClassEmbedder",
+    "ClassEmbedderConfig",
+    "Conditioning",
+    "DCConditioner",
+    "DCConditionerConfig",
+]

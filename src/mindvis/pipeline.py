@@ -1,0 +1,496 @@
+"""Reconstruction pipeline of MinD-Vis (Chen et al., CVPR 2023): fMRI -> conditioning -> latents -> images.
+
+:class:`MindVisPipeline` follows the diffusers pipeline shape: one ``__call__`` with ``num_inference_steps``
+and ``generator``/``seed``, an output dataclass, and ``save_pretrained`` / ``from_pretrained`` on a local
+folder::
+
+    model_index.json                 components, format version, provenance
+    fmri_encoder/config.json + model.safetensors   (absent for a class-conditional prior)
+    conditioner/config.json  + model.safetensors   (DCConditioner, or ClassEmbedder for a prior)
+    unet/config.json         + model.safetensors   (our UNetConfig; weights of a diffusers UNet2DConditionModel)
+    vq/config.json           + model.safetensors   (our VQConfig; weights of a diffusers VQModel)
+    scheduler/config.json                          (NoiseScheduleConfig)
+
+Generation is batched across fMRI items and samples. Randomness is drawn per item on the CPU from
+``seed + item_index`` (or one generator per item), and then per sample, so an item gets the same images
+whatever the batch size or the other items in the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mindvis.errors import CheckpointError, ConfigError, DataError
+from mindvis.models.conditioning import (
+    ClassEmbedder,
+    ClassEmbedderConfig,
+    Conditioning,
+    DCConditioner,
+    DCConditionerConfig,
+)
+from mindvis.models.ldm import DCLDM, UNetConfig, VQConfig, images_to_uint8
+from mindvis.sampling import (
+    DEFAULT_STEPS,
+    SAMPLERS,
+    NoiseSchedule,
+    NoiseScheduleConfig,
+    model_calls,
+    run_sampler,
+)
+
+_logger = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+FORMAT_VERSION = 1
+_COMPONENT_CLASSES = {
+    "conditioner": {
+        "DCConditioner": (DCConditioner, DCConditionerConfig),
+        "ClassEmbedder": (ClassEmbedder, ClassEmbedderConfig),
+    },
+}
+
+
+@dataclass
+class MindVisPipelineOutput:
+    """Result of :meth:`MindVisPipeline.__call__`.
+
+    Attributes:
+        images: ``[N, S, H, W, 3]`` uint8 (``S`` samples per item), or ``[N, S, 3, H, W]`` float in [-1, 1]
+            with ``output_type="pt"``.
+        latents: ``[N, S, C, h, w]`` float32 final latents (CPU), or ``None`` when not asked for.
+        seeds: the seed each item's randomness came from.
+        sampler / num_inference_steps: what was run.
+    """
+
+    images: np.ndarray | Tensor
+    latents: Tensor | None
+    seeds: list[int] = field(default_factory=list)
+    sampler: str = "plms"
+    num_inference_steps: int = 0
+
+
+def _as_fmri(fmri: Any, num_voxels: int, what: str = "fmri") -> Tensor:
+    """Validate fMRI input: ``[N, V]`` (or ``[V]``) real numbers, finite, ``V`` equal to the model's."""
+    if isinstance(fmri, Tensor):
+        arr = fmri.detach().cpu()
+        if not arr.is_floating_point():
+            raise DataError(f"expected floating-point voxels, got dtype {arr.dtype}", field=what)
+    else:
+        a = np.asarray(fmri)
+        if a.dtype.kind != "f":
+            raise DataError(f"expected floating-point voxels, got dtype {a.dtype}", field=what)
+        arr = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if arr.ndim == 3 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2:
+        raise DataError(f"expected fMRI of shape [N, V], got {list(arr.shape)}", field=what)
+    if arr.shape[0] == 0:
+        raise DataError("no fMRI samples (the array has 0 rows)", field=what)
+    if arr.shape[1] != num_voxels:
+        raise DataError(
+            f"expected {num_voxels} voxels per sample (the model's), got {arr.shape[1]}", field=what
+        )
+    arr = arr.float()
+    if not bool(torch.isfinite(arr).all()):
+        bad = int((~torch.isfinite(arr)).any(dim=1).sum())
+        raise DataError(f"{bad} sample(s) contain NaN or infinite values", field=what)
+    return arr
+
+
+class MindVisPipeline:
+    """fMRI (or class labels, for a class-conditional prior) -> images.
+
+    Args:
+        model: the :class:`~mindvis.models.ldm.DCLDM`.
+        default_sampler / default_steps: used when a call does not say.
+    """
+
+    def __init__(self, model: DCLDM, default_sampler: str = "plms", default_steps: int | None = None):
+        if default_sampler not in SAMPLERS:
+            raise ConfigError(
+                f"unknown sampler {default_sampler!r}; choose {', '.join(SAMPLERS)}", field="sampler"
+            )
+        self.model = model.eval()
+        self.default_sampler = default_sampler
+        self.default_steps = default_steps
+        #: Provenance recorded in ``model_index.json`` (e.g. the converted files and their hashes).
+        self.source: dict[str, Any] = {}
+
+    # ---- properties ------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.unet.parameters()).dtype
+
+    @property
+    def num_voxels(self) -> int | None:
+        """Voxels per fMRI sample the model takes (``None`` for a class prior)."""
+        enc = self.model.fmri_encoder
+        return None if enc is None else int(enc.config.num_voxels)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.vq_config.resolution
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> MindVisPipeline:
+        """Move every network to ``device`` and cast its weights to ``dtype`` (e.g. bfloat16 on a GPU).
+
+        Sampling arithmetic and the schedule stay in float32; only the networks run in ``dtype``.
+        """
+        if device is not None:
+            self.model.to(device)
+        if dtype is not None:
+            for name in ("fmri_encoder", "conditioner", "unet", "vq"):
+                mod = getattr(self.model, name)
+                if mod is not None:
+                    mod.to(dtype=dtype)
+        return self
+
+    # ---- saving ----------------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self, directory: str | os.PathLike, overwrite: bool = False, source: dict[str, Any] | None = None
+    ) -> Path:
+        """Write the pipeline folder (see the module docstring); it appears complete or not at all.
+
+        Raises:
+            OutputExistsError: the folder exists, is not empty, and ``overwrite`` is False.
+        """
+        from mindvis import __version__
+        from mindvis.models.mbm import _save_pretrained
+        from mindvis.utils.io import atomic_dir, write_json
+
+        m = self.model
+        directory = Path(directory)
+        with atomic_dir(directory, overwrite=overwrite) as tmp:
+            components: dict[str, str] = {}
+            if m.fmri_encoder is not None:
+                m.fmri_encoder.save_pretrained(tmp / "fmri_encoder")
+                components["fmri_encoder"] = type(m.fmri_encoder).__name__
+            cname = type(m.conditioner).__name__
+            _save_pretrained(m.conditioner, tmp / "conditioner", cname, m.conditioner.config.to_dict())
+            components["conditioner"] = cname
+            _save_pretrained(m.unet, tmp / "unet", "UNet2DConditionModel", m.unet_config.to_dict())
+            components["unet"] = "UNet2DConditionModel"
+            _save_pretrained(m.vq, tmp / "vq", "VQModel", m.vq_config.to_dict())
+            components["vq"] = "VQModel"
+            write_json(
+                tmp / "scheduler" / "config.json",
+                {"_class_name": "NoiseSchedule", **m.schedule.config.to_dict()},
+            )
+            components["scheduler"] = "NoiseSchedule"
+            write_json(
+                tmp / MODEL_INDEX,
+                {
+                    "_class_name": "MindVisPipeline",
+                    "_format_version": FORMAT_VERSION,
+                    "_mindvis_version": __version__,
+                    "components": components,
+                    "scale_factor": m.scale_factor,
+                    "default_sampler": self.default_sampler,
+                    "default_steps": self.default_steps,
+                    "source": source or {},
+                },
+            )
+        _logger.info("saved pipeline to %s", directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> MindVisPipeline:
+        """Load a folder written by :meth:`save_pretrained` (strict: every key and shape must match).
+
+        Raises:
+            CheckpointError: the folder or a component file is missing, corrupt, or does not fit its config.
+            ConfigError: a config holds invalid values.
+        """
+        from mindvis.models.mbm import (
+            FMRIEncoder,
+            _read_config_json,
+            load_safetensors,
+            load_state_dict_checked,
+        )
+        from mindvis.utils.io import read_json
+
+        d = Path(directory)
+        if not d.is_dir():
+            raise CheckpointError("model folder not found", path=d)
+        if not (d / MODEL_INDEX).is_file():
+            raise CheckpointError(f"not a mindvis pipeline folder (missing {MODEL_INDEX})", path=d)
+        try:
+            index = read_json(d / MODEL_INDEX)
+        except DataError as exc:
+            raise CheckpointError(exc.detail, path=d / MODEL_INDEX) from None
+        if not isinstance(index, dict) or not isinstance(index.get("components"), dict):
+            raise CheckpointError("expected a JSON object with 'components'", path=d / MODEL_INDEX)
+        version = index.get("_format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"written by a newer mindvis (format {version}, this one reads {FORMAT_VERSION})",
+                path=d / MODEL_INDEX,
+                field="_format_version",
+            )
+        comps = index["components"]
+        for need in ("conditioner", "unet", "vq", "scheduler"):
+            if need not in comps:
+                raise CheckpointError("component missing from the index", path=d / MODEL_INDEX, field=need)
+
+        def load_into(module: torch.nn.Module, sub: str) -> None:
+            load_state_dict_checked(
+                module, load_safetensors(d / sub / "model.safetensors"), source=d / sub / "model.safetensors"
+            )
+
+        encoder = FMRIEncoder.from_pretrained(d / "fmri_encoder") if "fmri_encoder" in comps else None
+        cmeta = _read_config_json(d / "conditioner")
+        cname = cmeta.get("_class_name", comps["conditioner"])
+        if cname not in _COMPONENT_CLASSES["conditioner"]:
+            raise CheckpointError(
+                f"unknown conditioner class {cname!r}",
+                path=d / "conditioner" / "config.json",
+                field="_class_name",
+            )
+        ccls, ccfg = _COMPONENT_CLASSES["conditioner"][cname]
+        conditioner = ccls(ccfg.from_dict(cmeta, source=d / "conditioner" / "config.json"))
+        load_into(conditioner, "conditioner")
+        ucfg = UNetConfig.from_dict(_read_config_json(d / "unet"), source=d / "unet" / "config.json")
+        vcfg = VQConfig.from_dict(_read_config_json(d / "vq"), source=d / "vq" / "config.json")
+        try:
+            smeta = read_json(d / "scheduler" / "config.json")
+        except DataError as exc:
+            raise CheckpointError(exc.detail, path=d / "scheduler" / "config.json") from None
+        schedule = NoiseSchedule(NoiseScheduleConfig.from_dict(smeta, source=d / "scheduler" / "config.json"))
+        model = DCLDM(
+            ucfg,
+            vcfg,
+            conditioner,
+            schedule,
+            fmri_encoder=encoder,
+            scale_factor=float(index.get("scale_factor", 1.0)),
+        )
+        load_into(model.unet, "unet")
+        load_into(model.vq, "vq")
+        pipe = cls(
+            model,
+            default_sampler=index.get("default_sampler", "plms"),
+            default_steps=index.get("default_steps"),
+        )
+        pipe.source = index.get("source", {})
+        return pipe.to(device, dtype)
+
+    # ---- generation ------------------------------------------------------------------------------------
+
+    def _item_seeds(
+        self,
+        n: int,
+        seed: int | Sequence[int] | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+    ) -> list[int]:
+        hi = 2**63 - 1
+        if generator is not None:
+            if isinstance(generator, torch.Generator):
+                return [int(torch.randint(0, hi, (1,), generator=generator)) for _ in range(n)]
+            gens = list(generator)
+            if len(gens) != n:
+                raise ConfigError(f"got {len(gens)} generators for {n} items", field="generator")
+            return [int(torch.randint(0, hi, (1,), generator=g)) for g in gens]
+        if seed is None:
+            base = int(torch.randint(0, 2**31 - 1, (1,)))
+            _logger.info("no seed given; using base seed %d", base)
+            return [base + i for i in range(n)]
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            return [int(seed) + i for i in range(n)]
+        seeds = [int(s) for s in seed]
+        if len(seeds) != n:
+            raise ConfigError(f"got {len(seeds)} seeds for {n} items", field="seed")
+        return seeds
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        fmri: np.ndarray | Tensor | None = None,
+        *,
+        labels: np.ndarray | Tensor | Sequence[int] | None = None,
+        num_samples: int = 5,
+        num_inference_steps: int | None = None,
+        sampler: Literal["plms", "ddim", "dpmsolver++"] | None = None,
+        eta: float = 0.0,
+        seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        guidance_scale: float = 1.0,
+        progress: bool = True,
+        output_type: Literal["uint8", "pt"] = "uint8",
+        return_latents: bool = True,
+    ) -> MindVisPipelineOutput:
+        """Reconstruct images.
+
+        Args:
+            fmri: ``[N, V]`` voxels (numpy or torch, floating point; ``[V]`` is one item).
+            labels: ``[N]`` class labels instead of ``fmri``, for a class-conditional prior.
+            num_samples: S, images per item.
+            num_inference_steps: sampler steps (default: the pipeline's, else PLMS 250 / DDIM 50 / DPM++ 25).
+            sampler: ``"plms"`` (the original's), ``"ddim"`` or ``"dpmsolver++"``.
+            eta: DDIM noise (0 is deterministic); PLMS and DPM-Solver++ need 0.
+            seed: base seed (item ``i`` uses ``seed + i``) or one seed per item.
+            generator: one ``torch.Generator`` per item (or one for all, consumed in item order).
+            batch_size: latents per UNet call (default: all ``N * S`` at once).
+            guidance_scale: classifier-free guidance against a zero (null) condition; 1 disables it (the
+                original has none).
+            progress: show a progress bar.
+            output_type: ``"uint8"`` images ``[N, S, H, W, 3]`` (255 * clamp((x + 1) / 2) truncated, as the
+                original) or ``"pt"``: float ``[N, S, 3, H, W]`` in [-1, 1] before clamping.
+            return_latents: keep the final latents in the output.
+
+        Raises:
+            DataError: bad fMRI (dtype, shape, voxel count, NaN, empty) or labels.
+            ConfigError: bad options.
+        """
+        m = self.model
+        sampler = sampler or self.default_sampler
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}", field="sampler")
+        steps = (
+            num_inference_steps
+            or (self.default_steps if sampler == self.default_sampler else None)
+            or DEFAULT_STEPS[sampler]
+        )
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            raise ConfigError(f"expected num_samples >= 1, got {num_samples!r}", field="num_samples")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ConfigError(f"expected batch_size >= 1, got {batch_size!r}", field="batch_size")
+        if not np.isfinite(guidance_scale):
+            raise ConfigError(
+                f"expected a finite guidance_scale, got {guidance_scale}", field="guidance_scale"
+            )
+        if output_type not in ("uint8", "pt"):
+            raise ConfigError(f"unknown output_type {output_type!r}", field="output_type")
+        device, dtype = self.device, self.dtype
+
+        # conditioning input
+        if m.is_fmri_conditioned:
+            if fmri is None:
+                raise DataError("this model is conditioned on fMRI; pass fmri=[N, V]", field="fmri")
+            cond_in: Tensor = _as_fmri(fmri, self.num_voxels or 0)
+        else:
+            if labels is None:
+                raise DataError("this model is a class-conditional prior; pass labels=[N]", field="labels")
+            cond_in = torch.as_tensor(np.asarray(labels))
+            if cond_in.ndim == 0:
+                cond_in = cond_in[None]
+            if cond_in.numel() == 0:
+                raise DataError("no labels given", field="labels")
+        n, S = int(cond_in.shape[0]), int(num_samples)
+        total = n * S
+        bs = total if batch_size is None else batch_size
+        seeds = self._item_seeds(n, seed, generator)
+
+        # randomness: per item, then per sample, always on the CPU
+        C, h, w = m.latent_shape
+        x_T = torch.empty(n, S, C, h, w)
+        sample_gens: list[list[torch.Generator]] = []
+        for i, s_i in enumerate(seeds):
+            g = torch.Generator().manual_seed(s_i)
+            x_T[i] = torch.randn((S, C, h, w), generator=g)
+            subs = torch.randint(0, 2**62, (S,), generator=g).tolist()
+            sample_gens.append([torch.Generator().manual_seed(int(s)) for s in subs])
+
+        # conditioning, in chunks of items
+        conds: list[Conditioning] = []
+        item_bs = max(1, bs // S) if batch_size is not None else n
+        for a in range(0, n, item_bs):
+            chunk = cond_in[a : a + item_bs].to(device)
+            if m.is_fmri_conditioned:
+                chunk = chunk.to(dtype)
+            conds.append(m.condition(chunk))
+        cond_all = Conditioning.cat(conds)
+        null = None
+        if guidance_scale != 1.0:
+            null = m.conditioner.null_conditioning(1, cond_all.context)
+
+        units = [(i, s) for i in range(n) for s in range(S)]
+        calls = model_calls(sampler, steps, m.num_timesteps) * (-(-total // bs))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=calls, disable=not progress, desc=f"{sampler} x{steps}", unit="step", leave=False)
+        latents = torch.empty(n, S, C, h, w)
+        images: Any = None
+        try:
+            for a in range(0, total, bs):
+                chunk_units = units[a : a + bs]
+                items = torch.tensor([i for i, _ in chunk_units], device=device)
+                cond = cond_all.index(items)
+                gens = [sample_gens[i][s] for i, s in chunk_units]
+                x = torch.stack([x_T[i, s] for i, s in chunk_units]).to(device)
+                eps_fn = self._eps_fn(cond, null, guidance_scale, dtype, bar)
+
+                def noise_fn(step: int, shape: torch.Size, gens: list[torch.Generator] = gens) -> Tensor:
+                    return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens])
+
+                z = run_sampler(sampler, eps_fn, x, m.schedule, steps, eta=eta, noise_fn=noise_fn)
+                dec = m.decode_latents(z.to(dtype)).float()
+                out = images_to_uint8(dec).cpu().numpy() if output_type == "uint8" else dec.cpu()
+                if images is None:
+                    shape = (n, S, *out.shape[1:])
+                    images = np.empty(shape, dtype=np.uint8) if output_type == "uint8" else torch.empty(shape)
+                for k, (i, s) in enumerate(chunk_units):
+                    images[i, s] = out[k]
+                    latents[i, s] = z[k].float().cpu()
+        finally:
+            bar.close()
+        return MindVisPipelineOutput(
+            images=images,
+            latents=latents if return_latents else None,
+            seeds=seeds,
+            sampler=sampler,
+            num_inference_steps=int(steps),
+        )
+
+    def _eps_fn(
+        self, cond: Conditioning, null: Conditioning | None, scale: float, dtype: torch.dtype, bar: Any
+    ):
+        m = self.model
+        cond = cond.to(dtype=dtype)
+        if null is not None:
+            b = len(cond)
+            null_b = Conditioning(
+                null.context.expand(b, *null.context.shape[1:]).to(dtype=dtype),
+                None if null.time_cond is None else null.time_cond.expand(b, -1).to(dtype=dtype),
+            )
+            both = Conditioning.cat([null_b, cond])
+
+        def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+            if null is None:
+                e = m.eps(x.to(dtype), t, cond).float()
+            else:
+                e_u, e_c = m.eps(torch.cat([x, x]).to(dtype), torch.cat([t, t]), both).float().chunk(2)
+                e = e_u + scale * (e_c - e_u)
+            bar.update(1)
+            return e
+
+        return eps_fn
+
+
+__all__ = ["MODEL_INDEX", "MindVisPipeline", "MindVisPipelineOutput"]
