@@ -24,10 +24,15 @@ from mindvis.errors import MindVisError
 
 #: Command modules in the order they appear in ``--help``.
 COMMAND_MODULES = [
+    "demo",
     "simulate",
     "evaluate",
     "train_classifier",
     "data",
+    "pretrain",
+    "finetune",
+    "train_prior",
+    "train",
     "convert",
     "reconstruct",
 ]

@@ -43,8 +43,12 @@ class StepRunner:
         on_start: optional callback ``(index, total, name)`` called before each step (for progress display).
     """
 
-    def __init__(self, run_dir: str | Path, total: int | None = None,
-                 on_start: Callable[[int, int | None, str], None] | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total: int | None = None,
+        on_start: Callable[[int, int | None, str], None] | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.total = total
         self.on_start = on_start
@@ -78,8 +82,16 @@ class StepRunner:
         t0 = time.perf_counter()
         outputs = fn() or {}
         dt = time.perf_counter() - t0
-        write_json(self.marker(name), {"step": name, "fingerprint": fingerprint(inputs), "seconds": round(dt, 2),
-                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": outputs})
+        write_json(
+            self.marker(name),
+            {
+                "step": name,
+                "fingerprint": fingerprint(inputs),
+                "seconds": round(dt, 2),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "outputs": outputs,
+            },
+        )
         _logger.info("step %s: done in %.1f s", name, dt)
         self.results.append(StepResult(name, False, dt, outputs))
         return outputs

@@ -30,7 +30,16 @@ from typing import Literal
 import numpy as np
 
 from mindvis.data.dataset import FMRIDataset
-from mindvis.data.formats.common import NanPolicy, apply_nan_policy, average_by_image, check_nan_policy
+from mindvis.data.formats.common import (
+    NanPolicy,
+    apply_nan_policy,
+    average_by_image,
+    check_nan_policy,
+    check_numeric,
+    load_npy,
+    nan_columns,
+    read_text,
+)
 from mindvis.errors import DataError
 from mindvis.safeload import load_pickled_numpy
 
@@ -43,7 +52,7 @@ STIMULI_SUBDIR = "BOLD5000_Stimuli"
 IMG_DICT = "Scene_Stimuli/Presented_Stimuli/img_dict.npy"
 REPEATED_LIST = "Scene_Stimuli/repeated_stimuli_113_list.txt"
 PRESENTATION_DIR = "Stimuli_Presentation_Lists"
-_BETA_RE = re.compile(r"^(CSI\d+)_GLMbetas-.*_(LH|RH)(EarlyVis|LOC|OPA|PPA|RSC)\.npy$")
+_BETA_RE = re.compile(r"^(CSI\d+)_GLMbetas-.*_(LH|RH)(EarlyVis|LOC|OPA|PPA|RSC)\.npy\Z")
 
 
 def list_bold5000_subjects(data_dir: str | os.PathLike) -> list[str]:
@@ -65,7 +74,15 @@ def bold5000_beta_files(
         for p in folder.iterdir():
             m = _BETA_RE.match(p.name)
             if m and m.group(1) == subject:
-                found[(m.group(3), m.group(2))] = p
+                key = (m.group(3), m.group(2))
+                if key in found:
+                    first, second = sorted([found[key].name, p.name])
+                    raise DataError(
+                        f"two ROI beta files for {subject} {key[1]}{key[0]}: {first} and {second}",
+                        path=folder,
+                        field=f"{key[1]}{key[0]}",
+                    )
+                found[key] = p
     out = []
     for roi in rois:
         for hemi in HEMISPHERES:
@@ -92,7 +109,7 @@ def read_presentation_list(data_dir: str | os.PathLike, subject: str) -> tuple[l
     names, origins = [], []
     for sess in sorted(p for p in folder.iterdir() if p.is_dir()):
         for f in sorted(sess.glob("*.txt")):
-            for ln, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            for ln, line in enumerate(read_text(f, what="presentation list").splitlines(), 1):
                 name = line.strip()
                 if not name:
                     continue
@@ -141,10 +158,8 @@ def load_bold5000(
     files = bold5000_beta_files(folder, subject, rois)
     parts = []
     for f in files:
-        try:
-            arr = np.load(f, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            raise DataError(f"not a plain numeric .npy ({exc})", path=f) from None
+        arr = load_npy(f, field="betas", mmap=True)
+        check_numeric(arr.dtype, path=f, field="betas")
         if arr.ndim != 2:
             raise DataError(f"expected [trials, voxels], got shape {arr.shape}", path=f, field="betas")
         if parts and arr.shape[0] != parts[0].shape[0]:
@@ -164,14 +179,16 @@ def load_bold5000(
     rep_path = folder / STIMULI_SUBDIR / REPEATED_LIST
     if not rep_path.is_file():
         raise DataError("repeated (test) image list not found", path=rep_path)
-    repeated = [ln.strip() for ln in rep_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    repeated = [
+        ln.strip() for ln in read_text(rep_path, what="repeated image list").splitlines() if ln.strip()
+    ]
     rep_set = set(repeated)
     is_test = np.asarray([n in rep_set for n in names])
     rows = is_test if split == "test" else ~is_test
     voxels = np.concatenate([np.asarray(p[rows], dtype=np.float32) for p in parts], axis=1)
     drop_cols = None
     if nan_policy == "drop":
-        drop_cols = np.concatenate([np.isnan(np.asarray(p)).any(axis=0) for p in parts])
+        drop_cols = np.concatenate([nan_columns(np.asarray(p, dtype=np.float32)) for p in parts])
     voxels, kept = apply_nan_policy(
         voxels, nan_policy, path=files[0].parent, field=f"{subject}/{split}", drop_columns=drop_cols
     )
@@ -242,10 +259,19 @@ def _images(
                 path=path,
                 field=name,
             )
-    arrays = [np.asarray(table[n]) for n in image_names]
-    for n, a in zip(image_names, arrays, strict=True):
-        if a.ndim != 3 or a.shape[-1] != 3:
+    arrays = []
+    for n in image_names:
+        try:
+            a = np.asarray(table[n])
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"not an image array ({exc})", path=path, field=n) from None
+        if a.ndim != 3 or a.shape[-1] != 3 or 0 in a.shape:
             raise DataError(f"expected an [H, W, 3] image, got shape {a.shape}", path=path, field=n)
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"expected image pixels as numbers, got dtype {a.dtype}", path=path, field=n)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise DataError("image holds NaN or Inf pixels", path=path, field=n)
+        arrays.append(a)
     sizes = {a.shape[:2] for a in arrays}
     if image_size is None and len(sizes) > 1:
         raise DataError(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mindvis.data.dataset import FMRIDataset
+from mindvis.data.formats.common import reading
 from mindvis.errors import DataError, MindVisError
 
 _logger = logging.getLogger(__name__)
@@ -25,12 +26,14 @@ FORMATS = ("god", "god-h5", "synthetic", "bold5000", "nsd", "hcp-npz", "hcp-cift
 
 
 def _is_bdata(path: Path) -> bool:
+    if not path.is_file():  # never open a FIFO or a device
+        return False
     try:
         import h5py
 
         with h5py.File(path, "r") as h5:
             return ("dataset" in h5 or "dataSet" in h5) and ("metadata" in h5 or "metaData" in h5)
-    except (OSError, ImportError):
+    except (OSError, ImportError, KeyError, ValueError, RuntimeError):
         return False
 
 
@@ -261,13 +264,16 @@ def _describe_nsd(p: Path, report: dict, problems: list[str], check_images: bool
     if img.is_file():
         import h5py
 
-        with h5py.File(img, "r") as h5:
-            if "images" in h5:
-                report["notes"].append(
-                    f"{IMAGES_FILE}: images {tuple(h5['images'].shape)} {h5['images'].dtype}"
-                )
-            else:
-                problems.append(f"{img}: [images] missing key 'images'")
+        try:
+            with reading(img, "images", "HDF5 file"), h5py.File(img, "r") as h5:
+                if "images" in h5:
+                    report["notes"].append(
+                        f"{IMAGES_FILE}: images {tuple(h5['images'].shape)} {h5['images'].dtype}"
+                    )
+                else:
+                    problems.append(f"{img}: [images] missing key 'images'")
+        except MindVisError as exc:
+            problems.append(str(exc))
     else:
         problems.append(f"{img}: not found; NSD loads without images only")
     for s in list_nsd_subjects(p):

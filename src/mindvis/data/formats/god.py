@@ -52,7 +52,9 @@ from mindvis.data.formats.common import (
     as_bool_mask,
     as_index,
     check_nan_policy,
+    check_numeric,
     nan_columns,
+    read_text,
     take_columns,
 )
 from mindvis.errors import DataError
@@ -63,10 +65,11 @@ GOD_FMRI_KEYS = ("arr_0", "arr_1", "arr_2", "arr_3", "arr_4", "arr_5", "arr_6")
 CLASS_INDEX_FILE = "imagenet_class_index.json"
 TRAIN_LABEL_FILE = "imagenet_training_label.csv"
 TEST_LABEL_FILE = "imagenet_testing_label.csv"
-_SUBJECT_RE = re.compile(r"^sbj_(\d+)\.npz$")
-_IMAGES_RE = re.compile(r"^images_(\w+)\.npz$")
-_LABEL_RE = re.compile(r"(\d+)\.(\d+)")
-_FILE_RE = re.compile(r"n(\d+)_(\d+)")
+_SUBJECT_RE = re.compile(r"^sbj_(\d+)\.npz\Z")
+_IMAGES_RE = re.compile(r"^images_(\w+)\.npz\Z")
+# at most 15 digits each side, so that the numbers fit int64 (real labels have 7-8 and 6)
+_LABEL_RE = re.compile(r"([0-9]{1,15})\.([0-9]{1,15})")
+_FILE_RE = re.compile(r"n([0-9]{1,15})_([0-9]{1,15})")
 
 TestIndex = Literal["auto", "index", "label"]
 
@@ -96,7 +99,7 @@ def find_god_images(data_dir: str | os.PathLike) -> Path | None:
     folder = Path(data_dir)
     if (folder / "images_256.npz").is_file():
         return folder / "images_256.npz"
-    cands = [p for p in folder.glob("images_*.npz") if _IMAGES_RE.match(p.name)]
+    cands = [p for p in folder.glob("images_*.npz") if _IMAGES_RE.match(p.name) and p.is_file()]
     if not cands:
         return None
 
@@ -166,19 +169,17 @@ def format_god_label(category: int, number: int) -> str:
 def read_class_index(path: str | os.PathLike) -> tuple[dict[int, int], list[str]]:
     """``imagenet_class_index.json`` -> (WordNet offset -> class id, class descriptions by id)."""
     path = Path(path)
+    text = read_text(path, what="class index")
     try:
-        with open(path, encoding="utf-8") as fh:
-            raw = json.load(fh)
-    except FileNotFoundError:
-        raise DataError("file not found", path=path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"not valid JSON ({exc})", path=path) from None
+        raw = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(f"not valid JSON ({type(exc).__name__}: {str(exc)[:200]})", path=path) from None
     if not isinstance(raw, dict):
         raise DataError("expected an object {class id: [wnid, ..., description]}", path=path)
     wnid_to_class: dict[int, int] = {}
     names: dict[int, str] = {}
     for key, val in raw.items():
-        if not (str(key).isdigit() and isinstance(val, list) and len(val) >= 2):
+        if not (str(key).isdecimal() and len(str(key)) <= 9 and isinstance(val, list) and len(val) >= 2):
             raise DataError(
                 f"entry {key!r} must map a class id to [wnid, ..., description]", path=path, field=str(key)
             )
@@ -186,12 +187,17 @@ def read_class_index(path: str | os.PathLike) -> tuple[dict[int, int], list[str]
         names[cls] = str(val[-1])
         for w in val[:-1]:
             w = str(w)
-            if not (w[:1] == "n" and w[1:].isdigit()):
+            if not (w[:1] == "n" and w[1:].isascii() and w[1:].isdigit() and len(w) <= 16):
                 raise DataError(
                     f"class {key}: {w!r} is not a WordNet id like n01440764", path=path, field=str(key)
                 )
             wnid_to_class.setdefault(int(w[1:]), cls)
     n = max(names) + 1 if names else 0
+    if n > 2 * len(names) + 16:
+        raise DataError(
+            f"class ids must run from 0 to the number of classes; found id {n - 1} among {len(names)} classes",
+            path=path,
+        )
     return wnid_to_class, [names.get(i, "") for i in range(n)]
 
 
@@ -204,13 +210,14 @@ def read_label_csv(path: str | os.PathLike, wnid_to_class: dict[int, int] | None
     the file name (the label is taken from the file name when no such field exists).
     """
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise DataError("file not found", path=path) from None
+    text = read_text(path, what="stimulus table")
     delimiter = "\t" if "\t" in text.split("\n", 1)[0] else ","
-    rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r and any(c.strip() for c in r)]
+    try:
+        rows = [
+            r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r and any(c.strip() for c in r)
+        ]
+    except csv.Error as exc:
+        raise DataError(f"not a readable csv table ({exc})", path=path) from None
     cats, nums, files = [], [], []
     for i, row in enumerate(rows):
         fields = [c.strip() for c in row]
@@ -301,7 +308,21 @@ def _resolve_test_index(
         raise DataError(
             f"expected numeric labels or indices, got dtype {values.dtype}", path=npz_path, field="arr_4"
         )
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(~(np.abs(values.astype(np.float64)) < 1e15))  # NaN, Inf, or no GOD label
+    if len(bad):
+        raise DataError(
+            f"{len(bad)} labels are NaN, Inf or out of range (first: row {int(bad[0])}, {values[bad[0]]!r})",
+            path=npz_path,
+            field="arr_4",
+        )
     return table.lookup(values, field="arr_4"), "label"
+
+
+def _numeric_rows_of(npz: NpzArchive, key: str, n_all: int) -> bool:
+    """True if member ``key`` is a numeric ``[rows, n_all]`` array."""
+    shape, dtype = npz.header(key)
+    return len(shape) == 2 and shape[1] == n_all and dtype.kind in "biuf"
 
 
 def load_god(
@@ -371,6 +392,7 @@ def load_god(
     with NpzArchive(npz_path) as npz:
         fmri_key = "arr_0" if split == "train" else ("arr_2" if average_test else "arr_1")
         shape, _dtype = npz.header(fmri_key)
+        check_numeric(_dtype, path=npz_path, field=fmri_key)
         if len(shape) != 2:
             raise DataError(f"expected [samples, voxels], got shape {shape}", path=npz_path, field=fmri_key)
         n_rows, n_all = shape
@@ -385,7 +407,7 @@ def load_god(
         if nan_policy == "drop":
             drop_cols = np.zeros(voxels.shape[1], dtype=bool)
             for key in ("arr_0", "arr_1", "arr_2"):
-                if key in npz and tuple(npz.header(key)[0][1:]) == (n_all,):
+                if key in npz and _numeric_rows_of(npz, key, n_all):
                     other = voxels if key == fmri_key else take_columns(npz.get(key, mmap=mmap), mask)
                     drop_cols |= nan_columns(other)
         voxels, kept = apply_nan_policy(
@@ -405,7 +427,7 @@ def load_god(
         img_key = "train_images" if split == "train" else "test_images"
         if img_path is not None:
             with NpzArchive(img_path) as imgs:
-                img_shape, _ = imgs.header(img_key)
+                img_shape = (imgs.n_rows(img_key),)
         n_images = img_shape[0] if img_shape is not None else None
 
         if split == "train":
@@ -430,11 +452,11 @@ def load_god(
         else:
             n_test = n_images
             if n_test is None:
-                n_test = len(tables["test"]) if "test" in tables else npz.header("arr_2")[0][0]
+                n_test = len(tables["test"]) if "test" in tables else npz.n_rows("arr_2")
             arr4 = None
             if "arr_4" in npz:
                 arr4 = np.asarray(npz.get("arr_4", mmap=False)).reshape(-1)
-                n_nonavg = npz.header("arr_1")[0][0] if "arr_1" in npz else None
+                n_nonavg = npz.n_rows("arr_1") if "arr_1" in npz else None
                 if n_nonavg is not None and len(arr4) != n_nonavg:
                     raise DataError(
                         f"image count != trial count: arr_4 has {len(arr4)} entries for {n_nonavg} "

@@ -42,8 +42,11 @@ from mindvis.data.formats.common import (
     NpzArchive,
     apply_nan_policy,
     average_by_image,
+    check_h5_dataset,
     check_nan_policy,
+    check_numeric,
     nan_columns,
+    reading,
 )
 from mindvis.data.formats.god import (
     CLASS_INDEX_FILE,
@@ -65,7 +68,10 @@ _SUBJECT_FILE_RE = re.compile(r"(?:subject|sub|sbj)[-_]?0*(\d+)", re.IGNORECASE)
 
 
 def _decode(values) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(values).reshape(-1)]
+    return [
+        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        for v in np.asarray(values).reshape(-1)
+    ]
 
 
 class BDataFile:
@@ -82,15 +88,18 @@ class BDataFile:
             raise DataError("file not found", path=self.path)
         try:
             self._h5 = h5py.File(self.path, "r")
-        except OSError as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             raise DataError(f"not a readable HDF5 file ({exc})", path=self.path) from None
         try:
-            self._open()
+            with reading(self.path, what="HDF5 file"):
+                self._open()
         except BaseException:
             self._h5.close()
             raise
 
     def _open(self) -> None:
+        import h5py
+
         h5 = self._h5
         ds_name = "dataset" if "dataset" in h5 else "dataSet" if "dataSet" in h5 else None
         md_name = "metadata" if "metadata" in h5 else "metaData" if "metaData" in h5 else None
@@ -102,6 +111,13 @@ class BDataFile:
             if k not in h5[md_name]:
                 raise DataError(f"missing key '/{md_name}/{k}'", path=self.path, field=f"/{md_name}/{k}")
         self.dataset = h5[ds_name]
+        if not isinstance(self.dataset, h5py.Dataset):
+            raise DataError("expected a dataset, found a group", path=self.path, field=f"/{ds_name}")
+        check_h5_dataset(self.dataset, path=self.path, field=f"/{ds_name}")
+        check_numeric(self.dataset.dtype, path=self.path, field=f"/{ds_name}")
+        for k in ("key", "value", "description"):
+            if k in h5[md_name]:
+                check_h5_dataset(h5[md_name][k], path=self.path, field=f"/{md_name}/{k}")
         if self.dataset.ndim != 2:
             raise DataError(
                 f"expected [samples, columns], got shape {self.dataset.shape}",
@@ -176,7 +192,8 @@ class BDataFile:
             raise DataError(
                 f"expected exactly one column flagged by {key!r}, found {len(idx)}", path=self.path, field=key
             )
-        return np.asarray(self.dataset[:, int(idx[0])], dtype=np.float64)
+        with reading(self.path, "/dataset", "HDF5 dataset"):
+            return np.asarray(self.dataset[:, int(idx[0])], dtype=np.float64)
 
     def read(self, rows: np.ndarray, columns: np.ndarray, block_rows: int = 512) -> np.ndarray:
         """``dataset[rows][:, columns]`` as float32, read in row blocks.
@@ -200,7 +217,8 @@ class BDataFile:
             sel = rows[start:stop]
             if not sel.any():
                 continue
-            block = np.asarray(self.dataset[start:stop])[sel][:, cidx]
+            with reading(self.path, "/dataset", "HDF5 dataset"):
+                block = np.asarray(self.dataset[start:stop])[sel][:, cidx]
             out[pos : pos + len(block)] = block
             pos += len(block)
         return out
@@ -217,7 +235,20 @@ def god_h5_subject(path: str | os.PathLike) -> str:
     return f"sbj_{int(m.group(1))}" if m else Path(path).stem
 
 
+def _finite_labels(labels: np.ndarray, h5_path: Path, key: str) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(~(np.abs(labels) < 1e15))  # NaN, Inf, or too large for a GOD label
+    if len(bad):
+        raise DataError(
+            f"{len(bad)} sample labels are NaN, Inf or out of range (first: sample {int(bad[0])})",
+            path=h5_path,
+            field=key,
+        )
+    return labels
+
+
 def _lookup_images(labels: np.ndarray, table: GodStimulusTable, h5_path: Path, key: str) -> np.ndarray:
+    _finite_labels(labels, h5_path, key)
     try:
         return table.lookup(labels, field=key)
     except DataError as exc:
@@ -288,7 +319,7 @@ def load_god_h5(
                 path=path,
                 field=datatype_key,
             )
-        labels_raw = bd.sample_values(label_key)[rows]
+        labels_raw = _finite_labels(bd.sample_values(label_key)[rows], path, label_key)
         voxels = bd.read(rows, roi_cols)
         drop_cols = None
         if nan_policy == "drop":
@@ -348,7 +379,7 @@ def load_god_h5(
     img_key = f"{split}_images"
     if img_path is not None:
         with NpzArchive(img_path) as imgs:
-            shape, _ = imgs.header(img_key)
+            shape = (imgs.n_rows(img_key),)
             if shape[0] != len(table):
                 raise DataError(
                     f"image count != stimulus table rows: {shape[0]} {img_key} but {len(table)} rows in "
@@ -456,10 +487,11 @@ def convert_god_h5(
         if (folder / CLASS_INDEX_FILE).is_file():
             shutil.copyfile(folder / CLASS_INDEX_FILE, tmp / CLASS_INDEX_FILE)
         if img_path is not None:
-            target = img_path.name if re.match(r"^images_\w+\.npz$", img_path.name) else None
+            target = img_path.name if re.match(r"^images_\w+\.npz\Z", img_path.name) else None
             if target is None:
                 with NpzArchive(img_path) as imgs:
-                    target = f"images_{imgs.header('test_images')[0][1]}.npz"
+                    shape, _ = imgs.header("test_images")
+                    target = f"images_{shape[1] if len(shape) == 4 else 'other'}.npz"
             shutil.copyfile(img_path, tmp / target)
         else:
             _logger.warning(

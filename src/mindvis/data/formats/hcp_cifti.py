@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mindvis.data.formats.common import check_nifti_image, reading
 from mindvis.errors import DataError
 from mindvis.utils.io import save_npz_atomic
 
@@ -63,7 +64,14 @@ def read_parcellation(path: str | os.PathLike, areas: tuple[str, ...] = HCP_AREA
         raise DataError(
             "expected a CIFTI dlabel file (label axis x brain model axis)", path=path, field="axes"
         )
-    labels = np.asarray(img.dataobj[0]).astype(np.int64).reshape(-1)
+    check_nifti_image(img, path=path, field="labels")
+    with reading(path, "labels", "CIFTI label file"):
+        labels = np.asarray(img.dataobj[0])
+    if not np.isfinite(labels).all() or labels.size != len(bm_axis):
+        raise DataError(
+            f"expected {len(bm_axis)} finite label keys, got {labels.size}", path=path, field="labels"
+        )
+    labels = labels.astype(np.int64).reshape(-1)
     table = label_axis.label[0]
     out: dict[str, dict[str, np.ndarray]] = {}
     for area in areas:
@@ -137,11 +145,19 @@ def extract_areas(
         raise DataError(
             "expected a dense time series (series axis x brain model axis)", path=path, field="axes"
         )
+    check_nifti_image(img, path=path, field="series")
     cols = area_columns(bm, parcellation, path)
     n_tr = img.shape[0]
+    if len(img.shape) != 2 or img.shape[1] != len(bm):
+        raise DataError(
+            f"data shape {img.shape} does not match the {len(bm)} brain model columns",
+            path=path,
+            field="series",
+        )
     out = {a: np.empty((n_tr, len(c)), dtype=np.float32) for a, c in cols.items()}
     for i in range(0, n_tr, block_trs):
-        block = np.asarray(img.dataobj[i : i + block_trs], dtype=np.float32)
+        with reading(path, "series", "CIFTI time series"):
+            block = np.asarray(img.dataobj[i : i + block_trs], dtype=np.float32)
         for a, c in cols.items():
             out[a][i : i + block_trs] = block[:, c]
     return out

@@ -19,6 +19,7 @@ needed volumes are read.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from pathlib import Path
@@ -27,7 +28,16 @@ from typing import Literal
 import numpy as np
 
 from mindvis.data.dataset import FMRIDataset
-from mindvis.data.formats.common import NanPolicy, apply_nan_policy, average_by_image, check_nan_policy
+from mindvis.data.formats.common import (
+    NanPolicy,
+    apply_nan_policy,
+    average_by_image,
+    check_nan_policy,
+    check_nifti_image,
+    nan_columns,
+    read_text,
+    reading,
+)
 from mindvis.errors import DataError
 
 _logger = logging.getLogger(__name__)
@@ -53,27 +63,33 @@ def read_trials_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError("trial table not found", path=path)
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        for need in ("trial", "image", "split"):
-            if need not in cols:
-                raise DataError(
-                    f"missing column {need!r}; the header is {reader.fieldnames}", path=path, field=need
-                )
-        rows = []
-        for i, raw in enumerate(reader, 2):
-            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
-            row["row"] = str(i)
-            split = row["split"].lower()
-            if split not in ("train", "test"):
-                raise DataError(
-                    f"line {i}: split must be 'train' or 'test', got {row['split']!r}",
-                    path=path,
-                    field="split",
-                )
-            row["split"] = split
-            rows.append(row)
+    text = read_text(path, what="trial table")
+    try:
+        return _parse_trials(csv.DictReader(io.StringIO(text, newline="")), path)
+    except csv.Error as exc:
+        raise DataError(f"not a readable csv table ({exc})", path=path) from None
+
+
+def _parse_trials(reader: csv.DictReader, path: Path) -> list[dict[str, str]]:
+    cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+    for need in ("trial", "image", "split"):
+        if need not in cols:
+            raise DataError(
+                f"missing column {need!r}; the header is {reader.fieldnames}", path=path, field=need
+            )
+    rows = []
+    for i, raw in enumerate(reader, 2):
+        row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+        row["row"] = str(i)
+        split = row["split"].lower()
+        if split not in ("train", "test"):
+            raise DataError(
+                f"line {i}: split must be 'train' or 'test', got {row['split']!r}",
+                path=path,
+                field="split",
+            )
+        row["split"] = split
+        rows.append(row)
     if not rows:
         raise DataError("the trial table has no rows", path=path)
     return rows
@@ -116,7 +132,6 @@ def load_nifti_dataset(
         FMRIDataset ``voxels: [N, V]`` float32 (V = mask voxels), ``image_ids`` into the split's distinct
         images (first-appearance order, names in ``meta["image_names"]``).
     """
-    import nibabel as nib
 
     check_nan_policy(nan_policy)
     if split not in ("train", "test"):
@@ -141,8 +156,7 @@ def load_nifti_dataset(
             path=mask_path or folder / f"{MASK_NAME}.nii.gz",
             field="mask",
         )
-    mask_img = nib.load(mask_path)
-    mask_arr = np.asanyarray(mask_img.dataobj)
+    mask_img, mask_arr = _load_volume(mask_path, "mask")
     if mask_arr.ndim == 4 and mask_arr.shape[-1] == 1:
         mask_arr = mask_arr[..., 0]
     if mask_arr.ndim != 3:
@@ -159,7 +173,7 @@ def load_nifti_dataset(
             path=csv_path,
             field="split",
         )
-    drop_cols = np.isnan(all_voxels).any(axis=0) if nan_policy == "drop" else None
+    drop_cols = nan_columns(all_voxels) if nan_policy == "drop" else None
     voxels, kept = apply_nan_policy(
         all_voxels[is_split], nan_policy, path=csv_path, field=f"{subject}/{split}", drop_columns=drop_cols
     )
@@ -209,7 +223,6 @@ def _read_trials(
     csv_path: Path,
 ) -> np.ndarray:
     """``[trials, V]`` float32 for every row of the (subject's) table."""
-    import nibabel as nib
 
     out = np.empty((len(rows), int(roi.sum())), dtype=np.float32)
     integer = all(r["trial"].lstrip("-").isdigit() for r in rows)
@@ -222,8 +235,7 @@ def _read_trials(
                 path=folder,
                 field="trial",
             )
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
+        img, data = _load_volume(path, "betas")
         if data.ndim != 4:
             raise DataError(
                 f"expected a 4-D [X, Y, Z, trials] image, got shape {data.shape}", path=path, field="betas"
@@ -237,7 +249,8 @@ def _read_trials(
                     path=csv_path,
                     field="trial",
                 )
-            out[i] = np.asarray(data[..., k])[roi]
+            with reading(path, "betas", "NIfTI image"):
+                out[i] = np.asarray(data[..., k])[roi]
         return out
     beta_dir = folder / betas if betas is not None else folder / BETAS_NAME
     for i, r in enumerate(rows):
@@ -249,11 +262,7 @@ def _read_trials(
                 path=csv_path,
                 field="trial",
             )
-        try:
-            img = nib.load(path)
-        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for foreign files
-            raise DataError(f"not a NIfTI image ({type(exc).__name__}: {exc})", path=path) from None
-        vol = np.asanyarray(img.dataobj)
+        img, vol = _load_volume(path, "trial")
         if vol.ndim == 4 and vol.shape[-1] == 1:
             vol = vol[..., 0]
         if vol.ndim != 3:
@@ -261,6 +270,25 @@ def _read_trials(
         _check_grid(vol.shape, img.affine, roi, mask_img, mask_path, path)
         out[i] = np.asarray(vol, dtype=np.float32)[roi]
     return out
+
+
+def _load_volume(path: str | os.PathLike, field: str):
+    """``(image, data)`` of a NIfTI file; uncompressed data stays memory-mapped.
+
+    The header is checked (real numbers, declared size within the file) before the data is read.
+    """
+    import nibabel as nib
+
+    regular = Path(path)
+    if not regular.is_file():
+        raise DataError("NIfTI file not found or not a regular file", path=path, field=field)
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for foreign files
+        raise DataError(f"not a NIfTI image ({type(exc).__name__}: {str(exc)[:200]})", path=path) from None
+    check_nifti_image(img, path=path, field=field)
+    with reading(path, field, "NIfTI image"):
+        return img, np.asanyarray(img.dataobj)
 
 
 def _check_grid(shape, affine, roi: np.ndarray, mask_img, mask_path, path) -> None:
@@ -301,8 +329,17 @@ def _read_images(
                 if image_size is not None and im.size != (image_size, image_size):
                     im = im.resize((image_size, image_size), Image.BICUBIC)
                 arrays.append(np.asarray(im, dtype=np.uint8))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"not a readable image ({exc})", path=p, field="image") from None
+        except (
+            UnidentifiedImageError,
+            Image.DecompressionBombError,
+            OSError,
+            ValueError,
+            SyntaxError,
+            EOFError,
+        ) as exc:
+            raise DataError(
+                f"not a readable image ({type(exc).__name__}: {str(exc)[:200]})", path=p, field="image"
+            ) from None
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         raise DataError(

@@ -17,7 +17,6 @@ chunks). Test trials are those whose image is in ``shared1000.npy`` (or, without
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -28,7 +27,19 @@ from typing import Literal
 import numpy as np
 
 from mindvis.data.dataset import FMRIDataset
-from mindvis.data.formats.common import NanPolicy, apply_nan_policy, average_by_image, check_nan_policy
+from mindvis.data.formats.common import (
+    NanPolicy,
+    apply_nan_policy,
+    as_index,
+    average_by_image,
+    check_h5_dataset,
+    check_nan_policy,
+    check_numeric,
+    load_npy,
+    nan_columns,
+    reading,
+    regular_file,
+)
 from mindvis.errors import DataError
 
 _logger = logging.getLogger(__name__)
@@ -37,7 +48,7 @@ IMAGES_FILE = "coco_images_224_float16.hdf5"
 SHARED_FILE = "shared1000.npy"
 BEHAV_IMAGE_COL = 0
 BEHAV_TRIAL_COL = 5
-_BETAS_RE = re.compile(r"^betas_all_(subj\d+)_fp32_renorm\.hdf5$")
+_BETAS_RE = re.compile(r"^betas_all_(subj\d+)_fp32_renorm\.hdf5\Z")
 
 
 def nsd_subject_name(subject: str | int) -> str:
@@ -70,18 +81,20 @@ def read_nsd_trials(
     folder = Path(data_dir)
     flat = folder / f"behav_{subject}.npy"
     if flat.is_file():
-        try:
-            behav = np.load(flat, allow_pickle=False)
-        except ValueError as exc:
-            raise DataError(f"not a plain numeric .npy ({exc})", path=flat) from None
+        behav = load_npy(flat, field="behav")
+        check_numeric(behav.dtype, path=flat, field="behav")
+        if behav.ndim == 0 or behav.shape[0] == 0:
+            raise DataError(
+                f"expected [trials, >=6] behaviour rows, got shape {behav.shape}", path=flat, field="behav"
+            )
         behav = behav.reshape(len(behav), -1)
         if behav.shape[1] <= BEHAV_TRIAL_COL:
             raise DataError(
                 f"expected [trials, >=6] behaviour rows, got shape {behav.shape}", path=flat, field="behav"
             )
         return (
-            behav[:, BEHAV_IMAGE_COL].astype(np.int64),
-            behav[:, BEHAV_TRIAL_COL].astype(np.int64),
+            _trial_index(behav[:, BEHAV_IMAGE_COL], flat, "behav (image id)"),
+            _trial_index(behav[:, BEHAV_TRIAL_COL], flat, "behav (beta row)"),
             np.full(len(behav), "all"),
             str(flat),
         )
@@ -95,6 +108,7 @@ def read_nsd_trials(
         )
     imgs, rows, splits = [], [], []
     for shard in shards:
+        size = regular_file(shard, what="webdataset shard").stat().st_size
         try:
             with tarfile.open(shard, "r:") as tar:  # webdataset shards are plain tar
                 while (member := tar.next()) is not None:
@@ -102,25 +116,58 @@ def read_nsd_trials(
                     name = member.name.rsplit("/", 1)[-1]
                     if not member.isfile() or name.split(".", 1)[-1] != "behav.npy":
                         continue
+                    if member.size > size:
+                        raise DataError(
+                            f"member {member.name!r} declares {member.size} bytes in a {size}-byte shard",
+                            path=shard,
+                            field="behav.npy",
+                        )
                     fh = tar.extractfile(member)
-                    b = np.load(io.BytesIO(fh.read()), allow_pickle=False).reshape(-1)  # type: ignore[union-attr]
+                    b = load_npy(fh.read(), path=shard, field=member.name).reshape(-1)  # type: ignore[union-attr]
+                    check_numeric(b.dtype, path=shard, field=member.name)
                     if b.shape[0] <= BEHAV_TRIAL_COL:
                         raise DataError(
                             f"{member.name}: behav has {b.shape[0]} values, expected >= 6",
                             path=shard,
                             field="behav.npy",
                         )
-                    imgs.append(int(b[BEHAV_IMAGE_COL]))
-                    rows.append(int(b[BEHAV_TRIAL_COL]))
+                    imgs.append(float(b[BEHAV_IMAGE_COL]))
+                    rows.append(float(b[BEHAV_TRIAL_COL]))
                     splits.append(shard.parent.name)
-        except (tarfile.TarError, OSError, ValueError) as exc:
+                _check_tar_end(tar.offset, shard, size)
+        except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
             raise DataError(f"unreadable webdataset shard ({exc})", path=shard) from None
-    image = np.asarray(imgs, dtype=np.int64)
-    row = np.asarray(rows, dtype=np.int64)
+    image = _trial_index(np.asarray(imgs, dtype=np.float64), wds, "behav.npy (image id)")
+    row = _trial_index(np.asarray(rows, dtype=np.float64), wds, "behav.npy (beta row)")
     split = np.asarray(splits)
     _, first = np.unique(row, return_index=True)
     keep = np.sort(first)
     return image[keep], row[keep], split[keep], str(wds)
+
+
+def _check_tar_end(offset: int, shard: Path, size: int) -> None:
+    """After the last member only the zero blocks that end a tar archive may follow.
+
+    ``tarfile`` stops without an error at a damaged or truncated header after the first one, which would
+    silently drop the trials after it.
+    """
+    if offset > size:
+        raise DataError(f"a member runs past the end of the shard (byte {offset} of {size})", path=shard)
+    with open(shard, "rb") as fh:
+        fh.seek(offset)
+        while chunk := fh.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                raise DataError(
+                    f"damaged tar header at byte {offset}: the members after it cannot be read", path=shard
+                )
+
+
+def _trial_index(values: np.ndarray, path: Path, field: str) -> np.ndarray:
+    """Image ids or beta rows of the trial table as non-negative int64."""
+    idx = as_index(np.asarray(values).reshape(-1), path=path, field=field)
+    if idx.size and idx.min() < 0:
+        raise DataError(f"negative value {int(idx.min())}", path=path, field=field)
+    return idx
 
 
 def read_rows(dset, rows: np.ndarray, chunk: int = 1024) -> np.ndarray:
@@ -184,10 +231,9 @@ def load_nsd(
     if mode == "auto":
         mode = "shared1000" if shared_path.is_file() else "shards"
     if mode == "shared1000":
-        try:
-            shared = np.load(shared_path, allow_pickle=False).reshape(-1).astype(bool)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read the shared-1000 mask ({exc})", path=shared_path) from None
+        shared = load_npy(shared_path, field="shared1000")
+        check_numeric(shared.dtype, path=shared_path, field="shared1000")
+        shared = shared.reshape(-1).astype(bool)
         if image73k.size and image73k.max() >= len(shared):
             raise DataError(
                 f"image id {int(image73k.max())} beyond the mask's {len(shared)} entries",
@@ -201,10 +247,14 @@ def load_nsd(
     rows, img_ids = beta_row[sel], image73k[sel]
     if not len(rows):
         raise DataError(f"no {split} trials for {subject}", path=trial_src, field="split")
-    with h5py.File(bpath, "r") as h5:
+    with reading(bpath, "betas", "HDF5 file"), h5py.File(bpath, "r") as h5:
         if "betas" not in h5:
             raise DataError("missing key 'betas'", path=bpath, field="betas")
         dset = h5["betas"]
+        if not isinstance(dset, h5py.Dataset):
+            raise DataError("expected a dataset, found a group", path=bpath, field="betas")
+        check_h5_dataset(dset, path=bpath, field="betas")
+        check_numeric(dset.dtype, path=bpath, field="betas")
         if dset.ndim != 2:
             raise DataError(f"expected [trials, voxels], got shape {dset.shape}", path=bpath, field="betas")
         if rows.min() < 0 or rows.max() >= dset.shape[0]:
@@ -220,7 +270,7 @@ def load_nsd(
             # streamed over every trial (bounded memory), so that train and test keep the same voxels
             drop_cols = np.zeros(dset.shape[1], dtype=bool)
             for i in range(0, dset.shape[0], 512):
-                drop_cols |= np.isnan(dset[i : i + 512]).any(axis=0)
+                drop_cols |= nan_columns(np.asarray(dset[i : i + 512], dtype=np.float32))
     voxels, kept = apply_nan_policy(voxels, nan_policy, path=bpath, field="betas", drop_columns=drop_cols)
     nsd_ids, ids = np.unique(img_ids, return_inverse=True)
     ids = ids.astype(np.int64)
@@ -259,10 +309,14 @@ def read_nsd_images(path: str | os.PathLike, nsd_ids: np.ndarray, chunk: int = 6
     path = Path(path)
     if not path.is_file():
         raise DataError("images file not found", path=path)
-    with h5py.File(path, "r") as h5:
+    with reading(path, "images", "HDF5 file"), h5py.File(path, "r") as h5:
         if "images" not in h5:
             raise DataError("missing key 'images'", path=path, field="images")
         dset = h5["images"]
+        if not isinstance(dset, h5py.Dataset):
+            raise DataError("expected a dataset, found a group", path=path, field="images")
+        check_h5_dataset(dset, path=path, field="images")
+        check_numeric(dset.dtype, path=path, field="images")
         if dset.ndim != 4 or dset.shape[1] != 3:
             raise DataError(f"expected [images, 3, H, W], got shape {dset.shape}", path=path, field="images")
         if len(nsd_ids) and nsd_ids.max() >= dset.shape[0]:
@@ -274,6 +328,10 @@ def read_nsd_images(path: str | os.PathLike, nsd_ids: np.ndarray, chunk: int = 6
         out = np.empty((len(nsd_ids), dset.shape[2], dset.shape[3], 3), dtype=np.uint8)
         for i in range(0, len(nsd_ids), chunk):
             block = np.asarray(dset[np.sort(nsd_ids[i : i + chunk]).tolist()], dtype=np.float32)
+            if not np.isfinite(block).all():
+                raise DataError(
+                    f"NaN or Inf pixels among images {int(nsd_ids[i])}..", path=path, field="images"
+                )
             if dset.dtype.kind == "f":
                 block = block * 255.0
             out[i : i + chunk] = np.clip(np.rint(block), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)

@@ -1,0 +1,223 @@
+"""``mindvis train-prior``: the image prior of stage B, trained on an image corpus.
+
+Trains a VQ autoencoder on the images, then a class-conditional latent diffusion UNet on its frozen latents (the
+analogue of the CompVis label2img model that MinD-Vis starts from). The run folder gets ``vq/`` and ``unet/``
+(metrics.csv, checkpoints, grids), ``pipeline/`` (the prior, for ``mindvis train --prior``),
+``samples_per_class.png`` and ``metrics.json`` (held-out VQ PSNR/SSIM, codebook use, class accuracy of samples).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mindvis.errors import ConfigError
+
+
+def parse_assignments(items: list[str] | None, option: str) -> dict[str, Any]:
+    """``["ch=32", "ch_mult=1,2,2"]`` -> ``{"ch": 32, "ch_mult": [1, 2, 2]}`` (JSON values; commas make lists)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}", field=option)
+        text = text.strip()
+        try:
+            value = json.loads(f"[{text}]") if "," in text and not text.startswith("[") else json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[key.strip()] = value
+    return out
+
+
+def resolve_corpus_path(path: Path) -> Path:
+    """A corpus file or image folder; a simulator output folder means its ``stimuli/corpus.npz``."""
+    if path.is_dir() and (path / "stimuli" / "corpus.npz").is_file():
+        return path / "stimuli" / "corpus.npz"
+    return path
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train-prior")
+    def train_prior_cmd(
+        corpus: Path = typer.Option(
+            ...,
+            "--corpus",
+            help="Images: a corpus .npz (images, labels, class_names), "
+            "an image folder (one sub-folder per class), or a simulator output folder.",
+        ),
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Run folder to create (or continue with --resume)."
+        ),
+        preset: str = typer.Option("small", "--preset", help="Model sizes: tiny, small or label2img."),
+        resolution: int | None = typer.Option(
+            None, "--resolution", help="Image size [default: the preset's]."
+        ),
+        vq_model: list[str] | None = typer.Option(
+            None,
+            "--vq",
+            help="VQ size override KEY=VALUE (ch, ch_mult, num_res_blocks, n_embed, ...); repeatable.",
+        ),
+        unet_model: list[str] | None = typer.Option(
+            None,
+            "--unet",
+            help="UNet size override KEY=VALUE (model_channels, channel_mult, context_dim, ...); repeatable.",
+        ),
+        resize_mixed: bool = typer.Option(
+            False,
+            "--resize-mixed",
+            help="Centre-crop and resize images of mixed sizes (otherwise they are an error).",
+        ),
+        vq_epochs: int = typer.Option(20, "--vq-epochs", help="VQ training epochs."),
+        unet_epochs: int = typer.Option(60, "--unet-epochs", help="UNet training epochs."),
+        vq_batch_size: int = typer.Option(16, "--vq-batch-size", help="VQ batch per device."),
+        unet_batch_size: int = typer.Option(64, "--unet-batch-size", help="UNet batch per device."),
+        vq_lr: float = typer.Option(2e-4, "--vq-lr", help="VQ Adam learning rate."),
+        unet_lr: float = typer.Option(2e-4, "--unet-lr", help="UNet AdamW learning rate."),
+        recon_loss: str = typer.Option("l1", "--recon-loss", help="l1 or l2."),
+        codebook_weight: float = typer.Option(1.0, "--codebook-weight", help="Codebook loss weight."),
+        commitment_weight: float = typer.Option(0.25, "--commitment-weight", help="Commitment loss weight."),
+        gan_weight: float = typer.Option(0.0, "--gan-weight", help="Patch-GAN weight (0: no discriminator)."),
+        gan_start: int = typer.Option(0, "--gan-start", help="Step at which the GAN terms start."),
+        lpips_weights: Path | None = typer.Option(
+            None,
+            "--lpips-weights",
+            help="Local torchvision backbone "
+            "weights for the LPIPS term (without them there is no "
+            "perceptual term).",
+        ),
+        lpips_net: str = typer.Option("vgg", "--lpips-net", help="LPIPS backbone: vgg, alex or squeeze."),
+        lpips_weight: float = typer.Option(1.0, "--lpips-weight", help="LPIPS weight."),
+        codebook_ema: bool = typer.Option(
+            True,
+            "--codebook-ema/--no-codebook-ema",
+            help="Update codes as moving averages of their encoder outputs (online k-means) instead of by the "
+            "codebook loss.",
+        ),
+        dead_code_reinit: bool = typer.Option(
+            True,
+            "--dead-code-reinit/--no-dead-code-reinit",
+            help="Re-initialise unused codes from encoder outputs.",
+        ),
+        dead_code_every: int = typer.Option(100, "--dead-code-every", help="Steps per dead-code window."),
+        ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA of the UNet weights."),
+        ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA decay."),
+        class_dropout: float = typer.Option(
+            0.0, "--class-dropout", help="Null-class dropout (for guidance)."
+        ),
+        holdout: float = typer.Option(0.1, "--holdout", help="Fraction of images held out for validation."),
+        flip: bool = typer.Option(True, "--flip/--no-flip", help="Horizontal flip augmentation."),
+        val_every: int = typer.Option(5, "--val-every", help="Validate every N epochs."),
+        sampler: str = typer.Option(
+            "ddim", "--sampler", help="Sampler of the class grids: plms, ddim, dpmsolver++."
+        ),
+        steps: int = typer.Option(50, "--steps", help="Sampler steps of the class grids."),
+        samples_per_class: int = typer.Option(4, "--samples-per-class", help="Columns of the class grids."),
+        classifier: Path | None = typer.Option(
+            None, "--classifier", help="Benchmark classifier folder: scores the class of the samples."
+        ),
+        final_samples: int = typer.Option(10, "--final-samples", help="Samples per class scored at the end."),
+        seed: int = typer.Option(0, "--seed", help="Random seed."),
+        num_workers: int = typer.Option(0, "--num-workers", help="Data-loader workers."),
+        threads: int = typer.Option(
+            0, "--threads", help="CPU threads of torch (0: its default, one per core)."
+        ),
+        accelerator: str = typer.Option("auto", "--accelerator", help="auto, cpu, gpu..."),
+        devices: str = typer.Option("auto", "--devices", help="auto, a count, or indices like 0,1."),
+        num_nodes: int = typer.Option(1, "--num-nodes", help="Machines."),
+        strategy: str = typer.Option(
+            "auto", "--strategy", help="auto (DDP with several devices), ddp, fsdp..."
+        ),
+        precision: str = typer.Option(
+            "auto", "--precision", help="auto (bf16-mixed on GPUs, 32 on CPUs), 32, bf16-mixed, 16-mixed."
+        ),
+        logger: str = typer.Option("csv", "--logger", help="csv, tensorboard, wandb or none."),
+        log_every: int = typer.Option(20, "--log-every", help="Log training metrics every N steps."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bars."),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue the run in --out (finished halves are kept)."
+        ),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    ) -> None:
+        """Train the image prior: a VQ autoencoder, then a class-conditional UNet on its latents."""
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
+        from rich.console import Console
+
+        from mindvis.commands.train import load_classifier_option, trainer_config
+        from mindvis.train.common import is_primary_process
+        from mindvis.train.prior import (
+            PriorTrainConfig,
+            UNetTrainConfig,
+            VQTrainConfig,
+            classifier_callable,
+            load_image_corpus,
+            train_prior,
+        )
+
+        config = PriorTrainConfig(
+            preset=preset,
+            resolution=resolution,
+            vq_epochs=vq_epochs,
+            unet_epochs=unet_epochs,
+            vq_batch_size=vq_batch_size,
+            unet_batch_size=unet_batch_size,
+            holdout=holdout,
+            flip=flip,
+            val_every=val_every,
+            final_samples_per_class=final_samples,
+            seed=seed,
+            num_workers=num_workers,
+            vq=VQTrainConfig(
+                lr=vq_lr,
+                recon_loss=recon_loss,
+                codebook_weight=codebook_weight,  # type: ignore[arg-type]
+                commitment_weight=commitment_weight,
+                gan_weight=gan_weight,
+                gan_start_step=gan_start,
+                lpips_weights=None if lpips_weights is None else str(lpips_weights),
+                lpips_net=lpips_net,
+                lpips_weight=lpips_weight,  # type: ignore[arg-type]
+                codebook_ema=codebook_ema,
+                dead_code_reinit=dead_code_reinit,
+                dead_code_every=dead_code_every,
+                flip=flip,
+            ),
+            unet=UNetTrainConfig(
+                lr=unet_lr,
+                ema_decay=ema_decay if ema else None,
+                class_dropout=class_dropout,
+                samples_per_class=samples_per_class,
+                sample_steps=steps,
+                sampler=sampler,
+            ),  # type: ignore[arg-type]
+            vq_model=parse_assignments(vq_model, "--vq"),
+            unet_model=parse_assignments(unet_model, "--unet"),
+        )
+        images = load_image_corpus(
+            resolve_corpus_path(corpus), config.ldm_config(2).vq.resolution, resize_mixed=resize_mixed
+        )
+        clf = load_classifier_option(classifier)
+        judge = None if clf is None else classifier_callable(clf, images.class_names)
+        tc = trainer_config(accelerator, devices, num_nodes, strategy, precision, logger, progress, log_every)
+        metrics = train_prior(images, out, config, tc, classifier=judge, resume=resume, overwrite=overwrite)
+        if is_primary_process():
+            console = Console()
+            vq = metrics["vq"]["holdout"]
+            console.print(
+                f"[bold]VQ[/bold] on {vq['num_images']} held-out images: PSNR {vq['psnr']:.2f} dB, "
+                f"SSIM {vq['ssim']:.3f}; codebook perplexity {vq['perplexity']:.1f} of "
+                f"{vq['num_codes']} ({vq['dead_codes']} dead)"
+            )
+            if "class_samples" in metrics:
+                cs = metrics["class_samples"]
+                console.print(
+                    f"[bold]class samples[/bold]: classifier accuracy {cs['accuracy']:.3f} "
+                    f"(chance {cs['chance']:.3f}, {cs['samples']} samples)"
+                )
+            console.print(f"prior: {out / 'pipeline'}; grid: {out / 'samples_per_class.png'}")

@@ -1,0 +1,799 @@
+"""MinD-Vis stage B: finetuning the double-conditioned latent diffusion model on fMRI-image pairs.
+
+Chen et al. (CVPR 2023) start from a class-conditional latent diffusion prior (the CompVis label2img model; here
+also a prior trained by ``mindvis train-prior``), replace its class embedding by the fMRI encoder of stage A and
+the double conditioner (cross-attention context + time-embedding vector), and train with the epsilon loss of
+latent diffusion on (fMRI, image) pairs.
+
+What is trained (``trainable``):
+
+* ``original`` (default): what the original optimises: the fMRI encoder, the conditioner (channel/dim mappers and
+  the time-conditioning layers) and, in the UNet, every cross-attention block (``attn2``) with the LayerNorm in
+  front of it (``norm2``). Everything else has ``requires_grad=False``, so no weight gradient is computed for
+  it. (The original unfreezes the whole model and hands a subset to the optimiser, computing gradients for all
+  UNet weights on every step and discarding them.)
+* ``cond-only``: the fMRI encoder and the conditioner.
+* ``full``: the whole UNet as well (the autoencoder always stays frozen).
+
+The original's settings are the defaults: AdamW, lr 5.3e-5, batch 5 (GOD; 25 for BOLD5000), 500 epochs, gradient
+clipping 0.5, float32, validation every 5 epochs. At validation the model generates ``num_samples`` images per
+test item (PLMS, 250 steps by default) and every metric of :func:`mindvis.eval.suite.evaluate_reconstructions`
+that is available is logged; the best checkpoint by a chosen metric is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+
+from mindvis.data.dataset import FMRIDataset
+from mindvis.data.paired import PairedAugmentConfig, PairedFMRIDataset
+from mindvis.errors import CheckpointError, ConfigError, DataError
+
+_logger = logging.getLogger(__name__)
+
+TrainableName = Literal["original", "cond-only", "full"]
+#: Our preset names -> :meth:`mindvis.models.ldm.DCLDM.named_trainable_parameters` presets.
+TRAINABLE_PRESETS: dict[str, str] = {
+    "original": "original",
+    "cond-only": "cond_stage",
+    "full": "unet_and_cond",
+}
+#: The original's batch size per dataset (GOD 5, BOLD5000 25).
+DATASET_BATCH_SIZE: dict[str, int] = {"god": 5, "bold5000": 25}
+PREPROCESSING_NAME = "preprocessing.json"
+#: What `mindvis reconstruct` reads from a model folder.
+PIPELINE_PREPROCESS_NAME = "preprocess.json"
+SAMPLES_DIR = "samples"
+
+
+@dataclass
+class StageBConfig:
+    """Settings of one stage B finetune (defaults: the original's).
+
+    Attributes:
+        trainable: which parameters are trained (``original``, ``cond-only``, ``full``).
+        lr: AdamW learning rate (5.3e-5).
+        weight_decay: AdamW weight decay (torch's default 0.01, as the original).
+        batch_size: per-process batch; ``None`` takes the original's for ``dataset`` (GOD 5, BOLD5000 25; else 5).
+        dataset: the dataset kind, used only to resolve ``batch_size``.
+        epochs: training epochs (500).
+        clip_grad: gradient-norm clipping (0.5).
+        val_every: validation every this many epochs (5).
+        image_size: training and generation resolution; ``None`` takes the prior's.
+        crop_ratio, crop_p: random crop augmentation (0.2, p 0.5).
+        sparse_rate: sparse voxel dropout (0.2; 0 reproduces the original, whose dropout is a no-op).
+        cond_dropout: probability of training an item with the null condition (for classifier-free guidance;
+            0 = off, as the original).
+        global_pool: mean-pool the fMRI tokens (the original's stage B default is False).
+        use_time_cond, use_cross_attn: the two conditioning paths (the paper's ablation switches one off).
+        encoder_init: ``pretrained`` (the stage A encoder) or ``random`` (the "no pretraining" ablation).
+        num_samples: images generated per test item at validation (5).
+        sampler, sample_steps: how they are generated (PLMS 250).
+        val_items: how many test items to generate for at validation (``None``: all).
+        grid_items: rows of the saved sample grid.
+        n_way: n of the n-way metrics logged at validation.
+        eval_trials: random trials per n-way metric at validation.
+        monitor: metric that picks the best checkpoint (``auto``: the largest feasible n-way semantic accuracy
+            with a classifier, else 2-way identification by pixel correlation). Logged names are ``val/<key>``.
+        seed: seed of initialisation, data order, timesteps and the validation samples.
+        num_workers: data-loader workers.
+    """
+
+    trainable: TrainableName = "original"
+    lr: float = 5.3e-5
+    weight_decay: float = 0.01
+    batch_size: int | None = None
+    dataset: str = "god"
+    epochs: int = 500
+    clip_grad: float | None = 0.5
+    val_every: int = 5
+    image_size: int | None = None
+    crop_ratio: float = 0.2
+    crop_p: float = 0.5
+    sparse_rate: float = 0.2
+    cond_dropout: float = 0.0
+    global_pool: bool = False
+    use_time_cond: bool = True
+    use_cross_attn: bool = True
+    encoder_init: Literal["pretrained", "random"] = "pretrained"
+    num_samples: int = 5
+    sampler: str = "plms"
+    sample_steps: int = 250
+    val_items: int | None = None
+    grid_items: int = 10
+    n_way: tuple[int, ...] = (2, 10, 50)
+    eval_trials: int = 50
+    monitor: str = "auto"
+    seed: int = 2022
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        from mindvis.sampling import SAMPLERS
+
+        if self.trainable not in TRAINABLE_PRESETS:
+            raise ConfigError(
+                f"expected one of {', '.join(TRAINABLE_PRESETS)}, got {self.trainable!r}", field="trainable"
+            )
+        if self.batch_size is None:
+            self.batch_size = DATASET_BATCH_SIZE.get(str(self.dataset).lower(), 5)
+        for name in (
+            "batch_size",
+            "epochs",
+            "val_every",
+            "num_samples",
+            "sample_steps",
+            "grid_items",
+            "eval_trials",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"expected an integer >= 1, got {v!r}", field=name)
+        if not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise ConfigError(f"expected a positive number, got {self.lr!r}", field="lr")
+        if self.weight_decay < 0:
+            raise ConfigError(f"expected >= 0, got {self.weight_decay}", field="weight_decay")
+        if self.clip_grad is not None and self.clip_grad < 0:
+            raise ConfigError(f"expected >= 0, got {self.clip_grad}", field="clip_grad")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ConfigError(
+                f"expected a probability in [0, 1), got {self.cond_dropout}", field="cond_dropout"
+            )
+        if not (self.use_time_cond or self.use_cross_attn):
+            raise ConfigError(
+                "at least one of the time and cross-attention conditioning must be on", field="use_time_cond"
+            )
+        if self.encoder_init not in ("pretrained", "random"):
+            raise ConfigError(
+                f"expected pretrained or random, got {self.encoder_init!r}", field="encoder_init"
+            )
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"expected one of {', '.join(SAMPLERS)}, got {self.sampler!r}", field="sampler")
+        if self.val_items is not None and self.val_items < 2:
+            raise ConfigError(
+                f"validation needs at least 2 test items, got {self.val_items}", field="val_items"
+            )
+        if self.monitor != "auto" and not str(self.monitor).startswith("val/"):
+            raise ConfigError(
+                f"expected 'auto' or a validation metric such as val/ident_pcc_2way, got {self.monitor!r}",
+                field="monitor",
+            )
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError(f"expected an image size >= 8, got {self.image_size}", field="image_size")
+        self.n_way = tuple(int(n) for n in self.n_way)
+        _ = self.augment  # validates the augmentation values
+
+    @property
+    def augment(self) -> PairedAugmentConfig:
+        return PairedAugmentConfig(
+            crop_ratio=self.crop_ratio, crop_p=self.crop_p, sparse_rate=self.sparse_rate
+        )
+
+    @property
+    def model_preset(self) -> str:
+        """The :class:`~mindvis.models.ldm.DCLDM` preset name of ``trainable``."""
+        return TRAINABLE_PRESETS[self.trainable]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["n_way"] = list(self.n_way)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the stage B model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_prior(prior: str | os.PathLike | Any) -> Any:
+    """The :class:`~mindvis.models.ldm.DCLDM` of a prior pipeline folder (or a pipeline / model given directly).
+
+    A class-conditional prior (``mindvis train-prior``, or a converted CompVis label2img) or an fMRI pipeline
+    (its UNet and autoencoder are reused) are accepted.
+    """
+    from mindvis.models.ldm import DCLDM
+    from mindvis.pipeline import MindVisPipeline
+
+    if isinstance(prior, DCLDM):
+        return prior
+    if isinstance(prior, MindVisPipeline):
+        return prior.model
+    return MindVisPipeline.from_pretrained(prior).model
+
+
+def check_image_size(prior: Any, image_size: int | None, source: Any = None) -> int:
+    """The training resolution: ``image_size`` or the prior's; its latent must be the prior UNet's size.
+
+    Raises:
+        ConfigError: the requested resolution gives latents of another size than the prior was trained on.
+    """
+    vq_cfg = prior.vq_config
+    size = int(image_size or vq_cfg.resolution)
+    f = vq_cfg.downsample_factor
+    want = prior.unet_config.sample_size
+    if size % f or size // f != want:
+        raise ConfigError(
+            f"prior latent size mismatch: the prior's UNet denoises {want}x{want} latents ({want * f} px images "
+            f"with its f{f} autoencoder), but image size {size} gives {size / f:g}x{size / f:g} latents",
+            path=source,
+            field="image_size",
+        )
+    return size
+
+
+def build_stage_b_model(prior: Any, encoder: nn.Module, config: StageBConfig) -> Any:
+    """The fMRI-conditioned DCLDM: the prior's UNet (rebuilt with the time-conditioning input when it is used,
+    same weights) and autoencoder, the given encoder, and a fresh :class:`DCConditioner`."""
+    from mindvis.models.ldm import DCLDM, LDMConfig, build_unet
+
+    ucfg = replace(prior.unet_config, time_cond=config.use_time_cond)
+    unet = build_unet(ucfg)
+    missing, unexpected = unet.load_state_dict(prior.unet.state_dict(), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the prior's UNet does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}", field="unet"
+        )
+    return DCLDM.for_fmri(
+        LDMConfig(unet=ucfg, vq=prior.vq_config),
+        encoder,
+        use_time_cond=config.use_time_cond,
+        use_cross_attn=config.use_cross_attn,
+        schedule=prior.schedule,
+        unet=unet,
+        vq=prior.vq,
+    )
+
+
+def build_encoder(mbm: Any, config: StageBConfig) -> nn.Module:
+    """The stage A encoder (``pretrained``) or one of the same size with random weights (``random``).
+
+    Args:
+        mbm: a stage A run folder, a saved model folder, an original ``.pth`` file, or a ``MaskedBrainModel``.
+    """
+    from mindvis.models.mbm import FMRIEncoder, MaskedBrainModel
+    from mindvis.train.mbm import load_init_model
+
+    model = mbm if isinstance(mbm, MaskedBrainModel) else load_init_model(mbm)
+    if config.encoder_init == "random":
+        torch.manual_seed(config.seed)
+        _logger.info("fMRI encoder: random initialisation (no pretraining), %s", model.config.to_dict())
+        return FMRIEncoder(model.config, global_pool=config.global_pool)
+    return FMRIEncoder.from_mbm(model, global_pool=config.global_pool)
+
+
+def find_preprocessing(mbm: Any) -> Path | None:
+    """``preprocessing.json`` of a stage A run: in the folder given, or its parent (for ``run/model``)."""
+    if not isinstance(mbm, str | os.PathLike):
+        return None
+    p = Path(mbm)
+    for cand in (p / PREPROCESSING_NAME, p.parent / PREPROCESSING_NAME):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def prepare_voxels(
+    train: FMRIDataset,
+    test: FMRIDataset,
+    num_voxels: int,
+    patch_size: int,
+    preprocessor: Any = None,
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Preprocess both splits to the encoder's input width.
+
+    ``preprocessor`` (fitted, e.g. the stage A2 run's) is applied as it is; without one, a new one is fitted on
+    the training split: one global mean and std (as the original), wrap padding to the patch size and to the
+    encoder's ``num_voxels``.
+
+    Returns:
+        ``(train [N, V'], test [M, V'], preprocessor)``.
+
+    Raises:
+        DataError: the preprocessed width is not the encoder's.
+    """
+    from mindvis.data.preprocess import FMRIPreprocessor
+
+    if preprocessor is None:
+        preprocessor = FMRIPreprocessor(
+            normalize="global", patch_size=patch_size, pad_mode="wrap", length=num_voxels
+        )
+        preprocessor.fit(train.voxels, source=train.source)
+    xs = []
+    for ds in (train, test):
+        x = np.asarray(preprocessor.transform(ds.voxels, source=ds.source), dtype=np.float32)
+        if x.shape[1] != num_voxels:
+            raise DataError(
+                f"the preprocessed fMRI has {x.shape[1]} voxels but the encoder takes {num_voxels} "
+                f"(raw {ds.num_voxels})",
+                path=ds.source,
+                field="voxels",
+            )
+        xs.append(x)
+    return xs[0], xs[1], preprocessor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Lightning module
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _keep_modes(module: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag afterwards (building a pipeline switches to eval mode)."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a logger's info messages (metrics unavailable at every validation are said once, at the end)."""
+    lg = logging.getLogger(logger_name)
+    level = lg.level
+    lg.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def val_metric_names(results: dict[str, Any]) -> dict[str, float]:
+    """``val/<key>`` -> value for every available metric's mean-over-samples aggregate (and best slot)."""
+    out: dict[str, float] = {}
+    for e in results.get("metrics", []):
+        aggs = e["aggregates"]
+        out[f"val/{e['key']}"] = float(aggs["mean"]["value"])
+        if "best_slot" in aggs:
+            out[f"val/{e['key']}_best"] = float(aggs["best_slot"]["value"])
+    return out
+
+
+def default_monitor(n_way: tuple[int, ...], classifier: Any, n_items: int) -> str:
+    """The metric that picks the best checkpoint when ``monitor="auto"``."""
+    if classifier is not None:
+        n_classes = len(getattr(classifier, "class_names", []))
+        feasible = [n for n in n_way if 2 <= n <= n_classes]
+        if feasible:
+            return f"val/semantic_{max(feasible)}way_top1"
+    return "val/ident_pcc_2way"
+
+
+class StageBModule(pl.LightningModule):
+    """Lightning module of the stage B finetune.
+
+    Batches are dicts from :class:`~mindvis.data.paired.PairedFMRIDataset`: ``fmri [B, V]``, ``image
+    [B, 3, S, S]`` in ``[-1, 1]``, ``index [B]``.
+
+    Args:
+        model: the fMRI-conditioned :class:`~mindvis.models.ldm.DCLDM`.
+        config: stage B settings.
+        val_gt: ``[M, S, S, 3]`` uint8 ground truth of the validation items (by dataset index), for metrics.
+        classifier: optional :class:`~mindvis.eval.classifier.ImageClassifier` for the semantic metrics.
+        sample_dir: where validation grids go (``None``: none).
+        preprocessor: the fitted fMRI preprocessing, saved beside exported pipelines.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        config: StageBConfig,
+        val_gt: np.ndarray | None = None,
+        classifier: Any = None,
+        sample_dir: str | os.PathLike | None = None,
+        preprocessor: Any = None,
+    ) -> None:
+        super().__init__()
+        if not model.is_fmri_conditioned:
+            raise ConfigError("stage B needs an fMRI-conditioned model")
+        self.model = model
+        self.config = config
+        self.trainable_names = model.set_trainable(config.model_preset)
+        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.num_total = sum(p.numel() for p in model.parameters())
+        _logger.info(
+            "trainable parameters (%s): %d tensors, %s of %s values (%.2f%%)",
+            config.trainable,
+            len(self.trainable_names),
+            f"{self.num_trainable:,}",
+            f"{self.num_total:,}",
+            100.0 * self.num_trainable / max(self.num_total, 1),
+        )
+        self.model.vq.eval()
+        self.val_gt = val_gt
+        self.classifier = classifier
+        self.sample_dir = None if sample_dir is None else Path(sample_dir)
+        self.preprocessor = preprocessor
+        self._val_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last_val_metrics: dict[str, float] = {}
+        self.last_val_results: dict[str, Any] | None = None
+
+    def train(self, mode: bool = True) -> StageBModule:
+        super().train(mode)
+        self.model.vq.eval()  # the autoencoder is frozen and stays in eval mode
+        return self
+
+    # -- training -----------------------------------------------------------------------------------------
+
+    def _condition(self, fmri: torch.Tensor, drop: float) -> Any:
+        from mindvis.models.conditioning import Conditioning
+
+        cond = self.model.condition(fmri)
+        if drop <= 0:
+            return cond
+        mask = torch.rand(fmri.shape[0], device=fmri.device) < drop
+        null = self.model.conditioner.null_conditioning(fmri.shape[0], cond.context)
+        ctx = torch.where(mask[:, None, None], null.context, cond.context)
+        tc = None if cond.time_cond is None else torch.where(mask[:, None], null.time_cond, cond.time_cond)
+        return Conditioning(ctx, tc)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        m = self.model
+        with torch.no_grad():
+            x0 = m.encode_images(batch["image"])
+        cond = self._condition(batch["fmri"], self.config.cond_dropout)
+        t = torch.randint(0, m.num_timesteps, (x0.shape[0],), device=x0.device)
+        out = m.p_losses(x0, cond, t)
+        self.log(
+            "train/loss",
+            out.loss.detach(),
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=x0.shape[0],
+        )
+        return out.loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    # -- validation ---------------------------------------------------------------------------------------
+
+    def generate(self, fmri: torch.Tensor, index: torch.Tensor) -> np.ndarray:
+        """``num_samples`` images per item ``[B, S, H, W, 3]`` uint8; item ``i`` always uses seed ``seed + i``."""
+        from mindvis.pipeline import MindVisPipeline
+
+        cfg = self.config
+        with _keep_modes(self.model):
+            pipe = MindVisPipeline(self.model)
+            out = pipe(
+                fmri,
+                num_samples=cfg.num_samples,
+                num_inference_steps=cfg.sample_steps,
+                sampler=cfg.sampler,
+                seed=[cfg.seed + int(i) for i in index],
+                progress=False,
+                return_latents=False,
+            )
+        return out.images
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        m = self.model
+        x0 = m.encode_images(batch["image"])
+        g = torch.Generator().manual_seed(
+            self.config.seed + 7919 * (batch_idx + 1)
+        )  # the same t, noise each time
+        t = torch.randint(0, m.num_timesteps, (x0.shape[0],), generator=g).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        loss = m.p_losses(x0, m.condition(batch["fmri"]), t, noise=noise).loss
+        self.log("val/loss", loss, batch_size=x0.shape[0], sync_dist=True)
+        if self.trainer.sanity_checking:
+            return
+        images = self.generate(batch["fmri"], batch["index"])
+        self._val_parts.append((batch["index"].cpu(), torch.from_numpy(images)))
+
+    def on_validation_epoch_end(self) -> None:
+        parts, self._val_parts = self._val_parts, []
+        if self.trainer.sanity_checking or not parts:
+            return
+        index = torch.cat([p[0] for p in parts])
+        images = torch.cat([p[1] for p in parts])
+        if self.trainer.world_size > 1:  # every rank gets every item (DistributedSampler gives equal shares)
+            index = self.all_gather(index.to(self.device)).reshape(-1).cpu()
+            images = self.all_gather(images.to(self.device)).reshape(-1, *images.shape[1:]).cpu()
+        index_np = index.numpy()
+        _, first = np.unique(index_np, return_index=True)  # padded duplicates are dropped
+        order = first[np.argsort(index_np[first])]
+        index_np, recons = index_np[order], images[order].numpy()
+        metrics = self._metrics(recons, index_np)
+        for k, v in metrics.items():
+            self.log(k, v, sync_dist=False)
+        self.last_val_metrics = metrics
+        if self.trainer.is_global_zero and self.sample_dir is not None and self.val_gt is not None:
+            from mindvis.train.prior import save_grid
+
+            k = min(self.config.grid_items, len(index_np))
+            grid = np.concatenate([self.val_gt[index_np[:k], None], recons[:k]], axis=1)
+            path = save_grid(grid, self.sample_dir / f"epoch{self.current_epoch:04d}.png")
+            _logger.info("validation samples: %s", path)
+
+    def _metrics(self, recons: np.ndarray, index: np.ndarray) -> dict[str, float]:
+        from mindvis.eval.suite import evaluate_reconstructions
+
+        if self.val_gt is None or len(index) < 2:
+            return {}
+        with warnings.catch_warnings(), _quiet("mindvis.eval.suite"):
+            warnings.simplefilter("ignore")
+            results = evaluate_reconstructions(
+                recons,
+                self.val_gt[index],
+                classifier=self.classifier,
+                metrics=["pixel", "identification", "semantic"],
+                n_way=self.config.n_way,  # n beyond the items or classes are reported unavailable
+                trials=self.config.eval_trials,
+                seed=self.config.seed,
+                bootstrap=0,
+            )
+        self.last_val_results = results
+        return val_metric_names(results)
+
+    # -- export -------------------------------------------------------------------------------------------
+
+    def export_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the pipeline folder (plus ``preprocess.json``, the fitted fMRI preprocessing)."""
+        save_stage_b_pipeline(self.model, directory, self.config, self.preprocessor)
+
+
+def save_stage_b_pipeline(
+    model: Any, directory: str | os.PathLike, config: StageBConfig, preprocessor: Any = None
+) -> Path:
+    """A :class:`~mindvis.pipeline.MindVisPipeline` folder of the stage B model, with its fMRI preprocessing
+    (``preprocess.json``, which ``mindvis reconstruct`` applies by default)."""
+    from mindvis.pipeline import MindVisPipeline
+    from mindvis.utils.io import write_json
+
+    directory = Path(directory)
+    with _keep_modes(model):
+        pipe = MindVisPipeline(model, default_sampler=config.sampler, default_steps=config.sample_steps)
+        pipe.save_pretrained(
+            directory,
+            overwrite=True,
+            source={
+                "kind": "mindvis stage B",
+                "trainable": config.trainable,
+                "image_size": model.vq_config.resolution,
+            },
+        )
+    if preprocessor is not None:
+        write_json(directory / PIPELINE_PREPROCESS_NAME, preprocessor.to_dict())
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------------------
+
+
+class StageBData(pl.LightningDataModule):
+    """Training pairs (augmented) and validation pairs (the test split, not augmented)."""
+
+    def __init__(
+        self,
+        train: PairedFMRIDataset,
+        val: PairedFMRIDataset,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        val_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.train_set, self.val_set = train, val
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.val_batch_size = val_batch_size or batch_size
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        from mindvis.train.common import EpochShuffleSampler
+
+        return torch.utils.data.DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(self.train_set), self.seed),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers
+        )
+
+
+@dataclass
+class StageBResult:
+    """What a stage B run reports.
+
+    Attributes:
+        run_dir: the run folder; ``model/`` (final pipeline), ``best/`` (best by ``monitor``).
+        monitor: the metric that picked the best checkpoint; best: its best value.
+        metrics: the last validation metrics.
+        trainable_params: number of trained values; total_params: of the whole model.
+        epochs_done, global_step, seconds: progress and wall time.
+    """
+
+    run_dir: Path
+    monitor: str
+    best: float | None
+    metrics: dict[str, float]
+    trainable_params: int
+    total_params: int
+    epochs_done: int
+    global_step: int
+    seconds: float
+
+
+def train_stage_b(
+    prior: Any,
+    mbm: Any,
+    train: FMRIDataset,
+    test: FMRIDataset,
+    out_dir: str | os.PathLike,
+    config: StageBConfig,
+    trainer_config: Any = None,
+    classifier: Any = None,
+    preprocessor: Any = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: tuple = (),
+) -> StageBResult:
+    """Finetune stage B from a prior and a stage A model on paired fMRI-image data.
+
+    The run folder gets ``config.json``, ``preprocessing.json``, ``metrics.csv``, ``checkpoints/``,
+    ``samples/epochNNNN.png`` (ground truth, then the samples, one test item per row), ``model/`` (the final
+    pipeline, loadable by :meth:`mindvis.pipeline.MindVisPipeline.from_pretrained`, with its
+    ``preprocess.json``), ``best/`` (the best by ``monitor``) and ``metrics.json``.
+
+    Args:
+        prior: prior pipeline folder (``mindvis train-prior`` or a converted label2img) or a pipeline/model.
+        mbm: stage A run folder, model folder, original ``.pth``, or ``MaskedBrainModel``.
+        train, test: paired datasets of one subject.
+        out_dir: the run folder.
+        config: stage B settings.
+        trainer_config: :class:`~mindvis.train.common.TrainerConfig` (devices, strategy, precision, logger);
+            its ``max_epochs``, ``val_every_n_epochs`` and ``clip_grad`` are taken from ``config``.
+        classifier: optional judge for the semantic validation metrics.
+        preprocessor: a fitted :class:`~mindvis.data.preprocess.FMRIPreprocessor`; default: the stage A run's
+            ``preprocessing.json`` when there is one, else fitted on ``train``.
+        resume: continue from ``out_dir/checkpoints/last.ckpt``.
+        overwrite: replace a non-empty ``out_dir``.
+    """
+    from mindvis.data.preprocess import load_preprocessor
+    from mindvis.train.common import (
+        TrainerConfig,
+        build_trainer,
+        find_resume_checkpoint,
+        fit,
+        is_primary_process,
+        read_checkpoint_progress,
+        seed_everything,
+        write_run_config,
+    )
+    from mindvis.utils.io import prepare_output_dir, write_json
+
+    trainer_config = trainer_config or TrainerConfig()
+    out_dir = Path(out_dir)
+    for ds, name in ((train, "train"), (test, "test")):
+        if ds.num_samples == 0:
+            raise DataError(f"the {name} split is empty (0 samples)", path=ds.source, field=name)
+        if not ds.paired:
+            raise DataError(f"the {name} split has no paired images", path=ds.source, field="images")
+    ckpt, resume_step = None, None
+    if resume:
+        ckpt = find_resume_checkpoint(out_dir)
+        resume_step = read_checkpoint_progress(ckpt)["global_step"]
+    elif is_primary_process():
+        prepare_output_dir(out_dir, overwrite=overwrite)
+
+    prior_model = load_prior(prior)
+    image_size = check_image_size(
+        prior_model, config.image_size, source=prior if isinstance(prior, str | Path) else None
+    )
+    seed_everything(config.seed)
+    encoder = build_encoder(mbm, config)
+    if preprocessor is None and (found := find_preprocessing(mbm)) is not None:
+        preprocessor = load_preprocessor(found, subject=train.subject)
+        _logger.info("fMRI preprocessing from the stage A run: %s", found)
+    x_train, x_test, preprocessor = prepare_voxels(
+        train, test, encoder.config.num_voxels, encoder.config.patch_size, preprocessor
+    )
+    model = build_stage_b_model(prior_model, encoder, config)
+    del prior_model
+
+    train_set = PairedFMRIDataset.from_fmri_dataset(
+        train, image_size, voxels=x_train, train=True, augment=config.augment
+    )
+    val_idx = np.arange(
+        test.num_samples if config.val_items is None else min(config.val_items, test.num_samples)
+    )
+    val_set = PairedFMRIDataset.from_fmri_dataset(
+        test.subset(val_idx), image_size, voxels=x_test[val_idx], train=False
+    )
+    monitor = (
+        default_monitor(config.n_way, classifier, len(val_set))
+        if config.monitor == "auto"
+        else config.monitor
+    )
+    if is_primary_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(
+            out_dir,
+            "train",
+            config.to_dict(),
+            trainer=trainer_config.to_dict(),
+            monitor=monitor,
+            image_size=image_size,
+            prior=str(prior) if isinstance(prior, str | Path) else None,
+            mbm=str(mbm) if isinstance(mbm, str | Path) else None,
+            data={"train": train.summary(), "test": test.summary(), "val_items": len(val_set)},
+        )
+        write_json(out_dir / PREPROCESSING_NAME, preprocessor.to_dict())
+    module = StageBModule(
+        model,
+        config,
+        val_gt=val_set.ground_truth(),
+        classifier=classifier,
+        sample_dir=out_dir / SAMPLES_DIR,
+        preprocessor=preprocessor,
+    )
+    tc = replace(
+        trainer_config,
+        max_epochs=config.epochs,
+        val_every_n_epochs=min(config.val_every, config.epochs),
+        clip_grad=config.clip_grad,
+    )
+    trainer = build_trainer(
+        tc,
+        out_dir,
+        monitor=monitor,
+        mode="min" if monitor.endswith("loss") else "max",
+        callbacks=callbacks,
+        resume_step=resume_step,
+    )
+    data = StageBData(
+        train_set,
+        val_set,
+        config.batch_size,
+        config.seed,
+        config.num_workers,
+        val_batch_size=max(1, min(len(val_set), 16)),
+    )
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        fit(trainer, module, data, ckpt_path=ckpt)
+    seconds = time.perf_counter() - t0
+    best = None
+    for cb in trainer.callbacks:
+        if type(cb).__name__ == "ExportPretrained" and cb.best is not None:
+            best = float(cb.best)
+    result = StageBResult(
+        run_dir=out_dir,
+        monitor=monitor,
+        best=best,
+        metrics=dict(module.last_val_metrics),
+        trainable_params=module.num_trainable,
+        total_params=module.num_total,
+        epochs_done=int(trainer.current_epoch),
+        global_step=int(trainer.global_step),
+        seconds=seconds,
+    )
+    if trainer.is_global_zero:
+        write_json(
+            out_dir / "metrics.json",
+            {**asdict(result), "run_dir": str(out_dir), "trainable": config.trainable},
+        )
+    return result

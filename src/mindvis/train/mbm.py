@@ -1,0 +1,666 @@
+"""Lightning training of sparse-coded masked brain modeling (MinD-Vis stage A, Chen et al., CVPR 2023).
+
+Stage A1 (``mindvis pretrain``) trains a :class:`~mindvis.models.mbm.MaskedBrainModel` from scratch on a large
+unlabeled set (HCP resting state plus GOD); stage A2 (``mindvis finetune``) continues with the same objective
+on the target subject's fMRI. The recipe is the original's (MAE's), every value an option:
+
+* AdamW, betas (0.9, 0.95), weight decay 0.05 except on biases, norms and other 1-D tensors; the learning rate
+  is not scaled by the batch size (A1 2.5e-4, A2 5.3e-5);
+* per-iteration schedule: linear warmup, then half-cycle cosine to ``min_lr`` (0);
+* gradient-norm clipping at 0.8, mask ratio 0.75, batch 100 (A1) / 16 (A2) per device;
+* mixed precision on GPUs (bf16 where supported).
+
+Masking noise is a hash of ``(seed, epoch, sample index)`` (:func:`masking_noise`), not a draw from a global
+generator, so that a resumed run and a run on several DDP processes mask every sample exactly as one
+uninterrupted process does. Validation masks each held-out sample the same way in every epoch and logs the
+masked-patch reconstruction loss and the Pearson correlation between predicted and true voxels of the masked
+patches (``val/corr``, averaged over samples; ``val/corr_all`` is the same over all patches, which is what
+the original prints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+
+from mindvis.data.pretrain import MBMDataConfig, MBMDataModule
+from mindvis.errors import CheckpointError, ConfigError
+from mindvis.models.mbm import MBM_VARIANTS, MaskedBrainModel, MBMConfig
+from mindvis.train.common import TrainerConfig, WarmupCosine, param_groups_weight_decay
+
+_logger = logging.getLogger(__name__)
+
+Stage = Literal["pretrain", "finetune"]
+#: The masking-noise "epoch" used for validation: the same masks every epoch.
+VALIDATION_NOISE_KEY = 2**31 - 1
+
+#: The original recipes. ``warmup_fraction`` gives the warmup when ``warmup_epochs`` is not set
+#: (A1: 40 of 500 epochs; A2: 2 of 15).
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": dict(
+        variant="large",
+        epochs=500,
+        batch_size=100,
+        lr=2.5e-4,
+        warmup_fraction=40 / 500,
+        val_fraction=0.01,
+    ),
+    "finetune": dict(
+        variant=None,
+        epochs=100,
+        batch_size=16,
+        lr=5.3e-5,
+        warmup_fraction=2 / 15,
+        val_fraction=0.05,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MBMTrainConfig:
+    """Everything one stage-A run needs: model choice, optimisation, data and trainer settings.
+
+    Create it with :meth:`for_stage` (the stage's defaults plus overrides); derived values (warmup, the
+    trainer's epochs, clipping and accumulation) are computed after the overrides, in ``__post_init__``.
+
+    Args:
+        stage: ``"pretrain"`` (A1) or ``"finetune"`` (A2).
+        variant: model size for pretraining: ``"tiny"``, ``"small"`` or ``"large"`` (the paper's). Finetuning
+            takes the architecture from the initial weights and ignores it.
+        model_overrides: :class:`~mindvis.models.mbm.MBMConfig` fields that replace the variant's.
+        epochs: training epochs.
+        batch_size: samples per device per step.
+        lr: peak learning rate (not scaled by the batch size).
+        min_lr: final learning rate of the cosine decay.
+        weight_decay: AdamW weight decay (not applied to biases, norms and 1-D tensors).
+        betas: AdamW betas.
+        warmup_epochs: linear warmup length in epochs (fractions allowed); ``None``:
+            ``round(warmup_fraction * epochs)``.
+        warmup_fraction: see ``warmup_epochs``.
+        clip_grad: gradient-norm clipping; ``None`` or 0 disables it.
+        mask_ratio: fraction of patches removed.
+        accumulate: batches per optimizer step.
+        seed: seed of initialisation, masking, order, split and augmentation.
+        num_workers: data-loader worker processes.
+        init: finetuning only: the pretrained model folder.
+        data: data settings.
+        trainer: hardware, precision, logging (its ``max_epochs``, ``clip_grad`` and ``accumulate`` are set
+            from the fields above).
+    """
+
+    stage: Stage = "pretrain"
+    variant: str | None = "large"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 500
+    batch_size: int = 100
+    lr: float = 2.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float | None = None
+    warmup_fraction: float = 40 / 500
+    clip_grad: float | None = 0.8
+    mask_ratio: float = 0.75
+    accumulate: int = 1
+    seed: int = 2022
+    num_workers: int = 0
+    init: str | None = None
+    data: MBMDataConfig | None = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_DEFAULTS:
+            raise ConfigError(f"expected 'pretrain' or 'finetune', got {self.stage!r}", field="stage")
+        if isinstance(self.data, Mapping):
+            self.data = MBMDataConfig.from_dict(self.data)
+        if self.data is None:
+            raise ConfigError("no data settings", field="data")
+        if isinstance(self.trainer, Mapping):
+            self.trainer = TrainerConfig.from_dict(self.trainer)
+        if self.stage == "pretrain":
+            if self.variant not in MBM_VARIANTS:
+                raise ConfigError(
+                    f"expected one of {', '.join(sorted(MBM_VARIANTS))}, got {self.variant!r}",
+                    field="variant",
+                )
+        elif self.init is None:
+            raise ConfigError("finetuning needs the pretrained model (--init)", field="init")
+        if self.init is not None:
+            self.init = str(Path(self.init).expanduser().absolute())
+        for name, minimum in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("accumulate", 1),
+            ("num_workers", 0),
+            ("seed", 0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"expected an integer >= {minimum}, got {value!r}", field=name)
+        for name in ("lr", "min_lr", "weight_decay", "warmup_fraction"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ConfigError(f"expected a finite number >= 0, got {value!r}", field=name)
+            setattr(self, name, float(value))
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) is larger than lr ({self.lr})", field="min_lr")
+        betas = tuple(float(b) for b in self.betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"expected two betas in [0, 1), got {self.betas!r}", field="betas")
+        self.betas = betas  # type: ignore[assignment]
+        if not (isinstance(self.mask_ratio, (int, float)) and 0.0 < float(self.mask_ratio) < 1.0):
+            raise ConfigError(f"expected 0 < mask_ratio < 1, got {self.mask_ratio!r}", field="mask_ratio")
+        self.mask_ratio = float(self.mask_ratio)
+        if self.clip_grad is not None and (not math.isfinite(float(self.clip_grad)) or self.clip_grad < 0):
+            raise ConfigError(f"expected a number >= 0, got {self.clip_grad!r}", field="clip_grad")
+        self.clip_grad = float(self.clip_grad) if self.clip_grad else None
+        if not isinstance(self.model_overrides, Mapping):
+            raise ConfigError("expected an object of MBMConfig fields", field="model_overrides")
+        self.model_overrides = dict(self.model_overrides)
+        fields = {f.name for f in dataclasses.fields(MBMConfig)}
+        fixed = {
+            "num_voxels": "it comes from the data",
+            "patch_size": "set it with the data's patch size",
+            "mask_ratio": "set it with mask_ratio",
+        }
+        for key in self.model_overrides:
+            if key not in fields:
+                raise ConfigError(f"unknown MBMConfig field {key!r}", field="model_overrides")
+            if key in fixed:
+                raise ConfigError(f"cannot override {key} here: {fixed[key]}", field="model_overrides")
+        # derived values, after every override
+        if self.warmup_epochs is None:
+            self.warmup_epochs = float(round(self.warmup_fraction * self.epochs))
+        self.warmup_epochs = float(self.warmup_epochs)
+        if not 0 <= self.warmup_epochs < self.epochs or not math.isfinite(self.warmup_epochs):
+            raise ConfigError(
+                f"expected 0 <= warmup_epochs < epochs ({self.epochs}), got {self.warmup_epochs}",
+                field="warmup_epochs",
+            )
+        self.trainer = dataclasses.replace(
+            self.trainer, max_epochs=self.epochs, clip_grad=self.clip_grad, accumulate=self.accumulate
+        )
+        self.data.seed = self.seed
+
+    @classmethod
+    def for_stage(cls, stage: Stage, **overrides: Any) -> MBMTrainConfig:
+        """The stage's default recipe with ``overrides`` applied (``data``/``trainer`` may be dicts of fields)."""
+        if stage not in STAGE_DEFAULTS:
+            raise ConfigError(f"expected 'pretrain' or 'finetune', got {stage!r}", field="stage")
+        defaults = dict(STAGE_DEFAULTS[stage])
+        val_fraction = defaults.pop("val_fraction")
+        data = overrides.pop("data", None)
+        if isinstance(data, MBMDataConfig):
+            data = data.to_dict()
+        data = {"val_fraction": val_fraction, **(data or {})}
+        trainer = overrides.pop("trainer", None)
+        if isinstance(trainer, TrainerConfig):
+            trainer = trainer.to_dict()
+        return cls(
+            stage=stage,
+            **{**defaults, **overrides},
+            data=MBMDataConfig.from_dict(data),
+            trainer=TrainerConfig.from_dict(trainer or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MBMTrainConfig:
+        """Rebuild from :meth:`to_dict` output (e.g. a run folder's ``config.json``).
+
+        Raises:
+            ConfigError: unknown or invalid fields.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected an object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in names)
+        if unknown:
+            raise ConfigError(f"unknown field(s) {', '.join(unknown)}", field=unknown[0])
+        d = dict(data)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+def model_config_for(config: MBMTrainConfig, num_voxels: int) -> MBMConfig:
+    """The pretraining model: the named variant at ``num_voxels``, with the patch size of the data, the mask
+    ratio of the recipe and ``model_overrides``."""
+    assert config.data is not None
+    overrides = {
+        "patch_size": config.data.patch_size,
+        "mask_ratio": config.mask_ratio,
+        **config.model_overrides,
+    }
+    return MBM_VARIANTS[str(config.variant)](num_voxels, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masking noise and metrics
+# ----------------------------------------------------------------------------------------------------------
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def masking_noise(seed: int, epoch: int, indices: np.ndarray | Tensor, num_patches: int) -> np.ndarray:
+    """Uniform noise in [0, 1) for the masks of samples ``indices`` in ``epoch``: ``[B, L]`` float64.
+
+    A counter-based hash (splitmix64) of ``(seed, epoch, index, patch)``: the same sample gets the same mask
+    in the same epoch whatever the batch, process or worker that handles it.
+    """
+    idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64).astype(
+        np.uint64
+    )
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.asarray([seed], dtype=np.uint64))
+        key = _splitmix64(key ^ np.asarray([epoch], dtype=np.uint64))
+        per_sample = _splitmix64(key ^ idx)  # [B]
+        counter = per_sample[:, None] + np.arange(num_patches, dtype=np.uint64)[None, :] * _GOLDEN
+        bits = _splitmix64(counter)
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # 53-bit mantissa
+
+
+def masked_pearson(pred: Tensor, target: Tensor, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    """Per-sample Pearson correlation between predicted and true voxels of the selected patches.
+
+    Args:
+        pred: ``[N, L, p]`` predicted voxels.
+        target: ``[N, L, p]`` true voxels.
+        mask: ``[N, L]``, 1 selects a patch (the removed ones); ``None`` selects all.
+
+    Returns:
+        ``[N]`` float32 correlations (0 where a side has no variance).
+    """
+    pred = pred.float()
+    target = target.float()
+    w = torch.ones(pred.shape[:2], device=pred.device) if mask is None else mask.float()
+    w = w.unsqueeze(-1).expand_as(pred)
+    n = w.sum(dim=(1, 2)).clamp_min(1.0)
+    mp = (pred * w).sum(dim=(1, 2)) / n
+    mt = (target * w).sum(dim=(1, 2)) / n
+    dp = (pred - mp[:, None, None]) * w
+    dt = (target - mt[:, None, None]) * w
+    cov = (dp * dt).sum(dim=(1, 2))
+    var = (dp * dp).sum(dim=(1, 2)) * (dt * dt).sum(dim=(1, 2))
+    return torch.where(var > eps, cov / var.clamp_min(eps).sqrt(), torch.zeros_like(cov))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LightningModule
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MBMModule(pl.LightningModule):
+    """Masked brain modeling as a LightningModule (stages A1 and A2).
+
+    Args:
+        config: the run configuration (:class:`MBMTrainConfig` or its dict).
+        model_config: the model's :class:`~mindvis.models.mbm.MBMConfig` (or its dict).
+
+    Batches are dicts ``{"fmri": [B, V], "index": [B], "noise": [B, L]}``; without ``noise`` the model draws
+    its own masks from torch's generator. :class:`~mindvis.data.pretrain.MBMDataModule` adds the noise of
+    :func:`masking_noise` on the host before each batch moves to the device.
+    """
+
+    def __init__(
+        self, config: MBMTrainConfig | Mapping[str, Any], model_config: MBMConfig | Mapping[str, Any]
+    ):
+        super().__init__()
+        cfg = config if isinstance(config, MBMTrainConfig) else MBMTrainConfig.from_dict(config)
+        mcfg = model_config if isinstance(model_config, MBMConfig) else MBMConfig.from_dict(model_config)
+        self.save_hyperparameters({"config": cfg.to_dict(), "model_config": mcfg.to_dict()})
+        self.config = cfg
+        self.model = MaskedBrainModel(mcfg)
+
+    # -- steps -----------------------------------------------------------------------------------------------
+
+    def forward(self, fmri: Tensor, noise: Tensor | None = None):
+        return self.model(fmri, mask_ratio=self.config.mask_ratio, noise=noise)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self(batch["fmri"], batch.get("noise"))
+        self.log(
+            "train/loss", out.loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["fmri"])
+        )
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x = batch["fmri"]
+        out = self(x, batch.get("noise"))
+        target = self.model.patchify(x)
+        corr = masked_pearson(out.pred, target, out.mask)
+        corr_all = masked_pearson(out.pred, target, None)
+        n = len(x)
+        self.log("val/loss", out.loss, on_epoch=True, sync_dist=True, batch_size=n)
+        self.log("val/corr", corr.mean(), on_epoch=True, sync_dist=True, prog_bar=True, batch_size=n)
+        self.log("val/corr_all", corr_all.mean(), on_epoch=True, sync_dist=True, batch_size=n)
+
+    # -- optimisation ----------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.config
+        groups = param_groups_weight_decay(self.model, cfg.weight_decay)
+        on_cuda = next(self.model.parameters()).is_cuda
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=on_cuda or None)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        steps_per_epoch = total / max(self.trainer.max_epochs or cfg.epochs, 1)
+        schedule = WarmupCosine(
+            cfg.lr, cfg.min_lr, float(cfg.warmup_epochs or 0), cfg.epochs, steps_per_epoch
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # -- export ----------------------------------------------------------------------------------------------
+
+    def export_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Our weights format (``config.json`` + ``model.safetensors``) of the masked brain model."""
+        return self.model.save_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running a stage
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_datamodule(config: MBMTrainConfig, corpus_dir: str | os.PathLike, num_patches: int) -> MBMDataModule:
+    """The data module of a run over a built corpus folder (adding the masking noise of ``num_patches``)."""
+    assert config.data is not None
+    d = config.data
+    return MBMDataModule(
+        corpus_dir,
+        batch_size=config.batch_size,
+        val_fraction=d.val_fraction,
+        val_max=d.val_max,
+        aug_times=d.aug_times,
+        mix_ratio=d.mix_ratio,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        num_patches=num_patches,
+    )
+
+
+def wait_for_file(path: Path, timeout_s: float = 3600.0, poll_s: float = 2.0) -> None:
+    """Wait until ``path`` exists (processes other than rank 0 wait for the data rank 0 prepares)."""
+    start = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - start > timeout_s:
+            raise ConfigError(
+                f"waited {timeout_s:.0f} s for {path} (written by rank 0); is the output folder on a shared filesystem?",
+                path=path,
+            )
+        time.sleep(poll_s)
+
+
+PREPROCESSING_NAME = "preprocessing.json"
+DATA_DIR = "data"
+
+
+@dataclass
+class MBMRunResult:
+    """What a finished (or stopped) stage-A run reports.
+
+    Attributes:
+        run_dir: the run folder.
+        epochs_done: epochs completed (counting those before a resume).
+        global_step: optimizer steps done.
+        best_val_corr: best validation masked-patch correlation, if validation ran.
+        initial_val_corr: the same before training (new runs with ``trainer.validate_first``).
+        metrics: the last logged values of every metric.
+        num_samples: corpus samples; num_voxels: voxels per sample.
+        seconds: wall time of this invocation's training.
+    """
+
+    run_dir: Path
+    epochs_done: int
+    global_step: int
+    best_val_corr: float | None
+    initial_val_corr: float | None
+    metrics: dict[str, float]
+    num_samples: int
+    num_voxels: int
+    seconds: float
+
+
+def load_init_model(path: str | os.PathLike) -> MaskedBrainModel:
+    """The pretrained model that finetuning starts from: a run folder (its ``model/``), a saved model folder,
+    or an original stage-A ``.pth`` file.
+
+    Raises:
+        CheckpointError: missing, truncated, corrupt or refused files.
+    """
+    from mindvis.models.mbm import load_mbm
+    from mindvis.train.common import FINAL_WEIGHTS_DIR
+
+    p = Path(path)
+    if (p / FINAL_WEIGHTS_DIR / "model.safetensors").is_file() or (
+        p / FINAL_WEIGHTS_DIR / "config.json"
+    ).is_file():
+        p = p / FINAL_WEIGHTS_DIR
+    elif p.is_dir() and not (p / "config.json").is_file():
+        raise CheckpointError(
+            "not a model folder (no config.json + model.safetensors) nor a run folder (no model/)", path=p
+        )
+    try:
+        return load_mbm(p)
+    except ConfigError as exc:
+        raise CheckpointError(exc.detail, path=exc.path or p, field=exc.field) from None
+
+
+def run_mbm_stage(
+    config: MBMTrainConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> MBMRunResult:
+    """Prepare the data and run folder, then train (stage A1 or A2).
+
+    The run folder gets: ``config.json`` (the resolved configuration), ``preprocessing.json`` (the fitted
+    preprocessing: every subject's for pretraining, the target subject's for finetuning), ``data/`` (the
+    memory-mapped corpus), ``checkpoints/`` (Lightning: ``last.ckpt`` and the best), ``metrics.csv``,
+    ``model/`` (final weights, our format) and ``best/`` (best validation correlation).
+
+    Every input is checked (files, keys, NaN/Inf, voxel counts, the ``--init`` and ``--resume`` checkpoints)
+    before anything in ``run_dir`` is created or replaced. Processes other than global rank 0 (DDP) only
+    wait for the prepared data and train.
+
+    Args:
+        config: the resolved run configuration.
+        run_dir: the run folder.
+        resume: continue from ``run_dir/checkpoints/last.ckpt``.
+        overwrite: replace a non-empty ``run_dir`` (only once the new data is ready).
+        callbacks: extra Lightning callbacks.
+
+    Raises:
+        MindVisError subclasses for bad input, existing output, or unreadable checkpoints.
+    """
+    from mindvis.data.pretrain import (
+        CORPUS_INDEX,
+        VoxelCorpus,
+        build_corpus,
+        common_length,
+        plan_sources,
+        split_rows,
+    )
+    from mindvis.train.common import (
+        build_trainer,
+        find_resume_checkpoint,
+        fit,
+        is_primary_process,
+        read_checkpoint_progress,
+        read_run_config,
+        seed_everything,
+        write_run_config,
+    )
+    from mindvis.utils.io import atomic_dir, write_json
+
+    run_dir = Path(run_dir)
+    primary = is_primary_process()
+    data = config.data
+    assert data is not None
+    ckpt_path, resume_step, saved_model = None, None, None
+    if resume:
+        ckpt_path = find_resume_checkpoint(run_dir)
+        resume_step = read_checkpoint_progress(ckpt_path)["global_step"]
+        # the architecture comes from the run itself (the --init folder is not needed any more)
+        saved = read_run_config(run_dir, config.stage).get("model")
+        if isinstance(saved, dict):
+            saved_model = dataclasses.replace(
+                MBMConfig.from_dict(saved, source=run_dir / "config.json"), mask_ratio=config.mask_ratio
+            )
+    init_model = None
+    if config.stage == "finetune" and saved_model is None:
+        init_model = load_init_model(config.init)  # type: ignore[arg-type]
+        if data.patch_size != init_model.config.patch_size:
+            data.patch_size = init_model.config.patch_size
+        if data.length is not None and data.length != init_model.config.num_voxels:
+            raise ConfigError(
+                f"length {data.length} differs from the pretrained model's {init_model.config.num_voxels} voxels",
+                field="length",
+            )
+    data_dir = run_dir / DATA_DIR
+
+    if primary:
+        plans = plan_sources(data)
+        if saved_model is not None:
+            length = saved_model.num_voxels
+        elif init_model is not None:
+            length = init_model.config.num_voxels
+        else:
+            length = common_length(plans, data)
+
+        def write_meta(folder: Path, corpus: VoxelCorpus) -> None:
+            mcfg = saved_model or _model_config(config, init_model, corpus.num_voxels)
+            write_run_config(
+                folder,
+                config.stage,
+                config.to_dict(),
+                model=mcfg.to_dict(),
+                data_summary={
+                    "samples": corpus.num_samples,
+                    "voxels": corpus.num_voxels,
+                    "subjects": [b.name for b in corpus.blocks],
+                },
+            )
+            if config.stage == "finetune":
+                write_json(folder / PREPROCESSING_NAME, next(iter(corpus.preprocessors.values())).to_dict())
+            else:
+                write_json(folder / PREPROCESSING_NAME, corpus.preprocessing_bundle())
+
+        if resume:
+            corpus = build_corpus(data, data_dir, plans, length, reuse=True)
+            write_meta(run_dir, corpus)
+        else:
+            with atomic_dir(run_dir, overwrite=overwrite) as tmp:
+                corpus = build_corpus(data, tmp / DATA_DIR, plans, length, reuse=False)
+                write_meta(tmp, corpus)
+    else:
+        wait_for_file(data_dir / CORPUS_INDEX)
+    corpus = VoxelCorpus.open(data_dir)
+    model_config = saved_model or _model_config(config, init_model, corpus.num_voxels)
+    _logger.info(
+        "%s: %d samples x %d voxels (%d patches), model %s",
+        config.stage,
+        corpus.num_samples,
+        corpus.num_voxels,
+        model_config.num_patches,
+        {k: getattr(model_config, k) for k in ("embed_dim", "depth", "decoder_embed_dim", "decoder_depth")},
+    )
+    seed_everything(config.seed)
+    module = MBMModule(config, model_config)
+    if init_model is not None and ckpt_path is None:
+        module.model.load_state_dict(init_model.state_dict(), strict=True)
+    has_val = len(split_rows(corpus, data.val_fraction, data.val_max, config.seed)[1]) > 0
+    trainer = build_trainer(
+        config.trainer,
+        run_dir,
+        monitor="val/corr" if has_val else None,
+        mode="max",
+        callbacks=callbacks,
+        resume_step=resume_step,
+    )
+    datamodule = make_datamodule(config, data_dir, model_config.num_patches)
+    t0 = time.perf_counter()
+    initial = None
+    if has_val and ckpt_path is None and config.trainer.validate_first:
+        initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get("val/corr")
+        _logger.info("validation before training: val/corr %.4f", initial)
+    fit(trainer, module, datamodule, ckpt_path)
+    seconds = time.perf_counter() - t0
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1
+    }
+    best = None
+    for cb in trainer.callbacks:
+        if type(cb).__name__ == "ExportPretrained" and cb.best is not None:
+            best = float(cb.best)
+    return MBMRunResult(
+        run_dir=run_dir,
+        epochs_done=int(trainer.current_epoch),
+        global_step=int(trainer.global_step),
+        best_val_corr=best,
+        initial_val_corr=None if initial is None else float(initial),
+        metrics=metrics,
+        num_samples=corpus.num_samples,
+        num_voxels=corpus.num_voxels,
+        seconds=seconds,
+    )
+
+
+def _model_config(config: MBMTrainConfig, init_model: MaskedBrainModel | None, num_voxels: int) -> MBMConfig:
+    if init_model is None:
+        return model_config_for(config, num_voxels)
+    return dataclasses.replace(init_model.config, mask_ratio=config.mask_ratio)
+
+
+__all__ = [
+    "MBMModule",
+    "MBMRunResult",
+    "load_init_model",
+    "run_mbm_stage",
+    "MBMTrainConfig",
+    "STAGE_DEFAULTS",
+    "VALIDATION_NOISE_KEY",
+    "make_datamodule",
+    "masked_pearson",
+    "masking_noise",
+    "model_config_for",
+    "wait_for_file",
+]

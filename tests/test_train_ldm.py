@@ -1,0 +1,328 @@
+"""Stage B finetuning: trainable presets, conditioning dropout, the run, resume, DDP, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mindvis.data.dataset import FMRIDataset
+from mindvis.errors import ConfigError, DataError
+from mindvis.models.mbm import FMRIEncoder, MaskedBrainModel, mbm_tiny
+from mindvis.train.common import TrainerConfig
+from mindvis.train.ldm import (
+    StageBConfig,
+    StageBModule,
+    build_stage_b_model,
+    check_image_size,
+    prepare_voxels,
+    train_stage_b,
+)
+from mindvis.train.prior import PriorTrainConfig, build_class_prior, save_prior_pipeline
+
+RES = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is as fast, and it does not stall when the machine is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+VOXELS = 120  # raw voxels; the encoder takes 128 (8 patches of 16)
+
+
+@pytest.fixture(scope="module")
+def prior_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    ldm = PriorTrainConfig(preset="tiny", resolution=RES).ldm_config(3)
+    out = tmp_path_factory.mktemp("prior") / "pipeline"
+    save_prior_pipeline(build_class_prior(ldm, 3), out, ["a", "b", "c"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def mbm_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("mbm") / "model"
+    MaskedBrainModel(mbm_tiny(128)).save_pretrained(out)
+    return out
+
+
+def _datasets(n_train=12, n_test=4, seed=0) -> tuple[FMRIDataset, FMRIDataset]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n_train + n_test, 40, 40, 3), dtype=np.uint8)
+    tr = FMRIDataset(
+        voxels=rng.normal(size=(n_train, VOXELS)).astype(np.float32),
+        subject="sbj_1",
+        split="train",
+        image_ids=np.arange(n_train),
+        images=images,
+        labels=np.arange(n_train) % 3,
+        source="mem/train",
+    )
+    te = FMRIDataset(
+        voxels=rng.normal(size=(n_test, VOXELS)).astype(np.float32),
+        subject="sbj_1",
+        split="test",
+        image_ids=n_train + np.arange(n_test),
+        images=images,
+        labels=np.arange(n_test) % 3,
+        source="mem/test",
+    )
+    return tr, te
+
+
+def _model(prior_dir, mbm_dir, **kw):
+    from mindvis.train.ldm import build_encoder, load_prior
+
+    cfg = StageBConfig(**kw)
+    return build_stage_b_model(load_prior(prior_dir), build_encoder(mbm_dir, cfg), cfg), cfg
+
+
+def _config(**kw) -> StageBConfig:
+    base = dict(
+        epochs=1,
+        val_every=1,
+        batch_size=4,
+        num_samples=2,
+        sampler="ddim",
+        sample_steps=2,
+        lr=1e-3,
+        n_way=(2,),
+        eval_trials=5,
+    )
+    base.update(kw)
+    return StageBConfig(**base)
+
+
+def _trainer(**kw) -> TrainerConfig:
+    return TrainerConfig(accelerator="cpu", devices=1, progress_bar=False, log_every_n_steps=1, **kw)
+
+
+@pytest.mark.parametrize("trainable", ["original", "cond-only", "full"])
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_trainable_presets_freeze_exactly_what_they_say(prior_dir, mbm_dir, trainable):
+    torch.manual_seed(0)
+    model, cfg = _model(prior_dir, mbm_dir, trainable=trainable)
+    module = StageBModule(model, cfg)
+
+    def expected(name: str) -> bool:
+        top = name.split(".", 1)[0]
+        if top == "vq":
+            return False
+        if top in ("fmri_encoder", "conditioner"):
+            return name not in ("fmri_encoder.cls_token", "fmri_encoder.mask_token")
+        if trainable == "full":
+            return True
+        if trainable == "cond-only":
+            return False
+        return ".attn2." in name or (".transformer_blocks." in name and ".norm2." in name)
+
+    params = dict(model.named_parameters())
+    want = {n for n in params if expected(n)}
+    assert {n for n, p in params.items() if p.requires_grad} == want
+    assert module.num_trainable == sum(params[n].numel() for n in want)
+    if trainable == "original":
+        names = sorted(want)
+        assert any(n.startswith("conditioner.time_mapper") for n in names)  # the time-conditioning layers
+        assert any(".attn2.to_k." in n for n in names) and any(".norm2." in n for n in names)
+        assert not any(".attn1." in n or ".ff." in n or "resnets" in n for n in names)
+    # one training step computes weight gradients for exactly those parameters: the rest is really frozen
+    tr, _ = _datasets()
+    x_tr, _, _ = prepare_voxels(tr, tr, 128, 16)
+    batch = {"fmri": torch.from_numpy(x_tr[:2]), "image": torch.rand(2, 3, RES, RES) * 2 - 1}
+    model.zero_grad(set_to_none=True)
+    module.training_step(batch, 0).backward()
+    with_grad = {n for n, p in params.items() if p.grad is not None}
+    assert with_grad <= want
+    assert with_grad >= {n for n in want if n != "fmri_encoder.pos_embed"}
+
+
+def test_conditioning_dropout_uses_the_null_condition(prior_dir, mbm_dir):
+    torch.manual_seed(0)
+    model, cfg = _model(prior_dir, mbm_dir)
+    module = StageBModule(model, cfg)
+    fmri = torch.randn(64, 128)
+    with torch.no_grad():
+        full = module._condition(fmri, 0.0)
+        dropped = module._condition(fmri, 0.5)
+        null = model.conditioner.null_conditioning(64, full.context)
+    is_null = torch.tensor([torch.equal(dropped.context[i], null.context[i]) for i in range(64)])
+    is_cond = torch.tensor([torch.equal(dropped.context[i], full.context[i]) for i in range(64)])
+    assert torch.all(is_null ^ is_cond) and 10 < int(is_null.sum()) < 54
+    assert torch.equal(dropped.time_cond[is_null], null.time_cond[is_null])
+
+
+def test_stage_b_run_outputs_and_resume(prior_dir, mbm_dir, tmp_path):
+    from mindvis.pipeline import MindVisPipeline
+
+    tr, te = _datasets()
+    out = tmp_path / "run"
+    r1 = train_stage_b(prior_dir, mbm_dir, tr, te, out, _config(), _trainer())
+    assert r1.epochs_done == 1 and r1.global_step == 3 and r1.monitor == "val/ident_pcc_2way"
+    for rel in (
+        "config.json",
+        "preprocessing.json",
+        "metrics.csv",
+        "metrics.json",
+        "checkpoints/last.ckpt",
+        "samples/epoch0000.png",
+        "model/model_index.json",
+        "model/preprocess.json",
+        "best/model_index.json",
+    ):
+        assert (out / rel).exists(), rel
+    assert np.isfinite(r1.metrics["val/pixel_ssim"]) and 0 <= r1.metrics["val/ident_pcc_2way"] <= 1
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert "val/ident_pcc_2way" in header and "train/loss_step" in header
+    pipe = MindVisPipeline.from_pretrained(out / "model")
+    assert pipe.num_voxels == 128 and pipe.model.unet_config.time_cond
+    from mindvis.data.preprocess import load_preprocessor
+
+    pre = load_preprocessor(out / "model" / "preprocess.json")
+    imgs = pipe(
+        pre.transform(te.voxels[:2]),
+        num_samples=1,
+        num_inference_steps=2,
+        sampler="ddim",
+        seed=0,
+        progress=False,
+    ).images
+    assert imgs.shape == (2, 1, RES, RES, 3)
+
+    r2 = train_stage_b(prior_dir, mbm_dir, tr, te, out, _config(epochs=2), _trainer(), resume=True)
+    assert r2.epochs_done == 2 and r2.global_step == 6
+    assert (out / "samples" / "epoch0001.png").is_file()
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    epochs = {line.split(",")[0] for line in rows}
+    assert {"0", "1"} <= epochs  # the log of the first epoch is kept and the second appended
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["global_step"] == 6 and saved["trainable"] == "original"
+
+
+def test_bad_input_errors(prior_dir, mbm_dir, tmp_path):
+    from mindvis.data.preprocess import FMRIPreprocessor
+    from mindvis.train.ldm import load_prior
+
+    tr, te = _datasets()
+    with pytest.raises(ConfigError, match="latent size mismatch"):
+        train_stage_b(prior_dir, mbm_dir, tr, te, tmp_path / "a", _config(image_size=64), _trainer())
+    with pytest.raises(ConfigError, match="latent size mismatch"):
+        check_image_size(load_prior(prior_dir), 36)
+    assert check_image_size(load_prior(prior_dir), None) == RES
+    empty = te.subset(np.arange(0))
+    with pytest.raises(DataError, match="empty"):
+        train_stage_b(prior_dir, mbm_dir, tr, empty, tmp_path / "b", _config(), _trainer())
+    unpaired = FMRIDataset(voxels=tr.voxels, subject="sbj_1", split="train")
+    with pytest.raises(DataError, match="no paired images"):
+        train_stage_b(prior_dir, mbm_dir, unpaired, te, tmp_path / "c", _config(), _trainer())
+    with pytest.raises(DataError, match="one entry per sample"):  # image/fMRI count mismatch
+        FMRIDataset(
+            voxels=tr.voxels, subject="sbj_1", split="train", image_ids=tr.image_ids[:5], images=tr.images
+        )
+    wrong = FMRIPreprocessor(patch_size=16).fit(np.random.default_rng(0).normal(size=(10, 300)))
+    with pytest.raises(DataError):
+        train_stage_b(prior_dir, mbm_dir, tr, te, tmp_path / "d", _config(), _trainer(), preprocessor=wrong)
+    with pytest.raises(ConfigError):
+        StageBConfig(trainable="everything")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        StageBConfig(use_time_cond=False, use_cross_attn=False)
+    with pytest.raises(ConfigError):
+        StageBConfig(sparse_rate=1.0)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_original_defaults_and_derived_batch_size():
+    cfg = StageBConfig()
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.clip_grad, cfg.val_every) == (5.3e-5, 5, 500, 0.5, 5)
+    assert (cfg.sampler, cfg.sample_steps, cfg.num_samples, cfg.cond_dropout) == ("plms", 250, 5, 0.0)
+    assert (cfg.crop_ratio, cfg.crop_p, cfg.sparse_rate) == (0.2, 0.5, 0.2)
+    assert StageBConfig(dataset="bold5000").batch_size == 25
+    assert StageBConfig(dataset="bold5000", batch_size=7).batch_size == 7
+
+
+def test_random_encoder_ablation(prior_dir, mbm_dir):
+    pretrained, _ = _model(prior_dir, mbm_dir)
+    random_enc, _ = _model(prior_dir, mbm_dir, encoder_init="random", seed=1)
+    mbm = MaskedBrainModel.from_pretrained(mbm_dir)
+    ref = FMRIEncoder.from_mbm(mbm)
+    blk = "blocks.0.attn.qkv.weight"
+    assert torch.equal(pretrained.fmri_encoder.state_dict()[blk], ref.state_dict()[blk])
+    assert not torch.equal(random_enc.fmri_encoder.state_dict()[blk], ref.state_dict()[blk])
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp(prior_dir, mbm_dir, tmp_path):
+    """``mindvis train --devices 2 --strategy ddp`` on the CPU (gloo): both ranks train, rank 0 writes."""
+    from mindvis.data.synthetic import SynthConfig, simulate
+
+    sim = tmp_path / "sim"
+    simulate(
+        SynthConfig.preset(
+            "realistic",
+            n_train=16,
+            n_test=4,
+            n_repeats=2,
+            voxels=250,
+            n_rest_subjects=1,
+            n_trs=50,
+            corpus_size=20,
+            calibration_images=10,
+            calibration_voxels=20,
+        ),
+        sim,
+    )
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "mindvis.cli",
+        "train",
+        "--prior",
+        str(prior_dir),
+        "--mbm",
+        str(mbm_dir),
+        "--dataset",
+        "synthetic",
+        "--data-dir",
+        str(sim),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--sampler",
+        "ddim",
+        "--num-samples",
+        "1",
+        "--val-every",
+        "1",
+        "--image-size",
+        str(RES),
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--no-progress",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "metrics.json").read_text())
+    # 16 training pairs, 2 processes x batch 4: 2 optimizer steps per epoch
+    assert saved["global_step"] == 2 and saved["epochs_done"] == 1
+    assert (out / "model" / "model_index.json").is_file()
+    assert np.isfinite(saved["metrics"]["val/pixel_ssim"])
