@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PRESET ?= default
 
-.PHONY: demo test test-all lint format bench bench-quick clean setup data
+.PHONY: demo test test-all lint format bench bench-quick audit clean setup data
 
 $(STAMP): pyproject.toml requirements-torch.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench: setup
 
 bench-quick: setup
 	$(PY) benchmarks/run.py --quick
+
+audit: $(STAMP)
+	bash scripts/audit.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

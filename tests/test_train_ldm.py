@@ -326,3 +326,25 @@ def test_two_process_cpu_ddp(prior_dir, mbm_dir, tmp_path):
     assert saved["global_step"] == 2 and saved["epochs_done"] == 1
     assert (out / "model" / "model_index.json").is_file()
     assert np.isfinite(saved["metrics"]["val/pixel_ssim"])
+
+
+def test_stage_a_preprocessing_is_found_and_applied(tmp_path):
+    from mindvis.data.preprocess import FMRIPreprocessor, load_preprocessor
+    from mindvis.train.ldm import find_preprocessing
+
+    run = tmp_path / "stageA2"
+    (run / "model").mkdir(parents=True)
+    assert find_preprocessing(run) is None
+    tr, te = _datasets()
+    fitted = FMRIPreprocessor(patch_size=16, length=128).fit(tr.voxels * 3.0 + 1.0)
+    fitted.save(run / "preprocessing.json")
+    assert find_preprocessing(run) == run / "preprocessing.json"
+    assert find_preprocessing(run / "model") == run / "preprocessing.json"
+    pre = load_preprocessor(find_preprocessing(run / "model"))
+    x_tr, x_te, used = prepare_voxels(tr, te, 128, 16, pre)
+    assert used is pre and x_tr.shape == (12, 128) and x_te.shape == (4, 128)
+    assert np.allclose(x_tr[:, :VOXELS], pre.transform(tr.voxels)[:, :VOXELS])
+    # without one, a preprocessor is fitted on the training split: global mean 0, std 1, wrap-padded
+    x_tr2, _, own = prepare_voxels(tr, te, 128, 16)
+    assert abs(float(x_tr2[:, :VOXELS].mean())) < 1e-5 and abs(float(x_tr2[:, :VOXELS].std()) - 1) < 1e-4
+    assert np.array_equal(x_tr2[:, VOXELS:], x_tr2[:, : 128 - VOXELS])

@@ -20,7 +20,10 @@ class MindVisError(Exception):
     """
 
     def __init__(self, message: str, *, path: str | PathLike | None = None, field: str | None = None):
-        self.path = None if path is None else str(path)
+        # control characters (a newline in a file name) would break the one-line message
+        self.path = (
+            None if path is None else "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(path))
+        )
         self.field = field
         self.detail = message
         parts = []
