@@ -57,11 +57,26 @@ def _root(
     setup_logging(level)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the write (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure the root logger for the command line (library code never does this)."""
     root = logging.getLogger()
     if not any(getattr(h, "_mindvis", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname).1s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._mindvis = True  # type: ignore[attr-defined]
         root.addHandler(handler)
