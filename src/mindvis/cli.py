@@ -77,7 +77,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_mindvis", False) for h in root.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname).1s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(levelname).1s %(asctime)s %(name)s: %(message)s", "%H:%M:%S")
+        )
         handler._mindvis = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)

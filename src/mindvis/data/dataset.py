@@ -47,23 +47,36 @@ class FMRIDataset:
     def __post_init__(self) -> None:
         where = self.source or f"{self.subject}/{self.split}"
         if self.voxels.ndim != 2:
-            raise DataError(f"voxels must be 2-D [samples, voxels], got shape {tuple(self.voxels.shape)}",
-                            path=where, field="voxels")
+            raise DataError(
+                f"voxels must be 2-D [samples, voxels], got shape {tuple(self.voxels.shape)}",
+                path=where,
+                field="voxels",
+            )
         n = self.voxels.shape[0]
         for name in ("image_ids", "labels", "repeats"):
             arr = getattr(self, name)
             if arr is not None and (arr.ndim != 1 or arr.shape[0] != n):
-                raise DataError(f"{name} must have one entry per sample ({n}), got shape {tuple(arr.shape)}",
-                                path=where, field=name)
-        if self.images is not None:
-            if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
-                raise DataError(f"images must be uint8 [M, H, W, 3], got {self.images.dtype} "
-                                f"{tuple(self.images.shape)}", path=where, field="images")
+                raise DataError(
+                    f"{name} must have one entry per sample ({n}), got shape {tuple(arr.shape)}",
+                    path=where,
+                    field=name,
+                )
+        if self.images is not None and (
+            self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8
+        ):
+            raise DataError(
+                f"images must be uint8 [M, H, W, 3], got {self.images.dtype} {tuple(self.images.shape)}",
+                path=where,
+                field="images",
+            )
         if self.image_ids is not None and self.images is not None and n:
             lo, hi = int(self.image_ids.min()), int(self.image_ids.max())
             if lo < 0 or hi >= len(self.images):
-                raise DataError(f"image_ids out of range [0, {len(self.images)}): min {lo}, max {hi}",
-                                path=where, field="image_ids")
+                raise DataError(
+                    f"image_ids out of range [0, {len(self.images)}): min {lo}, max {hi}",
+                    path=where,
+                    field="image_ids",
+                )
 
     @property
     def num_samples(self) -> int:
@@ -88,16 +101,33 @@ class FMRIDataset:
 
     def subset(self, index: np.ndarray | slice) -> FMRIDataset:
         """Rows ``index`` of this dataset (images are shared, not copied)."""
+
         def pick(a):
             return None if a is None else a[index]
-        return FMRIDataset(voxels=self.voxels[index], subject=self.subject, split=self.split,
-                           image_ids=pick(self.image_ids), images=self.images, labels=pick(self.labels),
-                           repeats=pick(self.repeats), roi=self.roi, source=self.source, meta=dict(self.meta))
+
+        return FMRIDataset(
+            voxels=self.voxels[index],
+            subject=self.subject,
+            split=self.split,
+            image_ids=pick(self.image_ids),
+            images=self.images,
+            labels=pick(self.labels),
+            repeats=pick(self.repeats),
+            roi=self.roi,
+            source=self.source,
+            meta=dict(self.meta),
+        )
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description for ``mindvis data info`` and logs."""
-        out: dict[str, Any] = {"subject": self.subject, "split": self.split, "samples": self.num_samples,
-                               "voxels": self.num_voxels, "roi": self.roi, "paired": self.paired}
+        out: dict[str, Any] = {
+            "subject": self.subject,
+            "split": self.split,
+            "samples": self.num_samples,
+            "voxels": self.num_voxels,
+            "roi": self.roi,
+            "paired": self.paired,
+        }
         if self.images is not None:
             out["images"] = int(len(self.images))
             out["image_size"] = list(self.images.shape[1:3])

@@ -97,8 +97,9 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path
         if not path.is_dir():
             raise OutputExistsError("exists and is not a folder", path=path)
         if any(path.iterdir()) and not overwrite:
-            raise OutputExistsError("output folder exists and is not empty (pass --overwrite to replace it)",
-                                    path=path)
+            raise OutputExistsError(
+                "output folder exists and is not empty (pass --overwrite to replace it)", path=path
+            )
     return path
 
 
