@@ -376,5 +376,11 @@ def test_prior_config_errors():
         VQTrainConfig(recon_loss="l3")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         UNetTrainConfig(ema_decay=1.5)
+    from mindvis.train.prior import warn_instance_norm
+
+    # 32 channels in 32 GroupNorm groups normalise each channel alone: the time embedding is erased
+    assert len(warn_instance_norm(PriorTrainConfig(preset="tiny").ldm_config(3))) == 2
+    fixed = PriorTrainConfig(preset="tiny", vq_model={"norm_groups": 8}, unet_model={"norm_groups": 8})
+    assert warn_instance_norm(fixed.ldm_config(3)) == []
     cfg = PriorTrainConfig(preset="tiny", resolution=32, unet_model={"model_channels": 64})
     assert cfg.ldm_config(3).unet.model_channels == 64 and cfg.ldm_config(3).unet.sample_size == 8

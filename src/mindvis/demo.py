@@ -69,6 +69,11 @@ class DemoPreset:
         return copy.deepcopy(self.__dict__)
 
 
+#: The tiny prior's 32-channel layers with 32 GroupNorm groups normalise each channel alone, which erases the
+#: time embedding; the demo's tiny priors use 8 groups (see mindvis.train.prior.warn_instance_norm).
+_TINY_NORM = {"vq": ["norm_groups=8"], "unet": ["norm_groups=8"]}
+
+
 def _presets() -> dict[str, DemoPreset]:
     quick = DemoPreset(
         name="quick",
@@ -90,6 +95,7 @@ def _presets() -> dict[str, DemoPreset]:
         finetune={"epochs": 2, "batch-size": 16},
         prior={
             "preset": "tiny",
+            **_TINY_NORM,
             "vq-epochs": 1,
             "unet-epochs": 1,
             "final-samples": 1,
@@ -126,6 +132,7 @@ def _presets() -> dict[str, DemoPreset]:
         finetune={"epochs": 15, "batch-size": 32},
         prior={
             "preset": "tiny",
+            **_TINY_NORM,
             "vq-epochs": 2,
             "unet-epochs": 6,
             "final-samples": 4,
@@ -181,6 +188,7 @@ def _presets() -> dict[str, DemoPreset]:
         finetune={"epochs": 1, "batch-size": 8},
         prior={
             "preset": "tiny",
+            **_TINY_NORM,
             "vq-epochs": 1,
             "unet-epochs": 1,
             "final-samples": 1,
@@ -220,6 +228,9 @@ def _args(options: dict[str, Any]) -> list[str]:
             continue
         if isinstance(value, bool):
             out.append(f"--{key}" if value else f"--no-{key}")
+        elif isinstance(value, (list, tuple)):  # a repeatable option
+            for item in value:
+                out += [f"--{key}", str(item)]
         else:
             out += [f"--{key}", str(value)]
     return out
