@@ -299,6 +299,8 @@ def test_class_prior_trains_with_ema_and_samples(tmp_path):
     b, lb = sample_class_grid(exported, 3, 2, 2, "ddim", seed=4)
     assert a.shape == (6, RES, RES, 3) and a.dtype == np.uint8 and list(la) == [0, 0, 1, 1, 2, 2]
     assert np.array_equal(a, b)
+    guided, _ = sample_class_grid(exported, 3, 2, 2, "ddim", seed=4, guidance_scale=3.0)
+    assert guided.shape == a.shape and not np.array_equal(guided, a)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -115,6 +115,12 @@ def register(app: typer.Typer) -> None:
             "ddim", "--sampler", help="Sampler of the class grids: plms, ddim, dpmsolver++."
         ),
         steps: int = typer.Option(50, "--steps", help="Sampler steps of the class grids."),
+        guidance: float = typer.Option(
+            1.0,
+            "--guidance",
+            help="Classifier-free guidance of the grids and scored samples (needs "
+            "--class-dropout > 0; 1 = none).",
+        ),
         samples_per_class: int = typer.Option(4, "--samples-per-class", help="Columns of the class grids."),
         classifier: Path | None = typer.Option(
             None, "--classifier", help="Benchmark classifier folder: scores the class of the samples."
@@ -194,6 +200,7 @@ def register(app: typer.Typer) -> None:
                 class_dropout=class_dropout,
                 samples_per_class=samples_per_class,
                 sample_steps=steps,
+                guidance_scale=guidance,
                 sampler=sampler,
             ),  # type: ignore[arg-type]
             vq_model=parse_assignments(vq_model, "--vq"),

@@ -696,6 +696,8 @@ class UNetTrainConfig:
         samples_per_class: columns of the grid.
         sample_steps: sampler steps for the grids.
         sampler: sampler for the grids.
+        guidance_scale: classifier-free guidance of the grids and the class-accuracy samples (1: none; other
+            values need a null class trained with ``class_dropout``).
     """
 
     lr: float = 2e-4
@@ -707,10 +709,16 @@ class UNetTrainConfig:
     samples_per_class: int = 4
     sample_steps: int = 50
     sampler: Literal["plms", "ddim", "dpmsolver++"] = "ddim"
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"must be positive, got {self.lr}", field="unet.lr")
+        if self.guidance_scale != 1.0 and self.class_dropout <= 0:
+            _logger.warning(
+                "guidance_scale %s without class_dropout: the null class is never trained",
+                self.guidance_scale,
+            )
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"must be in (0, 1) or None, got {self.ema_decay}", field="unet.ema_decay")
         if not 0.0 <= self.class_dropout < 1.0:
@@ -897,6 +905,7 @@ class ClassPriorModule(pl.LightningModule):
             self.config.sample_steps,
             self.config.sampler,
             seed=0,
+            guidance_scale=self.config.guidance_scale,
         )
         if self.sample_dir is not None:
             path = self.sample_dir / f"samples_epoch{self.current_epoch:04d}.png"
@@ -930,15 +939,19 @@ def sample_class_grid(
     sampler: str = "ddim",
     seed: int = 0,
     batch_size: int = 64,
+    guidance_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``per_class`` images of each class from a class-conditional DCLDM.
 
     Sample ``k`` of class ``c`` starts from the latent noise of a generator seeded with ``seed`` (the same for
-    every class), so grids of different epochs are comparable.
+    every class), so grids of different epochs are comparable. With ``guidance_scale`` != 1, classifier-free
+    guidance against the null class (the embedding's last row, trained with ``class_dropout``):
+    ``eps = eps_null + s * (eps_class - eps_null)``.
 
     Returns:
         ``(images [num_classes * per_class, H, W, 3] uint8, labels [num_classes * per_class])``, class-major.
     """
+    from mindvis.models.conditioning import Conditioning
     from mindvis.sampling import run_sampler
 
     device = next(model.unet.parameters()).device
@@ -951,7 +964,16 @@ def sample_class_grid(
         lab = labels[a : a + batch_size].to(device)
         cond = model.condition(lab)
         x_T = noise[a : a + batch_size].to(device, dtype)
-        z = run_sampler(sampler, lambda x, t, c=cond: model.eps(x, t, c), x_T, model.schedule, num_steps)
+        if guidance_scale == 1.0:
+            eps_fn = lambda x, t, c=cond: model.eps(x, t, c)  # noqa: E731
+        else:
+            null = model.conditioner.null_conditioning(len(lab), cond.context)
+
+            def eps_fn(x, t, c=cond, u=null):
+                e_u, e_c = model.eps(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([u, c])).chunk(2)
+                return e_u + guidance_scale * (e_c - e_u)
+
+        z = run_sampler(sampler, eps_fn, x_T, model.schedule, num_steps)
         out.append(model_to_uint8(model.decode_latents(z)))
     return np.concatenate(out), labels.numpy()
 
@@ -1263,12 +1285,15 @@ def class_sample_accuracy(
     num_steps: int,
     sampler: str,
     seed: int = 1,
+    guidance_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Fraction of class-conditional samples that ``classifier`` assigns to the requested class.
 
     ``classifier`` maps uint8 images ``[N, H, W, 3]`` to predicted class indices ``[N]`` over ``class_names``.
     """
-    images, labels = sample_class_grid(model, len(class_names), per_class, num_steps, sampler, seed=seed)
+    images, labels = sample_class_grid(
+        model, len(class_names), per_class, num_steps, sampler, seed=seed, guidance_scale=guidance_scale
+    )
     pred = np.asarray(classifier(images))
     hit = pred == labels
     per = {name: float(hit[labels == i].mean()) for i, name in enumerate(class_names)}
@@ -1277,6 +1302,7 @@ def class_sample_accuracy(
         "chance": 1.0 / len(class_names),
         "per_class": per,
         "samples": int(len(labels)),
+        "guidance_scale": guidance_scale,
         "sampler": sampler,
         "steps": num_steps,
     }
@@ -1494,6 +1520,7 @@ def train_prior(
             config.final_samples_per_class,
             config.unet.sample_steps,
             config.unet.sampler,
+            guidance_scale=config.unet.guidance_scale,
         )
         _logger.info(
             "class-conditional samples: classifier accuracy %.3f (chance %.3f) over %d samples",
@@ -1509,6 +1536,7 @@ def train_prior(
             config.unet.sample_steps,
             config.unet.sampler,
             seed=0,
+            guidance_scale=config.unet.guidance_scale,
         )
         save_grid(
             images.reshape(corpus.num_classes, config.unet.samples_per_class, *images.shape[1:]),
