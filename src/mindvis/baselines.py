@@ -15,6 +15,7 @@ import torch
 
 from mindvis.data.dataset import FMRIDataset
 from mindvis.errors import DataError
+from mindvis.utils.linalg import ridge_dual
 
 _logger = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ def ridge_reconstruct(
     Returns:
         ``(images uint8 [M, 1, H, W, 3], info)`` with the chosen penalty and the training-set latent R².
     """
-    from mindvis.data.synthetic import ridge_dual
     from mindvis.train.ldm import load_prior
     from mindvis.train.prior import images_to_model
 

@@ -8,12 +8,28 @@ The subject's fitted preprocessing is saved as ``preprocessing.json``, for stage
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
+
+from mindvis.commands._options import add_options, given_run_options, mbm_run_options, run_mbm
+
+#: Help texts of the options whose default depends on the stage.
+_STAGE_HELP = {
+    "epochs": "Epochs (default: 100; the original 15 stops while the correlation still rises).",
+    "batch_size": "Samples per device per step (default: 16).",
+    "lr": "Peak learning rate (default: 5.3e-5).",
+    "warmup_epochs": "Linear warmup epochs (default: 2/15 of --epochs).",
+    "include_test_fmri": "Also tune on the subject's test-set fMRI (the non-averaged presentations, without "
+    "images), as the original does. Off by default, so the test fMRI stays unseen until evaluation.",
+    "normalize": "global (train mean/std, default), voxel (z-score) or none.",
+    "val_fraction": "Held-out fraction of the training fMRI for validation (default: 0.05).",
+}
 
 
 def register(app: typer.Typer) -> None:
     @app.command("finetune")
+    @add_options(mbm_run_options(**_STAGE_HELP))
     def finetune(
         init: Path | None = typer.Option(
             None,
@@ -33,109 +49,11 @@ def register(app: typer.Typer) -> None:
             None, "--subject", help="Target subject, e.g. sbj_1 (default: the only one)."
         ),
         roi: str | None = typer.Option(None, "--roi", help="ROI mask key (default: VC)."),
-        epochs: int | None = typer.Option(
-            None,
-            "--epochs",
-            help="Epochs (default: 100; the original 15 stops while the correlation still rises).",
-        ),
-        batch_size: int | None = typer.Option(
-            None, "--batch-size", help="Samples per device per step (default: 16)."
-        ),
-        lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: 5.3e-5)."),
-        min_lr: float | None = typer.Option(None, "--min-lr", help="Final learning rate (default: 0)."),
-        weight_decay: float | None = typer.Option(
-            None, "--weight-decay", help="AdamW weight decay (default: 0.05)."
-        ),
-        warmup_epochs: float | None = typer.Option(
-            None, "--warmup-epochs", help="Linear warmup epochs (default: 2/15 of --epochs)."
-        ),
-        clip_grad: float | None = typer.Option(
-            None, "--clip-grad", help="Gradient-norm clip, 0 = off (default: 0.8)."
-        ),
-        mask_ratio: float | None = typer.Option(
-            None, "--mask-ratio", help="Fraction of patches masked (default: 0.75)."
-        ),
-        accumulate: int | None = typer.Option(
-            None, "--accumulate", help="Batches per optimizer step (default: 1)."
-        ),
-        include_test_fmri: bool | None = typer.Option(
-            None,
-            "--include-test-fmri/--no-include-test-fmri",
-            help="Also tune on the subject's test-set fMRI (the non-averaged presentations, without images), as "
-            "the original does. Off by default, so the test fMRI stays unseen until evaluation.",
-        ),
-        nan_policy: str | None = typer.Option(
-            None,
-            "--nan-policy",
-            help="NaN/Inf voxels: error (default), zero (set to the mean) or drop (remove voxel).",
-        ),
-        normalize: str | None = typer.Option(
-            None, "--normalize", help="global (train mean/std, default), voxel (z-score) or none."
-        ),
-        pad_mode: str | None = typer.Option(None, "--pad-mode", help="wrap (default), constant or cut."),
-        val_fraction: float | None = typer.Option(
-            None,
-            "--val-fraction",
-            help="Held-out fraction of the training fMRI for validation (default: 0.05).",
-        ),
-        val_every: int | None = typer.Option(
-            None, "--val-every", help="Validate every N epochs (default: 1)."
-        ),
-        accelerator: str | None = typer.Option(None, "--accelerator", help="auto (default), cpu, gpu..."),
-        devices: str | None = typer.Option(
-            None, "--devices", help="auto (default), a count, or indices like 0,1."
-        ),
-        num_nodes: int | None = typer.Option(None, "--num-nodes", help="Machines (default: 1)."),
-        strategy: str | None = typer.Option(
-            None, "--strategy", help="auto (DDP with several devices), ddp, fsdp..."
-        ),
-        precision: str | None = typer.Option(
-            None, "--precision", help="auto (bf16-mixed on GPUs, 32 on CPUs), 32-true, bf16-mixed, 16-mixed."
-        ),
-        num_workers: int | None = typer.Option(
-            None, "--num-workers", help="Data-loader workers (default: 0)."
-        ),
-        seed: int | None = typer.Option(None, "--seed", help="Random seed (default: 2022)."),
-        logger: str | None = typer.Option(
-            None, "--logger", help="csv (default), tensorboard or wandb (both add the CSV)."
-        ),
-        progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Show the progress bar."),
-        resume: bool = typer.Option(
-            False, "--resume", help="Continue the run in --out from checkpoints/last.ckpt."
-        ),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+        **shared: Any,
     ) -> None:
         """Stage A2: tune the pretrained masked brain model on the target subject's fMRI."""
-        from mindvis.commands.pretrain import common_options, report, resolve_config
-        from mindvis.train.common import is_primary_process
-        from mindvis.train.mbm import run_mbm_stage
-
-        given = common_options(
-            epochs,
-            batch_size,
-            lr,
-            min_lr,
-            weight_decay,
-            warmup_epochs,
-            clip_grad,
-            mask_ratio,
-            accumulate,
-            seed,
-            num_workers,
-            nan_policy,
-            normalize,
-            pad_mode,
-            val_fraction,
-            include_test_fmri,
-            accelerator,
-            devices,
-            num_nodes,
-            strategy,
-            precision,
-            logger,
-            progress,
-            val_every,
-        )
+        resume = shared["resume"]
+        given = given_run_options(shared)
         if roi is not None:
             given["data.god_roi"] = roi
         if init is not None:
@@ -148,10 +66,7 @@ def register(app: typer.Typer) -> None:
             god_dir = _god_folder(data_dir)
             given["data.god_dir"] = str(god_dir)
             given["data.god_subjects"] = [_pick_subject(god_dir, subject)]
-        config = resolve_config("finetune", out, resume, given)
-        result = run_mbm_stage(config, out, resume=resume, overwrite=overwrite)
-        if is_primary_process():
-            report(result, "finetune")
+        run_mbm("finetune", out, given, resume, shared["overwrite"])
 
 
 def _god_folder(data_dir: Path | None) -> Path:

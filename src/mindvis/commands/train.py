@@ -14,43 +14,28 @@ from typing import Any
 
 import typer
 
-
-def trainer_config(
-    accelerator: str,
-    devices: str,
-    num_nodes: int,
-    strategy: str,
-    precision: str,
-    logger: str,
-    progress: bool,
-    log_every: int,
-) -> Any:
-    """The :class:`~mindvis.train.common.TrainerConfig` of the command-line options."""
-    from mindvis.train.common import TrainerConfig
-
-    return TrainerConfig(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        precision=precision,
-        logger=logger,
-        progress_bar=progress,
-        log_every_n_steps=log_every,
-    )
-
-
-def load_classifier_option(path: Path | None) -> Any:
-    """A benchmark classifier folder (``mindvis`` classifier format), or ``None``."""
-    if path is None:
-        return None
-    from mindvis.eval.classifier import BenchmarkClassifier
-
-    return BenchmarkClassifier.load(path)
+from mindvis.commands._options import (
+    add_options,
+    load_classifier_option,
+    set_threads,
+    trainer_config,
+    trainer_options,
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
+    @add_options(
+        trainer_options(
+            seed=2022,
+            precision="32",
+            precision_help="32 (the original's), bf16-mixed (GPU), 16-mixed, auto.",
+            logger_help="csv, tensorboard, wandb (both add the CSV) or none.",
+            log_every=10,
+            progress_help="Show the progress bar.",
+            resume_help="Continue the run in --out.",
+        )
+    )
     def train(
         prior: Path = typer.Option(
             ..., "--prior", help="Image prior pipeline folder (mindvis train-prior or a converted label2img)."
@@ -131,33 +116,10 @@ def register(app: typer.Typer) -> None:
         classifier: Path | None = typer.Option(
             None, "--classifier", help="Benchmark classifier folder for the semantic metrics."
         ),
-        seed: int = typer.Option(2022, "--seed", help="Random seed."),
-        num_workers: int = typer.Option(0, "--num-workers", help="Data-loader workers."),
-        threads: int = typer.Option(
-            0, "--threads", help="CPU threads of torch (0: its default, one per core)."
-        ),
-        accelerator: str = typer.Option("auto", "--accelerator", help="auto, cpu, gpu..."),
-        devices: str = typer.Option("auto", "--devices", help="auto, a count, or indices like 0,1."),
-        num_nodes: int = typer.Option(1, "--num-nodes", help="Machines."),
-        strategy: str = typer.Option(
-            "auto", "--strategy", help="auto (DDP with several devices), ddp, fsdp..."
-        ),
-        precision: str = typer.Option(
-            "32", "--precision", help="32 (the original's), bf16-mixed (GPU), 16-mixed, auto."
-        ),
-        logger: str = typer.Option(
-            "csv", "--logger", help="csv, tensorboard, wandb (both add the CSV) or none."
-        ),
-        log_every: int = typer.Option(10, "--log-every", help="Log training metrics every N steps."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+        **shared: Any,
     ) -> None:
         """Stage B: finetune the double-conditioned latent diffusion model on fMRI-image pairs."""
-        if threads > 0:
-            import torch
-
-            torch.set_num_threads(threads)
+        set_threads(shared["threads"])
         from rich.console import Console
 
         from mindvis.data.formats.registry import load_dataset
@@ -187,8 +149,8 @@ def register(app: typer.Typer) -> None:
             sample_steps=steps,
             val_items=val_items,
             monitor=monitor,
-            seed=seed,
-            num_workers=num_workers,
+            seed=shared["seed"],
+            num_workers=shared["num_workers"],
         )
         options: dict[str, Any] = {}
         if roi is not None:
@@ -200,7 +162,6 @@ def register(app: typer.Typer) -> None:
             from mindvis.data.preprocess import load_preprocessor
 
             pre = load_preprocessor(preprocess, subject=train_ds.subject)
-        tc = trainer_config(accelerator, devices, num_nodes, strategy, precision, logger, progress, log_every)
         result = train_stage_b(
             prior,
             mbm,
@@ -208,11 +169,11 @@ def register(app: typer.Typer) -> None:
             test_ds,
             out,
             config,
-            tc,
+            trainer_config(shared),
             classifier=load_classifier_option(classifier),
             preprocessor=pre,
-            resume=resume,
-            overwrite=overwrite,
+            resume=shared["resume"],
+            overwrite=shared["overwrite"],
         )
         if is_primary_process():
             console = Console()

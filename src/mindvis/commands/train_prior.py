@@ -14,6 +14,13 @@ from typing import Any
 
 import typer
 
+from mindvis.commands._options import (
+    add_options,
+    load_classifier_option,
+    set_threads,
+    trainer_config,
+    trainer_options,
+)
 from mindvis.errors import ConfigError
 
 
@@ -42,6 +49,17 @@ def resolve_corpus_path(path: Path) -> Path:
 
 def register(app: typer.Typer) -> None:
     @app.command("train-prior")
+    @add_options(
+        trainer_options(
+            seed=0,
+            precision="auto",
+            precision_help="auto (bf16-mixed on GPUs, 32 on CPUs), 32, bf16-mixed, 16-mixed.",
+            logger_help="csv, tensorboard, wandb or none.",
+            log_every=20,
+            progress_help="Show the progress bars.",
+            resume_help="Continue the run in --out (finished halves are kept).",
+        )
+    )
     def train_prior_cmd(
         corpus: Path = typer.Option(
             ...,
@@ -126,36 +144,12 @@ def register(app: typer.Typer) -> None:
             None, "--classifier", help="Benchmark classifier folder: scores the class of the samples."
         ),
         final_samples: int = typer.Option(10, "--final-samples", help="Samples per class scored at the end."),
-        seed: int = typer.Option(0, "--seed", help="Random seed."),
-        num_workers: int = typer.Option(0, "--num-workers", help="Data-loader workers."),
-        threads: int = typer.Option(
-            0, "--threads", help="CPU threads of torch (0: its default, one per core)."
-        ),
-        accelerator: str = typer.Option("auto", "--accelerator", help="auto, cpu, gpu..."),
-        devices: str = typer.Option("auto", "--devices", help="auto, a count, or indices like 0,1."),
-        num_nodes: int = typer.Option(1, "--num-nodes", help="Machines."),
-        strategy: str = typer.Option(
-            "auto", "--strategy", help="auto (DDP with several devices), ddp, fsdp..."
-        ),
-        precision: str = typer.Option(
-            "auto", "--precision", help="auto (bf16-mixed on GPUs, 32 on CPUs), 32, bf16-mixed, 16-mixed."
-        ),
-        logger: str = typer.Option("csv", "--logger", help="csv, tensorboard, wandb or none."),
-        log_every: int = typer.Option(20, "--log-every", help="Log training metrics every N steps."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bars."),
-        resume: bool = typer.Option(
-            False, "--resume", help="Continue the run in --out (finished halves are kept)."
-        ),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+        **shared: Any,
     ) -> None:
         """Train the image prior: a VQ autoencoder, then a class-conditional UNet on its latents."""
-        if threads > 0:
-            import torch
-
-            torch.set_num_threads(threads)
+        set_threads(shared["threads"])
         from rich.console import Console
 
-        from mindvis.commands.train import load_classifier_option, trainer_config
         from mindvis.train.common import is_primary_process
         from mindvis.train.prior import (
             PriorTrainConfig,
@@ -177,8 +171,8 @@ def register(app: typer.Typer) -> None:
             flip=flip,
             val_every=val_every,
             final_samples_per_class=final_samples,
-            seed=seed,
-            num_workers=num_workers,
+            seed=shared["seed"],
+            num_workers=shared["num_workers"],
             vq=VQTrainConfig(
                 lr=vq_lr,
                 recon_loss=recon_loss,
@@ -211,8 +205,15 @@ def register(app: typer.Typer) -> None:
         )
         clf = load_classifier_option(classifier)
         judge = None if clf is None else classifier_callable(clf, images.class_names)
-        tc = trainer_config(accelerator, devices, num_nodes, strategy, precision, logger, progress, log_every)
-        metrics = train_prior(images, out, config, tc, classifier=judge, resume=resume, overwrite=overwrite)
+        metrics = train_prior(
+            images,
+            out,
+            config,
+            trainer_config(shared),
+            classifier=judge,
+            resume=shared["resume"],
+            overwrite=shared["overwrite"],
+        )
         if is_primary_process():
             console = Console()
             vq = metrics["vq"]["holdout"]

@@ -16,8 +16,22 @@ from mindvis.errors import DataError
 Split = Literal["train", "test", "imagery", "rest"]
 
 
+class VoxelRows:
+    """Sizes of a ``voxels: [N, V]`` matrix held as an attribute: one row per sample, one column per voxel."""
+
+    voxels: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.voxels.shape[0])
+
+    @property
+    def num_voxels(self) -> int:
+        return int(self.voxels.shape[1])
+
+
 @dataclass
-class FMRIDataset:
+class FMRIDataset(VoxelRows):
     """fMRI samples of one subject and one split, with the images they pair with.
 
     Attributes:
@@ -77,14 +91,6 @@ class FMRIDataset:
                     path=where,
                     field="image_ids",
                 )
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.voxels.shape[0])
-
-    @property
-    def num_voxels(self) -> int:
-        return int(self.voxels.shape[1])
 
     @property
     def paired(self) -> bool:

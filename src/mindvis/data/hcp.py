@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mindvis.data.dataset import FMRIDataset
-from mindvis.data.formats.common import NpzArchive, apply_nan_policy, check_nan_policy
+from mindvis.data.formats.common import NpzArchive, apply_nan_policy, check_nan_policy, reader_dataset
 from mindvis.errors import ConfigError, DataError
 
 _logger = logging.getLogger(__name__)
@@ -255,10 +255,8 @@ def load_hcp_subject(
         "window": window,
         "voxels_in_file": n_vox,
     }
-    if kept is not None:
-        meta["kept_voxels"] = kept
-    return FMRIDataset(
-        voxels=voxels, subject=str(subject), split="rest", roi="+".join(rois), source=str(path), meta=meta
+    return reader_dataset(
+        voxels, kept, meta, subject=str(subject), split="rest", roi="+".join(rois), source=str(path)
     )
 
 

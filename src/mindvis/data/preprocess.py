@@ -32,6 +32,7 @@ one block plus the output.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -399,18 +400,8 @@ class FMRIPreprocessor:
 
     def transform_dataset(self, dataset: FMRIDataset) -> FMRIDataset:
         """An FMRIDataset whose voxels are transformed (everything else is shared)."""
-        voxels = self.transform(dataset)
-        return FMRIDataset(
-            voxels=voxels,
-            subject=dataset.subject,
-            split=dataset.split,
-            image_ids=dataset.image_ids,
-            images=dataset.images,
-            labels=dataset.labels,
-            repeats=dataset.repeats,
-            roi=dataset.roi,
-            source=dataset.source,
-            meta={**dataset.meta, "preprocessing": self.to_dict()},
+        return dataclasses.replace(
+            dataset, voxels=self.transform(dataset), meta={**dataset.meta, "preprocessing": self.to_dict()}
         )
 
     def _transform_block(self, block: np.ndarray) -> tuple[np.ndarray, int]:

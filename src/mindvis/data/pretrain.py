@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mindvis.data.dataset import FMRIDataset, VoxelRows
 from mindvis.data.formats.common import NpzArchive, check_nan_policy
 from mindvis.data.hcp import (
     HCP_ROIS,
@@ -353,7 +354,7 @@ class SubjectBlock:
 
 
 @dataclass
-class VoxelCorpus:
+class VoxelCorpus(VoxelRows):
     """A built corpus: ``voxels [N, V]`` float32 (read-only memory map) plus its subject index.
 
     Attributes:
@@ -371,14 +372,6 @@ class VoxelCorpus:
     preprocessors: dict[str, FMRIPreprocessor]
     fingerprint: str
     recipe: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.voxels.shape[0])
-
-    @property
-    def num_voxels(self) -> int:
-        return int(self.voxels.shape[1])
 
     @property
     def voxels_path(self) -> Path:
@@ -526,25 +519,21 @@ def _load_source(plan: SourcePlan, config: MBMDataConfig) -> tuple[np.ndarray, n
         return ds.voxels, np.zeros((0, ds.num_voxels), dtype=np.float32)
     from mindvis.data.formats.god import load_god
 
-    train = load_god(
-        config.god_dir,  # type: ignore[arg-type]
-        plan.subject,
-        split="train",
-        roi=config.god_roi,
-        include_images=False,
-        nan_policy=config.nan_policy,  # type: ignore[arg-type]
-    )
-    test = np.zeros((0, train.num_voxels), dtype=np.float32)
-    if config.include_test_fmri:
-        test_ds = load_god(
+    def god_split(split: str, **kw: Any) -> FMRIDataset:
+        return load_god(
             config.god_dir,  # type: ignore[arg-type]
             plan.subject,
-            split="test",
+            split=split,  # type: ignore[arg-type]
             roi=config.god_roi,
-            average_test=False,
             include_images=False,
             nan_policy=config.nan_policy,  # type: ignore[arg-type]
+            **kw,
         )
+
+    train = god_split("train")
+    test = np.zeros((0, train.num_voxels), dtype=np.float32)
+    if config.include_test_fmri:
+        test_ds = god_split("test", average_test=False)
         if test_ds.num_voxels != train.num_voxels:
             raise DataError(
                 f"the test split has {test_ds.num_voxels} voxels, the training split {train.num_voxels}",

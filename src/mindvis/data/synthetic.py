@@ -48,6 +48,7 @@ import numpy as np
 from mindvis.data import stimuli as stim
 from mindvis.errors import ConfigError, DataError
 from mindvis.utils.io import atomic_dir, atomic_write, prepare_output_dir, read_json, save_npz_atomic
+from mindvis.utils.linalg import ridge_dual
 
 _logger = logging.getLogger(__name__)
 
@@ -1529,31 +1530,6 @@ def _quantiles(x: np.ndarray) -> dict[str, float]:
         "p75": round(float(q[3]), 4),
         "p90": round(float(q[4]), 4),
     }
-
-
-def ridge_dual(x_train: np.ndarray, y_train: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, float]:
-    """Kernel (dual) ridge with the penalty chosen by exact leave-one-out error.
-
-    Args:
-        x_train: ``[N, V]`` standardised features; y_train: ``[N, D]`` centred targets.
-
-    Returns:
-        (dual coefficients ``[N, D]`` so that predictions are ``x @ x_train.T @ coef``, chosen alpha).
-    """
-    k = x_train.astype(np.float64) @ x_train.T.astype(np.float64)
-    evals, evecs = np.linalg.eigh(k)
-    evals = np.maximum(evals, 0)
-    uty = evecs.T @ y_train
-    best, best_err = alphas[0], np.inf
-    for a in alphas:
-        hdiag = ((evecs**2) * (evals / (evals + a))[None]).sum(axis=1)
-        fit = evecs @ ((evals / (evals + a))[:, None] * uty)
-        loo = (y_train - fit) / np.maximum(1 - hdiag, 1e-6)[:, None]
-        err = float((loo**2).mean())
-        if err < best_err:
-            best, best_err = a, err
-    coef = evecs @ (uty / (evals + best)[:, None])
-    return coef, float(best)
 
 
 def _pixels(images: np.ndarray, side: int = 16) -> np.ndarray:

@@ -39,6 +39,7 @@ from mindvis.data.formats.common import (
     load_npy,
     nan_columns,
     read_text,
+    reader_dataset,
 )
 from mindvis.errors import DataError
 from mindvis.safeload import load_pickled_numpy
@@ -223,10 +224,10 @@ def load_bold5000(
             for (r, h), p in zip([(r, h) for r in rois for h in HEMISPHERES], parts, strict=True)
         },
     }
-    if kept is not None:
-        meta["kept_voxels"] = kept
-    return FMRIDataset(
-        voxels=voxels,
+    return reader_dataset(
+        voxels,
+        kept,
+        meta,
         subject=subject,
         split=split,
         image_ids=ids,
@@ -234,7 +235,6 @@ def load_bold5000(
         repeats=repeats,
         roi="+".join(rois),
         source=str(folder),
-        meta=meta,
     )
 
 

@@ -40,10 +40,11 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
+from mindvis.data.dataset import FMRIDataset, Split
 from mindvis.errors import DataError, MindVisError
 
 _logger = logging.getLogger(__name__)
@@ -209,6 +210,28 @@ def check_h5_dataset(dset, *, path: str | os.PathLike, field: str | None = None)
         field=field,
         what=f"a dataset storing {_human(stored)}",
     )
+
+
+def h5_numeric_dataset(h5, key: str, *, path: str | os.PathLike, field: str | None = None):
+    """``h5[key]`` of an open HDF5 file or group, checked before it is read: present, a dataset (not a group),
+    a declared size its stored bytes can account for (:func:`check_h5_dataset`), real numbers.
+
+    Args:
+        field: the name used in messages (default ``key``).
+    Raises:
+        DataError: naming ``path`` and ``field``.
+    """
+    import h5py
+
+    field = key if field is None else field
+    if key not in h5:
+        raise DataError(f"missing key {key!r}", path=path, field=field)
+    dset = h5[key]
+    if not isinstance(dset, h5py.Dataset):
+        raise DataError("expected a dataset, found a group", path=path, field=field)
+    check_h5_dataset(dset, path=path, field=field)
+    check_numeric(dset.dtype, path=path, field=field)
+    return dset
 
 
 def check_nifti_image(img, *, path: str | os.PathLike, field: str | None = None) -> None:
@@ -592,6 +615,41 @@ def apply_nan_policy(
     voxels = voxels if voxels.flags.writeable else voxels.copy()
     voxels[bad] = 0.0
     return voxels, None
+
+
+def reader_dataset(
+    voxels: np.ndarray,
+    kept: np.ndarray | None,
+    meta: dict[str, Any],
+    *,
+    subject: str,
+    split: Split,
+    roi: str,
+    source: str,
+    image_ids: np.ndarray | None = None,
+    images: np.ndarray | None = None,
+    repeats: np.ndarray | None = None,
+) -> FMRIDataset:
+    """The :class:`FMRIDataset` a reader returns, with ``kept`` (the ``[V']`` voxel columns that
+    ``nan_policy="drop"`` kept, from :func:`apply_nan_policy`; ``None`` otherwise) stored as
+    ``meta["kept_voxels"]``.
+
+    Args:
+        voxels: ``[N, V']`` responses after the NaN policy.
+    """
+    if kept is not None:
+        meta["kept_voxels"] = kept
+    return FMRIDataset(
+        voxels=voxels,
+        subject=subject,
+        split=split,
+        image_ids=image_ids,
+        images=images,
+        repeats=repeats,
+        roi=roi,
+        source=source,
+        meta=meta,
+    )
 
 
 def as_index(arr: np.ndarray, *, path: str | os.PathLike, field: str) -> np.ndarray:

@@ -81,19 +81,29 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
-def _try(
-    problems: list[str], fn: Callable[[], FMRIDataset], retry: Callable[[], FMRIDataset] | None = None
+def _try_load(
+    problems: list[str], load: Callable[..., FMRIDataset], *args: Any, **kw: Any
 ) -> FMRIDataset | None:
+    """``load(*args, **kw)``, or ``None`` with the problem noted; a NaN problem is noted and the load retried
+    with ``nan_policy="zero"``, so that the rest of the data can still be described."""
     try:
-        return fn()
+        return load(*args, **kw)
     except MindVisError as exc:
         problems.append(str(exc))
-        if retry is not None and "NaN" in exc.detail:
-            try:
-                return retry()
-            except MindVisError as exc2:
-                problems.append(str(exc2))
+        if "NaN" not in exc.detail:
+            return None
+    try:
+        return load(*args, nan_policy="zero", **kw)
+    except MindVisError as exc:
+        problems.append(str(exc))
     return None
+
+
+def _load_splits(
+    problems: list[str], load: Callable[..., FMRIDataset], splits: tuple[str, ...], *args: Any, **kw: Any
+) -> list[tuple[str, FMRIDataset | None]]:
+    """``(split, dataset or None)`` for each of ``splits``, loaded by :func:`_try_load` with ``split=``."""
+    return [(split, _try_load(problems, load, *args, split=split, **kw)) for split in splits]
 
 
 def _split_summary(ds: FMRIDataset) -> dict[str, Any]:
@@ -164,11 +174,15 @@ def _describe_god(p: Path, report: dict, problems: list[str], check_images: bool
             ("test", "test", True),
             ("test (not averaged)", "test", False),
         ):
-            kw = dict(subject=s, split=split, roi=roi, average_test=avg, include_images=True)
-            ds = _try(
+            ds = _try_load(
                 problems,
-                lambda kw=kw: load_god(folder, **kw),
-                lambda kw=kw: load_god(folder, nan_policy="zero", **kw),
+                load_god,
+                folder,
+                subject=s,
+                split=split,
+                roi=roi,
+                average_test=avg,
+                include_images=True,
             )
             splits.append((label, ds))
         _add(report, s, rois, splits)
@@ -219,19 +233,9 @@ def _describe_god_h5(p: Path, report: dict, problems: list[str], check_images: b
             problems.append(str(exc))
             continue
         roi = "VC" if "VC" in rois else (rois[0] if rois else "VC")
-        splits = []
-        for split in ("train", "test", "imagery"):
-            kw = dict(split=split, roi=roi, include_images=True)
-            splits.append(
-                (
-                    split,
-                    _try(
-                        problems,
-                        lambda kw=kw, f=f: load_god_h5(f, **kw),
-                        lambda kw=kw, f=f: load_god_h5(f, nan_policy="zero", **kw),
-                    ),
-                )
-            )
+        splits = _load_splits(
+            problems, load_god_h5, ("train", "test", "imagery"), f, roi=roi, include_images=True
+        )
         _add(report, god_h5_subject(f), rois, splits)
 
 
@@ -241,19 +245,9 @@ def _describe_bold5000(p: Path, report: dict, problems: list[str], check_images:
     if not check_images:
         report["notes"].append("images in img_dict.npy not read (pass --check-images to read and check them)")
     for s in list_bold5000_subjects(p):
-        splits = []
-        for split in ("train", "test"):
-            kw = dict(subject=s, split=split, include_images=check_images)
-            splits.append(
-                (
-                    split,
-                    _try(
-                        problems,
-                        lambda kw=kw: load_bold5000(p, **kw),
-                        lambda kw=kw: load_bold5000(p, nan_policy="zero", **kw),
-                    ),
-                )
-            )
+        splits = _load_splits(
+            problems, load_bold5000, ("train", "test"), p, subject=s, include_images=check_images
+        )
         _add(report, s, list(BOLD5000_ROIS), splits)
 
 
@@ -277,19 +271,9 @@ def _describe_nsd(p: Path, report: dict, problems: list[str], check_images: bool
     else:
         problems.append(f"{img}: not found; NSD loads without images only")
     for s in list_nsd_subjects(p):
-        splits = []
-        for split in ("train", "test"):
-            kw = dict(subject=s, split=split, include_images=check_images)
-            splits.append(
-                (
-                    split,
-                    _try(
-                        problems,
-                        lambda kw=kw: load_nsd(p, **kw),
-                        lambda kw=kw: load_nsd(p, nan_policy="zero", **kw),
-                    ),
-                )
-            )
+        splits = _load_splits(
+            problems, load_nsd, ("train", "test"), p, subject=s, include_images=check_images
+        )
         _add(report, s, ["nsdgeneral"], splits)
 
 
@@ -303,11 +287,7 @@ def _describe_hcp_npz(p: Path, report: dict, problems: list[str], check_images: 
         "samples are TRs (pretraining averages them in windows)"
     )
     for s in subjects[:50]:
-        ds = _try(
-            problems,
-            lambda s=s: load_hcp_subject(root, s, window=None),
-            lambda s=s: load_hcp_subject(root, s, window=None, nan_policy="zero"),
-        )
+        ds = _try_load(problems, load_hcp_subject, root, s, window=None)
         _add(report, s, list(HCP_ROIS), [("rest", ds)])
     if len(subjects) > 50:
         report["notes"].append(f"only the first 50 of {len(subjects)} subjects were read")
@@ -334,19 +314,10 @@ def _describe_nifti(p: Path, report: dict, problems: list[str], check_images: bo
         problems.append(str(exc))
         return
     for s in subjects:
-        splits = []
-        for split in ("train", "test"):
-            kw = dict(subject=None if s == "default" else s, split=split, include_images=True)
-            splits.append(
-                (
-                    split,
-                    _try(
-                        problems,
-                        lambda kw=kw: load_nifti_dataset(p, **kw),
-                        lambda kw=kw: load_nifti_dataset(p, nan_policy="zero", **kw),
-                    ),
-                )
-            )
+        subject = None if s == "default" else s
+        splits = _load_splits(
+            problems, load_nifti_dataset, ("train", "test"), p, subject=subject, include_images=True
+        )
         _add(report, s, [d.roi for _, d in splits if d is not None][:1], splits)
 
 

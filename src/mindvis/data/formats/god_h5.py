@@ -44,7 +44,7 @@ from mindvis.data.formats.common import (
     average_by_image,
     check_h5_dataset,
     check_nan_policy,
-    check_numeric,
+    h5_numeric_dataset,
     nan_columns,
     reading,
 )
@@ -98,8 +98,6 @@ class BDataFile:
             raise
 
     def _open(self) -> None:
-        import h5py
-
         h5 = self._h5
         ds_name = "dataset" if "dataset" in h5 else "dataSet" if "dataSet" in h5 else None
         md_name = "metadata" if "metadata" in h5 else "metaData" if "metaData" in h5 else None
@@ -110,11 +108,7 @@ class BDataFile:
         for k in ("key", "value"):
             if k not in h5[md_name]:
                 raise DataError(f"missing key '/{md_name}/{k}'", path=self.path, field=f"/{md_name}/{k}")
-        self.dataset = h5[ds_name]
-        if not isinstance(self.dataset, h5py.Dataset):
-            raise DataError("expected a dataset, found a group", path=self.path, field=f"/{ds_name}")
-        check_h5_dataset(self.dataset, path=self.path, field=f"/{ds_name}")
-        check_numeric(self.dataset.dtype, path=self.path, field=f"/{ds_name}")
+        self.dataset = h5_numeric_dataset(h5, ds_name, path=self.path, field=f"/{ds_name}")
         for k in ("key", "value", "description"):
             if k in h5[md_name]:
                 check_h5_dataset(h5[md_name][k], path=self.path, field=f"/{md_name}/{k}")

@@ -14,7 +14,8 @@ This module makes those files from the HCP release:
 For each area the columns of the area's vertices are taken, left hemisphere first, in vertex order; the
 time series is read in blocks of TRs, so memory stays near one block of the whole-brain series.
 :func:`prepare_hcp` runs subjects in parallel processes, skips subjects whose output exists and reads
-back, and writes each file atomically. The files are read for pretraining by :mod:`mindvis.data.hcp`.
+back, and writes each file atomically. The file layout (name, keys) and its reading for pretraining are those
+of :mod:`mindvis.data.hcp`.
 """
 
 from __future__ import annotations
@@ -30,20 +31,19 @@ from pathlib import Path
 import numpy as np
 
 from mindvis.data.formats.common import check_nifti_image, reading
+from mindvis.data.hcp import HCP_FILE, HCP_ROIS, hcp_shape
 from mindvis.errors import DataError
 from mindvis.utils.io import save_npz_atomic
 
 _logger = logging.getLogger(__name__)
 
-HCP_AREAS: tuple[str, ...] = ("V1", "V2", "V3", "V4")
-HCP_OUTPUT_NAME = "HCP_visual_voxel.npz"
 CORTEX = ("CIFTI_STRUCTURE_CORTEX_LEFT", "CIFTI_STRUCTURE_CORTEX_RIGHT")
 
 #: Parcellation: area -> structure -> sorted vertex indices; plus structure -> mesh vertex count.
 Parcellation = tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]
 
 
-def read_parcellation(path: str | os.PathLike, areas: tuple[str, ...] = HCP_AREAS) -> Parcellation:
+def read_parcellation(path: str | os.PathLike, areas: tuple[str, ...] = HCP_ROIS) -> Parcellation:
     """Vertices of each area in a CIFTI ``dlabel.nii`` parcellation, per cortical structure.
 
     Raises:
@@ -164,11 +164,12 @@ def extract_areas(
 
 
 def _output_ok(path: Path, areas: tuple[str, ...]) -> bool:
+    """True if ``path`` is a readable subject file with every area (checked from the array headers)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return all(a in z.files and z[a].ndim == 2 for a in areas)
-    except Exception:  # noqa: BLE001 - anything unreadable is redone
+        hcp_shape(path, areas)
+    except DataError:  # anything unreadable or incomplete is redone
         return False
+    return True
 
 
 def _prepare_one(
@@ -220,7 +221,7 @@ def prepare_hcp(
     parcellation: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    areas: tuple[str, ...] = HCP_AREAS,
+    areas: tuple[str, ...] = HCP_ROIS,
     run: str = "rfMRI_REST1_LR",
     workers: int = 1,
     overwrite: bool = False,
@@ -256,7 +257,7 @@ def prepare_hcp(
     report = PrepareReport()
     todo = []
     for subject, f in runs.items():
-        target = out_dir / subject / HCP_OUTPUT_NAME
+        target = out_dir / subject / HCP_FILE
         if not overwrite and target.is_file() and _output_ok(target, areas):
             report.skipped.append(subject)
             if progress:

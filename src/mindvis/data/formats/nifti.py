@@ -36,6 +36,7 @@ from mindvis.data.formats.common import (
     check_nifti_image,
     nan_columns,
     read_text,
+    reader_dataset,
     reading,
 )
 from mindvis.errors import DataError
@@ -156,11 +157,7 @@ def load_nifti_dataset(
             path=mask_path or folder / f"{MASK_NAME}.nii.gz",
             field="mask",
         )
-    mask_img, mask_arr = _load_volume(mask_path, "mask")
-    if mask_arr.ndim == 4 and mask_arr.shape[-1] == 1:
-        mask_arr = mask_arr[..., 0]
-    if mask_arr.ndim != 3:
-        raise DataError(f"expected a 3-D mask, got shape {mask_arr.shape}", path=mask_path, field="mask")
+    mask_img, mask_arr = _load_3d(mask_path, "mask", "mask")
     roi = np.asarray(mask_arr) != 0
     if not roi.any():
         raise DataError("the ROI mask selects no voxel", path=mask_path, field="mask")
@@ -197,10 +194,10 @@ def load_nifti_dataset(
         "trials_csv": str(csv_path),
         "mask_shape": list(roi.shape),
     }
-    if kept is not None:
-        meta["kept_voxels"] = kept
-    return FMRIDataset(
-        voxels=voxels,
+    return reader_dataset(
+        voxels,
+        kept,
+        meta,
         subject=subject,
         split=split,
         image_ids=ids,
@@ -208,7 +205,6 @@ def load_nifti_dataset(
         repeats=repeats,
         roi=Path(mask_path).name.split(".")[0],
         source=str(folder),
-        meta=meta,
     )
 
 
@@ -262,11 +258,7 @@ def _read_trials(
                 path=csv_path,
                 field="trial",
             )
-        img, vol = _load_volume(path, "trial")
-        if vol.ndim == 4 and vol.shape[-1] == 1:
-            vol = vol[..., 0]
-        if vol.ndim != 3:
-            raise DataError(f"expected a 3-D beta map, got shape {vol.shape}", path=path, field="trial")
+        img, vol = _load_3d(path, "trial", "beta map")
         _check_grid(vol.shape, img.affine, roi, mask_img, mask_path, path)
         out[i] = np.asarray(vol, dtype=np.float32)[roi]
     return out
@@ -289,6 +281,21 @@ def _load_volume(path: str | os.PathLike, field: str):
     check_nifti_image(img, path=path, field=field)
     with reading(path, field, "NIfTI image"):
         return img, np.asanyarray(img.dataobj)
+
+
+def _load_3d(path: str | os.PathLike, field: str, what: str):
+    """``(image, data [X, Y, Z])`` of a 3-D NIfTI file (:func:`_load_volume`; a trailing axis of length 1 is
+    dropped).
+
+    Raises:
+        DataError: not 3-D (``what`` names the volume in the message, e.g. ``"mask"``).
+    """
+    img, vol = _load_volume(path, field)
+    if vol.ndim == 4 and vol.shape[-1] == 1:
+        vol = vol[..., 0]
+    if vol.ndim != 3:
+        raise DataError(f"expected a 3-D {what}, got shape {vol.shape}", path=path, field=field)
+    return img, vol
 
 
 def _check_grid(shape, affine, roi: np.ndarray, mask_img, mask_path, path) -> None:

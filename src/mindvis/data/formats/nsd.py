@@ -32,11 +32,12 @@ from mindvis.data.formats.common import (
     apply_nan_policy,
     as_index,
     average_by_image,
-    check_h5_dataset,
     check_nan_policy,
     check_numeric,
+    h5_numeric_dataset,
     load_npy,
     nan_columns,
+    reader_dataset,
     reading,
     regular_file,
 )
@@ -248,13 +249,7 @@ def load_nsd(
     if not len(rows):
         raise DataError(f"no {split} trials for {subject}", path=trial_src, field="split")
     with reading(bpath, "betas", "HDF5 file"), h5py.File(bpath, "r") as h5:
-        if "betas" not in h5:
-            raise DataError("missing key 'betas'", path=bpath, field="betas")
-        dset = h5["betas"]
-        if not isinstance(dset, h5py.Dataset):
-            raise DataError("expected a dataset, found a group", path=bpath, field="betas")
-        check_h5_dataset(dset, path=bpath, field="betas")
-        check_numeric(dset.dtype, path=bpath, field="betas")
+        dset = h5_numeric_dataset(h5, "betas", path=bpath)
         if dset.ndim != 2:
             raise DataError(f"expected [trials, voxels], got shape {dset.shape}", path=bpath, field="betas")
         if rows.min() < 0 or rows.max() >= dset.shape[0]:
@@ -287,10 +282,10 @@ def load_nsd(
         "beta_rows": rows if not (split == "test" and average_test) else None,
         "test_images": mode,
     }
-    if kept is not None:
-        meta["kept_voxels"] = kept
-    return FMRIDataset(
-        voxels=voxels,
+    return reader_dataset(
+        voxels,
+        kept,
+        meta,
         subject=subject,
         split=split,
         image_ids=ids,
@@ -298,7 +293,6 @@ def load_nsd(
         repeats=repeats,
         roi="nsdgeneral",
         source=str(bpath),
-        meta=meta,
     )
 
 
@@ -310,13 +304,7 @@ def read_nsd_images(path: str | os.PathLike, nsd_ids: np.ndarray, chunk: int = 6
     if not path.is_file():
         raise DataError("images file not found", path=path)
     with reading(path, "images", "HDF5 file"), h5py.File(path, "r") as h5:
-        if "images" not in h5:
-            raise DataError("missing key 'images'", path=path, field="images")
-        dset = h5["images"]
-        if not isinstance(dset, h5py.Dataset):
-            raise DataError("expected a dataset, found a group", path=path, field="images")
-        check_h5_dataset(dset, path=path, field="images")
-        check_numeric(dset.dtype, path=path, field="images")
+        dset = h5_numeric_dataset(h5, "images", path=path)
         if dset.ndim != 4 or dset.shape[1] != 3:
             raise DataError(f"expected [images, 3, H, W], got shape {dset.shape}", path=path, field="images")
         if len(nsd_ids) and nsd_ids.max() >= dset.shape[0]:

@@ -1,0 +1,132 @@
+"""The options shared by the training commands (``mindvis.commands._options``) and the dual ridge solver."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import typer
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from mindvis.commands._options import (
+    MBM_RUN_OPTIONS,
+    OptionSpec,
+    add_options,
+    given_run_options,
+    mbm_run_options,
+    nest,
+    trainer_config,
+    trainer_options,
+)
+from mindvis.utils.linalg import ridge_dual
+
+
+def _params(app: typer.Typer, name: str) -> list:
+    return get_command(app).commands[name].params  # type: ignore[attr-defined]
+
+
+def test_added_options_parse_like_declared_ones():
+    """A command with ``**shared`` gets the specs as options, after its own, and receives their values."""
+    app = typer.Typer()
+    seen: dict = {}
+    specs = [
+        OptionSpec("count", int, 3, ("--count",), "How many."),
+        OptionSpec("flag", bool | None, None, ("--flag/--no-flag",), "On or off."),
+    ]
+
+    @app.command("go")
+    @add_options(specs)
+    def go(name: str = typer.Option("x", "--name", help="A name."), **shared: int) -> None:
+        seen.update(shared, name=name)
+
+    @app.command("other")
+    def other() -> None:  # a second command, so that typer keeps "go" as a subcommand
+        pass
+
+    assert [p.name for p in _params(app, "go")] == ["name", "count", "flag"]
+    result = CliRunner().invoke(app, ["go", "--count", "7", "--no-flag"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"name": "x", "count": 7, "flag": False}
+    result = CliRunner().invoke(app, ["go", "--count", "many"])
+    assert result.exit_code != 0 and "count" in result.output
+
+
+def test_add_options_refuses_misuse():
+    spec = OptionSpec("a", int, 0, ("--a",), "A.")
+    with pytest.raises(TypeError, match=r"\*\*shared"):
+        add_options([spec])(lambda a=1: None)
+    with pytest.raises(TypeError, match="already has"):
+        add_options([spec])(lambda a=1, **shared: None)
+    with pytest.raises(TypeError, match="help text"):
+        add_options([OptionSpec("b", int, 0, ("--b",))])(lambda **shared: None)
+    with pytest.raises(TypeError, match="give the help texts"):
+        mbm_run_options(epochs="E.")
+    with pytest.raises(TypeError, match="no options"):
+        mbm_run_options(not_an_option="x")
+
+
+def test_stage_a_options_map_onto_the_run_configuration():
+    """Every stage A option sets a field the run configuration has; unset options are left out."""
+    from mindvis.train.common import TrainerConfig
+    from mindvis.train.mbm import MBMDataConfig, MBMTrainConfig
+
+    fields = {
+        None: {f.name for f in dataclasses.fields(MBMTrainConfig)},
+        "data": {f.name for f in dataclasses.fields(MBMDataConfig)},
+        "trainer": {f.name for f in dataclasses.fields(TrainerConfig)},
+    }
+    keys = [s.key for s in MBM_RUN_OPTIONS if s.key is not None]
+    assert len(keys) == len(set(keys))
+    for key in keys:
+        head, _, tail = key.partition(".")
+        assert (tail in fields[head]) if tail else (head in fields[None]), key
+    given = given_run_options({s.name: None for s in MBM_RUN_OPTIONS} | {"lr": 0.1, "pad_mode": "cut"})
+    assert given == {"lr": 0.1, "data.pad_mode": "cut"}
+    assert nest(given) == {"lr": 0.1, "data": {"pad_mode": "cut"}}
+
+
+def test_pretrain_and_finetune_share_the_stage_a_options():
+    from mindvis.cli import app
+
+    names = [s.name for s in MBM_RUN_OPTIONS]
+    for command in ("pretrain", "finetune"):
+        params = [p.name for p in _params(app, command)]
+        assert params[-len(names) :] == names, command
+        assert all(p.default is None for p in _params(app, command) if p.name in names[:-2])
+
+
+def test_trainer_options_build_the_trainer_config():
+    from mindvis.cli import app
+
+    helps = dict.fromkeys(("precision_help", "logger_help", "progress_help", "resume_help"), "Help.")
+    specs = trainer_options(seed=1, precision="32", log_every=7, **helps)
+    values = {s.name: s.default for s in specs}
+    tc = trainer_config(values)
+    assert (tc.precision, tc.log_every_n_steps, tc.progress_bar, tc.devices) == ("32", 7, True, "auto")
+    for command in ("train", "train-prior"):
+        assert [p.name for p in _params(app, command)][-len(specs) :] == [s.name for s in specs], command
+
+
+def test_ridge_dual_matches_the_primal_solution_and_picks_by_leave_one_out():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 8))
+    w = rng.normal(size=(8, 2))
+    y = x @ w + 0.1 * rng.normal(size=(30, 2))
+    y = y - y.mean(axis=0)
+    coef, alpha = ridge_dual(x, y, np.array([1e-3, 1.0, 1e6]))
+    primal = np.linalg.solve(x.T @ x + alpha * np.eye(8), x.T @ y)
+    np.testing.assert_allclose(x.T @ coef, primal, rtol=1e-6, atol=1e-9)
+    assert alpha < 1e6  # a huge penalty predicts zeros, far worse out of sample than the others
+
+    # exact leave-one-out error of the chosen penalty, refitting without each row
+    def loo(a: float) -> float:
+        errs = []
+        for i in range(len(x)):
+            keep = np.arange(len(x)) != i
+            b = np.linalg.solve(x[keep].T @ x[keep] + a * np.eye(8), x[keep].T @ y[keep])
+            errs.append(((x[i] @ b - y[i]) ** 2).mean())
+        return float(np.mean(errs))
+
+    assert loo(alpha) <= min(loo(a) for a in (1e-3, 1.0, 1e6)) + 1e-12
