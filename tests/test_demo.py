@@ -54,3 +54,56 @@ def test_demo_quick_cli(tmp_path):
     assert rc == 0
     assert (tmp_path / "q" / "report" / "index.html").is_file()
     assert (tmp_path / "q" / "report" / "headline.json").is_file()
+
+
+def test_shipped_prior_used_only_for_its_own_corpus(tmp_path, monkeypatch):
+    import shutil
+
+    import mindvis.demo as demo
+    from mindvis.utils.io import file_sha256, write_json
+
+    preset = get_preset("smoke")
+    run_demo(preset, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    corpus = run / "sim" / "stimuli" / "corpus.npz"
+    res = int(preset.simulate["resolution"])
+    shipped = tmp_path / "assets" / "prior-small"
+    shutil.copytree(run / "prior" / "pipeline", shipped / "pipeline")
+    monkeypatch.setattr(demo, "SHIPPED_PRIOR", shipped)
+    assert not demo._shipped_prior_fits(res, corpus), "no ARTIFACT.json: must not be used"
+    write_json(shipped / "ARTIFACT.json", {"corpus_sha256": file_sha256(corpus)})
+    assert demo._shipped_prior_fits(res, corpus)
+    assert not demo._shipped_prior_fits(res * 2, corpus), "wrong image size"
+    write_json(shipped / "ARTIFACT.json", {"corpus_sha256": "0" * 64})
+    assert not demo._shipped_prior_fits(res, corpus), "another corpus"
+    # a rerun that can use the shipped prior copies it instead of training
+    write_json(shipped / "ARTIFACT.json", {"corpus_sha256": file_sha256(corpus)})
+    again = run_demo(get_preset("smoke"), run, progress=False)
+    # the prior step's inputs changed (shipped instead of trained), so it and every later step rerun
+    assert {"simulate", "pretrain"} <= set(again.skipped)
+    assert "prior" not in again.skipped and "train_method" not in again.skipped
+    assert (run / "prior" / "ARTIFACT.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "outcome, fails",
+    [("return-none", False), ("exit-0", False), ("return-3", True), ("exit-none", True), ("exit-1", True)],
+)
+def test_run_cli_never_passes_off_a_stopped_command_as_done(monkeypatch, outcome, fails):
+    import mindvis.cli
+    from mindvis.demo import run_cli
+    from mindvis.errors import MindVisError
+
+    def fake_app(args, prog_name, standalone_mode):
+        kind, _, code = outcome.partition("-")
+        value = None if code == "none" else int(code)
+        if kind == "exit":
+            raise SystemExit(value)  # Lightning's graceful SIGTERM stop raises SystemExit with code None
+        return value
+
+    monkeypatch.setattr(mindvis.cli, "app", fake_app)
+    if fails:
+        with pytest.raises(MindVisError, match="mindvis train"):
+            run_cli(["train"])
+    else:
+        run_cli(["train"])

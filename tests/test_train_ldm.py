@@ -36,6 +36,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
 VOXELS = 120  # raw voxels; the encoder takes 128 (8 patches of 16)
 
 

@@ -180,8 +180,9 @@ def test_ema_codebook_moves_codes_to_their_cluster_means():
     from mindvis.models.ldm import build_vq
 
     torch.manual_seed(0)
-    module = VQAutoencoderModule(build_vq(_config().ldm_config(3).vq), VQTrainConfig(codebook_ema=True,
-                                                                                      codebook_decay=0.5))
+    module = VQAutoencoderModule(
+        build_vq(_config().ldm_config(3).vq), VQTrainConfig(codebook_ema=True, codebook_decay=0.5)
+    )
     emb = module.vq.quantize.embedding.weight
     assert not emb.requires_grad  # not optimised by the loss
     old = emb.detach().clone()

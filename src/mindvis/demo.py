@@ -127,14 +127,20 @@ def _presets() -> dict[str, DemoPreset]:
             "resolution": 32,
             "corpus-size": 3000,
         },
-        classifier={"epochs": 5},
-        pretrain={"variant": "tiny", "epochs": 6, "batch-size": 64},
-        finetune={"epochs": 15, "batch-size": 32},
+        classifier={"epochs": 20},
+        pretrain={"variant": "tiny", "epochs": 30, "batch-size": 64},
+        finetune={"epochs": 60, "batch-size": 32},
+        # what scripts/build_prior.py trains for the shipped prior (used unless --train-prior)
         prior={
             "preset": "tiny",
-            **_TINY_NORM,
-            "vq-epochs": 2,
-            "unet-epochs": 6,
+            "vq": [*_TINY_NORM["vq"], "n_embed=512"],
+            "unet": _TINY_NORM["unet"],
+            "vq-epochs": 15,
+            "vq-lr": 5e-4,
+            "unet-epochs": 40,
+            "unet-batch-size": 64,
+            "unet-lr": 4e-4,
+            "val-every": 10,
             "final-samples": 4,
             "steps": 20,
             "samples-per-class": 2,
@@ -242,10 +248,17 @@ def run_cli(args: list[str]) -> None:
 
     _logger.info("$ mindvis %s", " ".join(args))
     try:
-        app(args=args, prog_name="mindvis", standalone_mode=False)
-    except SystemExit as exc:  # typer may exit with a code on its own
-        if exc.code not in (0, None):
-            raise MindVisError(f"`mindvis {' '.join(args)}` exited with code {exc.code}") from None
+        rc = app(args=args, prog_name="mindvis", standalone_mode=False)
+    except SystemExit as exc:
+        # a command that finishes returns; SystemExit means it stopped early, even with code None (Lightning
+        # raises that on SIGTERM after a graceful stop), so the step must not be recorded as done
+        if exc.code == 0:
+            return
+        raise MindVisError(
+            f"`mindvis {' '.join(args)}` stopped before finishing (exit code {exc.code})"
+        ) from None
+    if isinstance(rc, int) and rc != 0:  # click returns the code of typer.Exit when not standalone
+        raise MindVisError(f"`mindvis {' '.join(args)}` exited with code {rc}")
 
 
 def _has_checkpoint(folder: Path) -> bool:
@@ -327,6 +340,13 @@ def run_demo(
     # the ridge baseline and its evaluation; the report
     total = 5 + sum(2 + (v[2] is not None) for v in variants) + 2 + 1
     steps = StepRunner(run_dir, total=total, on_start=on_step)
+    # each step's fingerprint includes every earlier step's, so a changed step reruns all that follow it
+    chain: list[str] = []
+
+    def run_step(name: str, spec: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> None:
+        spec = {**spec, "upstream": chain[-1] if chain else None}
+        chain.append(fingerprint(spec))
+        steps.run(name, spec, fn)
 
     def step(
         name: str, args: list[str], folder: Path | None = None, training: bool = False, inputs: Any = None
@@ -341,7 +361,7 @@ def run_demo(
             run_cli(args + extra)
             return {"folder": str(folder) if folder else None}
 
-        steps.run(name, {"args": args, "inputs": inputs}, fn)
+        run_step(name, {"args": args, "inputs": inputs}, fn)
 
     # 1. simulate
     step("simulate", ["simulate", "--out", str(sim), *_args(preset.simulate)], sim)
@@ -394,7 +414,7 @@ def run_demo(
     )
     # 5. image prior
     prior = run_dir / "prior"
-    use_shipped = not train_prior and _shipped_prior_fits(res)
+    use_shipped = not train_prior and _shipped_prior_fits(res, sim / "stimuli" / "corpus.npz")
     if use_shipped:
 
         def copy_prior() -> dict[str, Any]:
@@ -403,7 +423,7 @@ def run_demo(
             shutil.copytree(SHIPPED_PRIOR, prior)
             return {"source": str(SHIPPED_PRIOR)}
 
-        steps.run("prior", {"shipped": _shipped_prior_id()}, copy_prior)
+        run_step("prior", {"shipped": _shipped_prior_id()}, copy_prior)
         prior_pipeline = prior / "pipeline"
     else:
         step(
@@ -416,6 +436,8 @@ def run_demo(
                 str(prior),
                 "--classifier",
                 str(clf),
+                "--resolution",
+                str(res),
                 *_args(preset.prior),
                 *_args(prog),
             ],
@@ -482,7 +504,7 @@ def run_demo(
         info = _ridge_step(sim, prior_pipeline, rdir)
         return info
 
-    steps.run("baseline_ridge", {"data": data_fp, "prior": str(prior_pipeline)}, ridge)
+    run_step("baseline_ridge", {"data": data_fp, "prior": str(prior_pipeline)}, ridge)
     recon_dirs["ridge regression (baseline)"] = rdir
     # 9. evaluate each, then compare and write the report
     evals: dict[str, Path] = {}
@@ -546,15 +568,26 @@ def _variants(preset: DemoPreset) -> list[tuple[str, str, dict[str, Any] | None,
     return out
 
 
-def _shipped_prior_fits(resolution: int) -> bool:
+def _shipped_prior_fits(resolution: int, corpus: Path) -> bool:
+    """Whether the shipped prior was trained on exactly this corpus (sha256) at this image size."""
     cfg = SHIPPED_PRIOR / "pipeline"
-    if not cfg.is_dir():
+    meta = SHIPPED_PRIOR / "ARTIFACT.json"
+    if not cfg.is_dir() or not meta.is_file():
         return False
     try:
         from mindvis.pipeline import MindVisPipeline
+        from mindvis.utils.io import file_sha256
 
+        want = read_json(meta).get("corpus_sha256")
+        if not corpus.is_file() or want != file_sha256(corpus):
+            _logger.warning(
+                "the shipped image prior was trained on another stimulus corpus than %s; training one instead",
+                corpus,
+            )
+            return False
         return int(MindVisPipeline.from_pretrained(cfg).image_size) == resolution
-    except MindVisError:
+    except MindVisError as e:
+        _logger.warning("the shipped image prior cannot be used (%s); training one instead", e)
         return False
 
 

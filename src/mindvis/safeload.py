@@ -85,7 +85,9 @@ def _to_namespace(obj: Any) -> Any:
     return obj
 
 
-def load_torch_file(path: str | os.PathLike, map_location: str = "cpu", verify_crc: bool = True) -> Any:
+def load_torch_file(
+    path: str | os.PathLike, map_location: str = "cpu", verify_crc: bool = True, mmap: bool = False
+) -> Any:
     """Load a PyTorch pickle file safely: tensors, containers and the original config objects only.
 
     Args:
@@ -93,6 +95,8 @@ def load_torch_file(path: str | os.PathLike, map_location: str = "cpu", verify_c
         map_location: where tensors are placed.
         verify_crc: for zip-format files, check every member's CRC-32 first. PyTorch's reader does not,
             so without this a file with damaged tensor bytes loads silently with wrong values.
+        mmap: memory-map the tensor data instead of reading it (zip-format files; the legacy format is read
+            normally). Tensors then stay backed by the file until they are copied.
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or names a global outside the allow-list.
@@ -104,11 +108,12 @@ def load_torch_file(path: str | os.PathLike, map_location: str = "cpu", verify_c
         raise CheckpointError("checkpoint file not found", path=path)
     if path.stat().st_size == 0:
         raise CheckpointError("checkpoint file is empty", path=path)
-    if verify_crc and zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if verify_crc and is_zip:
         _verify_zip_crc(path)
     try:
         with torch.serialization.safe_globals(list(_STANDINS)):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=bool(mmap and is_zip))
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         first = _unsupported_global(msg)
@@ -152,6 +157,46 @@ def load_torch_file(path: str | os.PathLike, map_location: str = "cpu", verify_c
         raise CheckpointError(
             f"malformed config object in checkpoint ({_first_line(str(exc))})", path=path
         ) from None
+
+
+#: Keys under which training scripts commonly nest the weights of a checkpoint.
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
+
+
+def load_state_dict(
+    path: str | os.PathLike,
+    map_location: str = "cpu",
+    mmap: bool = False,
+    unwrap: tuple[str, ...] = STATE_DICT_KEYS,
+) -> dict[str, Any]:
+    """Read the weights of a model from ``.safetensors`` or a ``torch.save`` file, without running code.
+
+    A torch file goes through :func:`load_torch_file`. When the loaded object holds one of ``unwrap`` as a
+    dict (``{"state_dict": {...}, "epoch": 3}``), that inner dict is taken; the keys are tried in order.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or refused, or holds no dict of weights.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise CheckpointError("weights file not found", path=path)
+        try:
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path), device=map_location)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(
+                f"not a readable safetensors file ({type(exc).__name__}: {_first_line(str(exc))})", path=path
+            ) from None
+    else:
+        sd = load_torch_file(path, map_location=map_location, mmap=mmap)
+    for key in unwrap:
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"expected a dict of weights, got {type(sd).__name__}", path=path)
+    return sd
 
 
 def _verify_zip_crc(path: Path) -> None:

@@ -29,6 +29,52 @@ def _latest_run(root: Path, preset: str) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def _demo_preset_of(run_dir: Path) -> str | None:
+    """The preset recorded in ``run_dir/config.yaml`` of a demo run, or ``None`` when there is none."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    info = doc.get("mindvis_demo") if isinstance(doc, dict) else None
+    return str(info.get("preset")) if isinstance(info, dict) and info.get("preset") is not None else None
+
+
+def check_run_dir(run_dir: Path, preset: str, overwrite: bool = False) -> None:
+    """A demo may run in ``run_dir``: absent or empty, a run of the same preset (it is continued), or
+    ``overwrite``. A folder that a run left before writing anything but ``steps/`` counts as empty.
+
+    Raises:
+        OutputExistsError: a file is in the way, or the folder holds something else and ``overwrite`` is off.
+    """
+    from mindvis.errors import OutputExistsError
+
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise OutputExistsError("exists and is not a folder", path=run_dir)
+    content = [p for p in run_dir.iterdir() if not p.name.startswith(".")]
+    if not content or (
+        [p.name for p in content] == ["steps"] and content[0].is_dir() and not any(content[0].iterdir())
+    ):
+        return
+    found = _demo_preset_of(run_dir)
+    if overwrite or found == preset:
+        return
+    if found is None:
+        raise OutputExistsError(
+            "is not empty and holds no demo run (no config.yaml); choose another --run-dir "
+            "or pass --overwrite to write the demo's folders into it",
+            path=run_dir,
+        )
+    raise OutputExistsError(
+        f"holds a demo run of preset {found!r}, not {preset!r}; choose another --run-dir or pass "
+        f"--overwrite to redo its steps with {preset!r}",
+        path=run_dir,
+    )
+
+
 def demo(
     preset: str = typer.Option(
         "default",
@@ -55,6 +101,11 @@ def demo(
         False, "--train-prior", help="Train the image prior instead of using the shipped one."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars of each step."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Use a --run-dir that holds something other than a run of this preset (its steps are redone).",
+    ),
 ) -> None:
     """Run every step of MinD-Vis on SynthCortex and write a report.
 
@@ -79,6 +130,7 @@ def demo(
             console.print(f"[bold]continuing[/bold] {run_dir}")
     if run_dir is None:
         run_dir = runs_root / time.strftime("%Y%m%d-%H%M%S")
+    check_run_dir(run_dir, p.name, overwrite)
     t0 = time.perf_counter()
 
     def on_step(i: int, total: int | None, name: str) -> None:

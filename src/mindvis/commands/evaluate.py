@@ -67,7 +67,10 @@ def register(app: typer.Typer) -> None:
         title: str | None = typer.Option(None, help="Report title."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
     ) -> None:
-        """Evaluate reconstructions and write metrics.json, report.html and PNG figures."""
+        """Evaluate reconstructions and write metrics.json, report.html and PNG figures.
+
+        The report folder is built beside --out and moved into place when complete.
+        """
         from rich.console import Console
 
         from mindvis.errors import ConfigError
@@ -75,7 +78,7 @@ def register(app: typer.Typer) -> None:
         from mindvis.eval.networks import MetricWeights
         from mindvis.eval.report import load_results, print_summary, write_report
         from mindvis.eval.suite import METRIC_GROUPS, evaluate_reconstructions
-        from mindvis.utils.io import prepare_output_dir
+        from mindvis.utils.io import atomic_dir, prepare_output_dir
 
         console = Console()
         prepare_output_dir(out, overwrite=overwrite)
@@ -130,13 +133,15 @@ def register(app: typer.Typer) -> None:
                     res, _ = run_one(path, None, name)
                 res["label"] = name
                 runs.append(res)
-            write_report(runs, out, title=title or "mindvis comparison", labels=names)
+            with atomic_dir(out, overwrite=overwrite) as tmp:
+                write_report(runs, tmp, title=title or "mindvis comparison", labels=names)
             print_summary(runs, names, console=console)
         else:
             if len(inputs) > 2:
                 raise ConfigError("expected RECONSTRUCTIONS [GROUND_TRUTH]; use --compare for several runs")
             gt_path = inputs[1] if len(inputs) == 2 else None
             res, images = run_one(inputs[0], gt_path, title or f"evaluation of {inputs[0]}")
-            write_report(res, out, recons=images.recons, gt=images.gt)
+            with atomic_dir(out, overwrite=overwrite) as tmp:
+                write_report(res, tmp, recons=images.recons, gt=images.gt)
             print_summary(res, console=console)
         console.print(f"report: {out / 'report.html'}")

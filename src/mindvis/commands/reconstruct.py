@@ -286,6 +286,7 @@ def reconstruct(
     from mindvis.pipeline import MindVisPipeline
     from mindvis.sampling import SAMPLERS
     from mindvis.utils.io import prepare_output_dir
+    from mindvis.utils.steps import provenance
 
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}", field="--sampler")
@@ -362,6 +363,7 @@ def reconstruct(
         "preprocess": str(pre_path) if (preprocess is not None or pre_path.is_file()) else None,
         "seconds": round(elapsed, 3),
         "ground_truth": gt is not None,
+        **provenance(),
     }
     write_outputs(out, imgs, result.seeds, gt, run_info, overwrite=overwrite)
     Console().print(

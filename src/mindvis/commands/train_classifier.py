@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
         holdout: float = typer.Option(0.15, help="Share of the corpus held out to measure accuracy."),
         seed: int = typer.Option(0, help="Seed of the split, initialisation and augmentation."),
         force: bool = typer.Option(False, "--force", help="Retrain even when the cached hash matches."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace an --out folder that holds something other than a classifier."
+        ),
         threads: int | None = typer.Option(
             None, help="torch CPU threads (1 is fastest on a busy machine; default: torch's choice)."
         ),
@@ -34,16 +37,24 @@ def register(app: typer.Typer) -> None:
         """Train the benchmark classifier on training images only; cached by the SHA-256 of its data."""
         from rich.console import Console
 
-        from mindvis.eval.classifier import ClassifierConfig, load_training_corpus, train_benchmark_classifier
+        from mindvis.eval.classifier import (
+            ClassifierConfig,
+            check_classifier_output,
+            load_training_corpus,
+            train_benchmark_classifier,
+        )
 
         console = Console()
+        check_classifier_output(out, overwrite)  # before reading the corpus
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         images, labels, names, desc = load_training_corpus(corpus, exclude=exclude_test)
         config = ClassifierConfig(epochs=epochs, input_size=input_size, holdout_fraction=holdout, seed=seed)
-        result = train_benchmark_classifier(images, labels, names, out, config, force=force, source=desc)
+        result = train_benchmark_classifier(
+            images, labels, names, out, config, force=force, source=desc, overwrite=overwrite
+        )
         info = result.classifier.info
         state = "reused (training data unchanged)" if result.cached else f"trained in {result.seconds:.1f} s"
         console.print(f"classifier {state}: {out}")

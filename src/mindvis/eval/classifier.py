@@ -202,17 +202,28 @@ class BenchmarkClassifier:
             **self.info,
         }
 
-    def save(self, out_dir: str | Path) -> None:
-        """Write ``model.safetensors`` and ``config.json`` into ``out_dir`` (atomically, file by file)."""
-        from safetensors.torch import save
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> None:
+        """Write ``model.safetensors`` and ``config.json`` into ``out_dir``, the folder as a whole.
 
-        from mindvis.utils.io import atomic_write, write_json
+        The pair is built beside ``out_dir`` and swapped in, so weights and config always belong together. A
+        folder holding a classifier is replaced; one holding anything else only with ``overwrite``.
+
+        Raises:
+            OutputExistsError: ``out_dir`` holds other files and ``overwrite`` is not set.
+        """
+        from mindvis.utils.io import atomic_dir, atomic_write, safetensors_bytes
 
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        check_classifier_output(out_dir, overwrite)
         state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        with atomic_write(out_dir / WEIGHTS_FILE) as fh:
-            fh.write(save(state))
+        with atomic_dir(out_dir, overwrite=True) as tmp:
+            with atomic_write(tmp / WEIGHTS_FILE) as fh:
+                fh.write(safetensors_bytes(state))
+            self._write_config(tmp)
+
+    def _write_config(self, out_dir: Path) -> None:
+        from mindvis.utils.io import write_json
+
         write_json(
             out_dir / CONFIG_FILE,
             {
@@ -302,6 +313,34 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def is_classifier_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a classifier written by :meth:`BenchmarkClassifier.save` (by its config)."""
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        with open(cfg, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("model_type") == "mindvis-benchmark-classifier"
+
+
+def check_classifier_output(out_dir: str | Path, overwrite: bool = False) -> None:
+    """A classifier may be written to ``out_dir``: absent, empty, holding a classifier, or ``overwrite``.
+
+    Raises:
+        OutputExistsError: ``out_dir`` holds something else and ``overwrite`` is not set.
+    """
+    from mindvis.utils.io import prepare_output_dir
+
+    out_dir = Path(out_dir)
+    if overwrite or is_classifier_folder(out_dir):
+        prepare_output_dir(out_dir, overwrite=True)  # still refuses a file in the way
+        return
+    prepare_output_dir(out_dir, overwrite=False)
+
+
 def train_benchmark_classifier(
     images: np.ndarray,
     labels: np.ndarray,
@@ -310,6 +349,7 @@ def train_benchmark_classifier(
     config: ClassifierConfig | None = None,
     force: bool = False,
     source: str = "",
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train (or reuse) the benchmark classifier on training images only.
 
@@ -325,9 +365,15 @@ def train_benchmark_classifier(
         config: training settings.
         force: retrain even when the cache matches.
         source: where the images came from, recorded in the config.
+        overwrite: replace an ``out_dir`` that holds something other than a classifier.
+
+    Raises:
+        OutputExistsError: ``out_dir`` holds something other than a classifier (checked before training).
     """
     import torch
     import torch.nn.functional as F
+
+    from mindvis.utils.steps import provenance
 
     config = config or ClassifierConfig()
     images = _check_rgb(images)
@@ -338,6 +384,8 @@ def train_benchmark_classifier(
     if n_classes < 2 or labels.min() < 0 or labels.max() >= n_classes:
         raise DataError(f"labels must lie in 0..{n_classes - 1} with at least 2 classes", field="labels")
     digest = training_data_sha256(images, labels, class_names)
+    if out_dir is not None:
+        check_classifier_output(out_dir, overwrite)
     if out_dir is not None and not force and (Path(out_dir) / CONFIG_FILE).is_file():
         try:
             old = BenchmarkClassifier.load(out_dir)
@@ -347,7 +395,10 @@ def train_benchmark_classifier(
             if old.info.get("training_data_sha256") == digest and asdict(old.config) == asdict(config):
                 logger.info("training data unchanged (sha256 %s...): reusing %s", digest[:12], out_dir)
                 return TrainResult(old, cached=True, seconds=0.0)
-            logger.info("cached classifier in %s was trained on other data or settings: retraining", out_dir)
+            logger.warning(
+                "the classifier in %s was trained on other data or settings: it is retrained and replaced",
+                out_dir,
+            )
 
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -413,10 +464,11 @@ def train_benchmark_classifier(
         "train_seconds": round(seconds, 2),
         "history": history,
         "note": "trained on training images only; accuracy measured on a stratified held-out part of them",
+        **provenance(),
     }
     clf = BenchmarkClassifier(model, config, class_names, mean.numpy(), std.numpy(), info)
     if out_dir is not None:
-        clf.save(out_dir)
+        clf.save(out_dir, overwrite=overwrite)
         clf.info["path"] = str(out_dir)
     return TrainResult(clf, cached=False, seconds=seconds, history=history)
 
@@ -515,27 +567,18 @@ def _matches_any(images: np.ndarray, others: np.ndarray, tol: float = 2.0) -> np
 
 
 def load_state_dict_file(path: str | Path) -> dict:
-    """Read a state dict from ``.safetensors`` or a torch file (tensors only; unwraps ``model``/``state_dict``)."""
-    import torch
+    """Read a state dict from ``.safetensors`` or a torch file (tensors only; unwraps ``model``/``state_dict``).
+
+    Raises:
+        WeightsUnavailable: the file does not exist.
+        CheckpointError: it cannot be read, is refused by the safe loader, or holds no state dict.
+    """
+    from mindvis.safeload import load_state_dict
 
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailable("weights file not found", path=path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"cannot read weights ({type(exc).__name__}: {exc})", path=path) from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise CheckpointError("weights file does not hold a state dict", path=path)
-    return sd
+    return load_state_dict(path)
 
 
 def _load_into(model, sd: dict, path: str | Path) -> None:

@@ -32,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 
-from mindvis.errors import CheckpointError, WeightsUnavailable
+from mindvis.errors import CheckpointError, MindVisError, WeightsUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -237,10 +237,12 @@ class LPIPSAlex:
         try:
             import torchmetrics.functional.image.lpips as tm_lpips
 
+            from mindvis.safeload import load_state_dict
+
             lin_path = Path(tm_lpips.__file__).parent / "lpips_models" / "alex.pth"
-            lin = torch.load(lin_path, map_location="cpu", weights_only=True)
+            lin = load_state_dict(lin_path)
             self.lin = [lin[f"lin{i}.model.1.weight"].flatten().double() for i in range(5)]
-        except (ImportError, OSError, KeyError, RuntimeError) as exc:
+        except (ImportError, MindVisError, KeyError, AttributeError) as exc:
             raise WeightsUnavailable(
                 f"no weights: LPIPS linear layers not found in torchmetrics ({exc})"
             ) from None

@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import time
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import RandomSampler
 
 from mindvis.errors import CheckpointError, ConfigError
-from mindvis.utils.io import atomic_dir, atomic_write, read_json, write_json
+from mindvis.utils.io import atomic_dir, atomic_write, read_json, remove_stale_temps, write_json
+from mindvis.utils.steps import provenance
 
 _logger = logging.getLogger(__name__)
 
@@ -324,20 +324,14 @@ class WarmupCosine:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for name in ("mindvis", "torch", "lightning", "timm", "numpy"):
-        try:
-            mod = __import__(name)
-            out[name] = str(getattr(mod, "__version__", "?"))
-        except ImportError:  # pragma: no cover
-            pass
-    return out
-
-
 def write_run_config(run_dir: str | os.PathLike, stage: str, config: Mapping[str, Any], **extra: Any) -> Path:
-    """Write ``config.json`` of a run folder: stage, the resolved configuration, versions, command line."""
+    """Write ``config.json`` of a run folder: stage, the resolved configuration (seed included), command line,
+    package versions and the git commit (see :func:`mindvis.utils.steps.provenance`).
+
+    Temporary files that a killed earlier attempt left anywhere in the run folder are removed first.
+    """
     path = Path(run_dir) / RUN_CONFIG_NAME
+    remove_stale_temps(run_dir, recursive=True)  # half-written leftovers of a killed earlier attempt
     previous = None
     if path.is_file():
         try:
@@ -351,7 +345,7 @@ def write_run_config(run_dir: str | os.PathLike, stage: str, config: Mapping[str
         "config": dict(config),
         **extra,
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "versions": _versions(),
+        **provenance(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if isinstance(previous, dict):
@@ -400,40 +394,16 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:
 def read_checkpoint_progress(path: str | os.PathLike) -> dict[str, int]:
     """Check that a Lightning checkpoint is complete and readable; return its ``epoch`` and ``global_step``.
 
-    Every member's CRC is verified, then the pickle is read with torch's ``weights_only`` loader, memory-mapped
-    (tensors are not read).
+    Every member's CRC is verified, then the pickle is read by :func:`mindvis.safeload.load_torch_file`,
+    memory-mapped (tensors are not read).
 
     Raises:
         CheckpointError: missing, empty, truncated or corrupt file, or not a Lightning checkpoint.
     """
-    import pickle
+    from mindvis.safeload import load_torch_file
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("checkpoint file not found", path=path)
-    if path.stat().st_size == 0:
-        raise CheckpointError("checkpoint file is empty", path=path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-        if bad is not None:
-            raise CheckpointError(f"corrupt checkpoint (bad CRC in member {bad})", path=path)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except CheckpointError:
-        raise
-    except (
-        zipfile.BadZipFile,
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-    ) as exc:
-        first = (str(exc).strip().splitlines() or ["no detail"])[0][:200]
-        raise CheckpointError(
-            f"truncated or corrupt checkpoint ({type(exc).__name__}: {first})", path=path
-        ) from None
+    ckpt = load_torch_file(path, mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
         raise CheckpointError("not a Lightning training checkpoint (no state_dict/epoch)", path=path)
     return {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt.get("global_step", 0))}
@@ -454,6 +424,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("storage_options is not supported")
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
+        path = Path(path)
+        remove_stale_temps(path.parent)  # what a killed run left while writing checkpoints
         with atomic_write(path, "wb") as fh:
             fh.write(buf.getbuffer())
 
@@ -463,7 +435,8 @@ class CSVMetricsLogger(Logger):
 
     Unlike Lightning's CSVLogger it never deletes an existing file: a resumed run (``resume_step`` given) keeps
     the rows up to the checkpoint's step (rows from after it, lost with the interrupted epoch, are dropped) and
-    appends. When new metric names appear, the file is rewritten atomically with the wider header.
+    continues. Every save rewrites the file atomically (the rows are held in memory anyway), so a kill or a
+    full disk never leaves a half-written row.
     """
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
@@ -516,15 +489,18 @@ class CSVMetricsLogger(Logger):
             return
         new_keys = [k for r in self._pending for k in r if k not in self._keys]
         rows, self._pending = self._pending, []
-        self._rows.extend(rows)
-        if new_keys or not self.path.is_file():
+        if new_keys:
             seen = dict.fromkeys(self._keys + new_keys)
             fixed = [k for k in ("epoch", "step") if k in seen]
             self._keys = fixed + sorted(k for k in seen if k not in fixed)
+        self._rows.extend(rows)
+        try:
             self._write_all()
-            return
-        with open(self.path, "a", newline="", encoding="utf-8") as fh:
-            csv.DictWriter(fh, fieldnames=self._keys).writerows(rows)
+        except BaseException:
+            # not on disk: keep the rows pending so that the next save writes them
+            del self._rows[len(self._rows) - len(rows) :]
+            self._pending[:0] = rows
+            raise
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -613,9 +589,23 @@ class ExportPretrained(Callback):
                     self.run_dir / BEST_WEIGHTS_DIR,
                 )
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._exported = False
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             export_weights(pl_module, self.run_dir / FINAL_WEIGHTS_DIR)
+        self._exported = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming from the checkpoint of the last epoch (a run stopped after writing it but before the export)
+        # skips the training loop and with it on_train_end: export here instead.
+        if getattr(self, "_exported", True) or not _training_finished(trainer):
+            return
+        if trainer.is_global_zero:
+            export_weights(pl_module, self.run_dir / FINAL_WEIGHTS_DIR)
+            _logger.info("training was already complete in the checkpoint: exported %s", FINAL_WEIGHTS_DIR)
+        self._exported = True
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
@@ -652,6 +642,15 @@ class EpochSummary(Callback):
             time.perf_counter() - self._t0,
             ", ".join(shown.values()),
         )
+
+
+def _training_finished(trainer: pl.Trainer) -> bool:
+    """Whether the fit loop has reached ``max_epochs`` or ``max_steps``."""
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs:
+        return True
+    max_steps = trainer.max_steps
+    return max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps
 
 
 def export_weights(pl_module: Any, directory: Path) -> Path:

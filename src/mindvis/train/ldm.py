@@ -497,6 +497,13 @@ class StageBModule(pl.LightningModule):
         images = self.generate(batch["fmri"], batch["index"])
         self._val_parts.append((batch["index"].cpu(), torch.from_numpy(images)))
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the last validation's figures go into metrics.json; a run resumed after its last epoch needs them
+        checkpoint["mindvis_last_val_metrics"] = {k: float(v) for k, v in self.last_val_metrics.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.last_val_metrics = dict(checkpoint.get("mindvis_last_val_metrics", {}))
+
     def on_validation_epoch_end(self) -> None:
         parts, self._val_parts = self._val_parts, []
         if self.trainer.sanity_checking or not parts:

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mindvis.errors import ConfigError, DataError, WeightsUnavailable
+from mindvis.errors import ConfigError, DataError, MindVisError, WeightsUnavailable
 
 _logger = logging.getLogger(__name__)
 
@@ -310,12 +310,14 @@ class LocalLPIPS(nn.Module):
         if not path.is_file():
             raise WeightsUnavailable("LPIPS backbone weights not found", path=path, field="lpips_weights")
         self.model = _LPIPS(pretrained=True, net=net, pnet_rand=True, pnet_tune=False, use_dropout=False)
+        from mindvis.safeload import load_state_dict
+
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-            raise WeightsUnavailable(f"cannot read LPIPS backbone weights ({exc})", path=path) from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+            state = load_state_dict(path)
+        except MindVisError as exc:
+            raise WeightsUnavailable(
+                f"cannot read LPIPS backbone weights ({exc.detail})", path=path
+            ) from None
         loaded = 0
         with torch.no_grad():
             for name, param in self.model.net.named_parameters():

@@ -3,22 +3,70 @@
 A step is skipped on a rerun when its marker exists and records the same input fingerprint. A step that was
 interrupted has no marker, so it runs again from its start (or resumes from its own checkpoints, if the
 step supports that). Markers are written atomically.
+
+:func:`provenance` is what every run folder records about where it came from: package versions and the git
+commit of the mindvis source (when it is a git checkout).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
+import platform
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mindvis.utils.io import read_json, write_json
+from mindvis.utils.io import read_json, remove_stale_temps, write_json
 
 _logger = logging.getLogger(__name__)
+
+
+#: Packages whose versions a run folder records.
+RECORDED_PACKAGES = ("mindvis", "torch", "torchvision", "diffusers", "timm", "lightning", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    """Python's version and the installed versions of :data:`RECORDED_PACKAGES`."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in RECORDED_PACKAGES:
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def git_state() -> dict[str, Any] | None:
+    """``{"commit": sha, "dirty": bool}`` of the git checkout holding the mindvis source, or ``None``."""
+    src = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=10, cwd=src, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def provenance() -> dict[str, Any]:
+    """What a run folder records about its software: ``versions`` and ``git`` (see :func:`git_state`)."""
+    return {"versions": package_versions(), "git": git_state()}
 
 
 def fingerprint(obj: Any) -> str:
@@ -38,6 +86,10 @@ class StepResult:
 class StepRunner:
     """Run named steps inside ``run_dir``; ``run_dir/steps/<name>.json`` marks a finished step.
 
+    A marker counts when it is readable, records the same input fingerprint and, if the step's outputs name a
+    ``folder``, that folder still exists. Temporary files that a killed earlier attempt left in the run folder
+    are removed when the runner is created.
+
     Args:
         run_dir: the run folder.
         on_start: optional callback ``(index, total, name)`` called before each step (for progress display).
@@ -54,6 +106,9 @@ class StepRunner:
         self.on_start = on_start
         self.results: list[StepResult] = []
         (self.run_dir / "steps").mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temps(self.run_dir, recursive=True)  # leftovers of a killed earlier attempt
+        if removed:
+            _logger.info("removed %d temporary file(s) left by an interrupted run", len(removed))
 
     def marker(self, name: str) -> Path:
         return self.run_dir / "steps" / f"{name}.json"
@@ -66,7 +121,12 @@ class StepRunner:
             rec = read_json(path)
         except Exception:  # a damaged marker means the step is not done
             return None
-        if rec.get("fingerprint") != fingerprint(inputs):
+        if not isinstance(rec, dict) or rec.get("fingerprint") != fingerprint(inputs):
+            return None
+        outputs = rec.get("outputs")
+        folder = outputs.get("folder") if isinstance(outputs, dict) else None
+        if folder and not Path(folder).exists():  # the step's output was removed since: redo it
+            _logger.info("step %s: its output %s is gone, running it again", name, folder)
             return None
         return rec
 
