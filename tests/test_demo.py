@@ -107,3 +107,19 @@ def test_run_cli_never_passes_off_a_stopped_command_as_done(monkeypatch, outcome
             run_cli(["train"])
     else:
         run_cli(["train"])
+
+
+def test_report_says_plainly_whether_the_method_beats_chance():
+    from mindvis.demo_report import above_chance_summary
+
+    def row(metric, lo, chance=0.1):
+        return {
+            "metric": metric,
+            "chance": chance,
+            "values": {"m": {"value": lo + 0.01, "ci95": [lo, lo + 0.02]}},
+        }
+
+    at_chance = [row("semantic 10-way", 0.05), row("identification 50-way", 0.01, 0.02)]
+    assert above_chance_summary(at_chance, "m").startswith("None of the 2")
+    mixed = [row("semantic 10-way", 0.3), row("identification 50-way", 0.01, 0.02), row("SSIM, mean", 0.9)]
+    assert "1 of 2 figures: semantic 10-way." in above_chance_summary(mixed, "m")

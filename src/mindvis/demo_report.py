@@ -174,6 +174,38 @@ the paper's GOD or BOLD5000 numbers, and small differences within the intervals 
 """
 
 
+def above_chance_summary(table: list[dict[str, Any]], label: str) -> str:
+    """One sentence: which of ``label``'s headline figures have a 95% interval entirely above chance.
+
+    Rows without a chance level (SSIM, PixCorr) and best-sample rows (the ground truth picks among the samples,
+    so their chance is above the listed single-sample level) are left out.
+    """
+    above, total = [], 0
+    for row in table:
+        v, chance = row["values"].get(label), row["chance"]
+        if (
+            v is None
+            or chance is None
+            or not v.get("ci95")
+            or "SSIM" in row["metric"]
+            or "PixCorr" in row["metric"]
+            or "best" in row["metric"]
+        ):
+            continue
+        total += 1
+        if v["ci95"][0] > chance:
+            above.append(row["metric"])
+    if total == 0:
+        return f"{label}: no figure with a chance level and an interval to compare."
+    if not above:
+        return (
+            f"None of the {total} chance-referenced figures of {label} is above chance beyond its 95% interval: "
+            "its reconstructions do not carry the seen image in this run (for the method: see the stage B curve; "
+            "longer stage B training and a stronger prior are the first things to try)."
+        )
+    return f"{label} is above chance beyond its 95% interval on {len(above)} of {total} figures: {', '.join(above)}."
+
+
 def write_demo_report(
     run_dir: Path,
     out: Path,
@@ -208,6 +240,7 @@ def write_demo_report(
         ch = "–" if chance is None else (f"{100 * chance:.1f}" if abs(chance) <= 1 else f"{chance:.3g}")
         cells = "".join(f"<td>{esc(row['text'][lab])}</td>" for lab in labels)
         body += f"<tr><td>{esc(row['metric'])}</td><td>{ch}</td>{cells}</tr>\n"
+    verdict = f"<p><b>In this run.</b> {esc(above_chance_summary(table, labels[0]))}</p>" if labels else ""
     timing = ""
     if steps_seconds:
         timing = (
@@ -226,6 +259,7 @@ th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
 {body}</table>
 <p>Full tables per variant: <code>eval/&lt;variant&gt;/report.html</code>; all metrics side by side:
 <a href="comparison/report.html">comparison/report.html</a>.</p>
+{verdict}
 {EXPLANATION}
 <h2>Test reconstructions of the method (ground truth first in each row)</h2>
 {f'<img alt="test grid" src="data:image/png;base64,{grid_b64}">' if grid_b64 else "<p>(no grid)</p>"}
