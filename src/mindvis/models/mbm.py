@@ -785,14 +785,12 @@ class FMRIEncoder(nn.Module):
 
 
 def _save_pretrained(module: nn.Module, directory: str | os.PathLike, class_name: str, config: dict) -> Path:
-    from safetensors.torch import save as st_save
-
-    from mindvis.utils.io import atomic_write, write_json
+    from mindvis.utils.io import atomic_write, safetensors_bytes, write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    payload = st_save(tensors, metadata={"format": "pt", "mindvis_class": class_name})
+    payload = safetensors_bytes(tensors, {"format": "pt", "mindvis_class": class_name})
     with atomic_write(directory / WEIGHTS_NAME, "wb") as fh:
         fh.write(payload)
     write_json(
