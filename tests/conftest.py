@@ -26,3 +26,25 @@ def _torch_threads():
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch thread for a whole test module (bit-exact comparisons, and no oversubscription)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def quiet_cli_logging():
+    """``mindvis.cli`` installs one stderr handler per process; drop it after each test."""
+    import logging
+
+    yield
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_mindvis", False)]:
+        root.removeHandler(h)

@@ -11,14 +11,12 @@ that writes an output folder refuses a non-empty one without ``--overwrite``.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 import typer
 
 from conftest import parity_dir
@@ -27,21 +25,7 @@ from mindvis.cli import COMMAND_MODULES, app, main
 ODD = "dír with spaces ✓ 数据"
 
 
-@pytest.fixture(autouse=True)
-def _quiet_cli_logging():
-    """``mindvis.cli`` installs one stderr handler per process; drop it after each test."""
-    yield
-    root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, "_mindvis", False)]:
-        root.removeHandler(h)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module", "quiet_cli_logging")
 
 
 def command_paths() -> list[list[str]]:

@@ -17,13 +17,7 @@ from mindvis.models.conditioning import (
 )
 from mindvis.models.ldm import DCLDM, LDMConfig, UNetConfig, VQConfig, ldm_preset
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _cfg(**kw) -> DCConditionerConfig:

@@ -13,13 +13,7 @@ from conftest import parity_dir
 from mindvis.cli import main
 from mindvis.pipeline import MindVisPipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ from mindvis.sampling import (
 V = 64  # voxels of the tiny encoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _tame(model: DCLDM) -> DCLDM:

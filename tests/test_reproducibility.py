@@ -17,7 +17,6 @@ The run folders must also record the package versions, the git commit and every 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,20 +37,7 @@ CLOCK_KEYS = frozenset(
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _quiet_cli_logging():
-    yield
-    root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, "_mindvis", False)]:
-        root.removeHandler(h)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module", "quiet_cli_logging")
 
 
 # ----------------------------------------------------------------------------------------------------------
