@@ -148,11 +148,18 @@ class MindVisPipeline:
         return self.model.vq_config.resolution
 
     def to(
-        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        self,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        memory_format: torch.memory_format | None = None,
     ) -> MindVisPipeline:
         """Move every network to ``device`` and cast its weights to ``dtype`` (e.g. bfloat16 on a GPU).
 
-        Sampling arithmetic and the schedule stay in float32; only the networks run in ``dtype``.
+        Sampling arithmetic and the schedule stay in float32; only the networks run in ``dtype``. Each network
+        is fed in its own dtype, so one may be cast back afterwards (e.g. ``pipe.to(dtype=torch.bfloat16)``
+        then ``pipe.model.vq.float()`` keeps the image decoder, and its codebook search, in float32).
+        ``memory_format=torch.channels_last`` stores the UNet's and the autoencoder's convolution weights
+        channels-last, so their convolutions run in that layout (results equal up to rounding).
         """
         if device is not None:
             self.model.to(device)
@@ -161,6 +168,9 @@ class MindVisPipeline:
                 mod = getattr(self.model, name)
                 if mod is not None:
                     mod.to(dtype=dtype)
+        if memory_format is not None:
+            self.model.unet.to(memory_format=memory_format)
+            self.model.vq.to(memory_format=memory_format)
         return self
 
     # ---- saving ----------------------------------------------------------------------------------------
@@ -388,6 +398,8 @@ class MindVisPipeline:
         if output_type not in ("uint8", "pt"):
             raise ConfigError(f"unknown output_type {output_type!r}", field="output_type")
         device, dtype = self.device, self.dtype
+        # each network is fed in its own dtype (e.g. a bfloat16 UNet with a float32 image decoder)
+        vq_dtype = next(m.vq.parameters()).dtype
 
         # conditioning input
         if m.is_fmri_conditioned:
@@ -423,7 +435,7 @@ class MindVisPipeline:
         for a in range(0, n, item_bs):
             chunk = cond_in[a : a + item_bs].to(device)
             if m.is_fmri_conditioned:
-                chunk = chunk.to(dtype)
+                chunk = chunk.to(next(m.fmri_encoder.parameters()).dtype)
             conds.append(m.condition(chunk))
         cond_all = Conditioning.cat(conds)
         null = None
@@ -450,7 +462,7 @@ class MindVisPipeline:
                     return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens])
 
                 z = run_sampler(sampler, eps_fn, x, m.schedule, steps, eta=eta, noise_fn=noise_fn)
-                dec = m.decode_latents(z.to(dtype)).float()
+                dec = m.decode_latents(z.to(vq_dtype)).float()
                 out = images_to_uint8(dec).cpu().numpy() if output_type == "uint8" else dec.cpu()
                 if images is None:
                     shape = (n, S, *out.shape[1:])

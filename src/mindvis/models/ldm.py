@@ -606,7 +606,8 @@ class DCLDM(nn.Module):
     def condition(self, cond: Tensor) -> Conditioning:
         """fMRI ``[N, V]`` (or class labels ``[N]`` for a class prior) -> context ``[N, T, C]`` + time vector."""
         if self.fmri_encoder is not None:
-            return self.conditioner(self.fmri_encoder(cond))
+            tokens = self.fmri_encoder(cond)
+            return self.conditioner(tokens.to(next(self.conditioner.parameters()).dtype))
         return self.conditioner(cond)
 
     # ---- denoiser -------------------------------------------------------------------------------------
