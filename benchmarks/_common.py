@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -296,3 +297,38 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _mem_kb() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "RssAnon:", "RssFile:", "RssShmem:")):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0])
+    return out
+
+
+class MemWatch:
+    """Peak VmRSS / RssAnon / RssFile of this process over a block (sampled every 10 ms)."""
+
+    def __enter__(self) -> MemWatch:
+        self.start = _mem_kb()
+        self.peak = dict(self.start)
+        self._stop = threading.Event()
+
+        def watch() -> None:
+            while not self._stop.is_set():
+                for k, v in _mem_kb().items():
+                    self.peak[k] = max(self.peak.get(k, 0), v)
+                time.sleep(0.01)
+
+        self._t = threading.Thread(target=watch, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        for k, v in _mem_kb().items():
+            self.peak[k] = max(self.peak.get(k, 0), v)

@@ -193,6 +193,54 @@ def part_whole_calls(args, device, dtype) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _vq_search_unblocked(vq, z: torch.Tensor) -> torch.Tensor:
+    """The codebook search as it was before blocking (one ``[M, K]`` distance matrix), for comparison."""
+    emb = vq.quantize.embedding.weight
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    d = (
+        (flat**2).sum(dim=1, keepdim=True)
+        + (emb**2).sum(dim=1)
+        - 2 * torch.einsum("bd,dn->bn", flat, emb.t())
+    )
+    return torch.argmin(d, dim=1)
+
+
+def vq_search_comparison(size: str, device, rounds: int = 3) -> dict[str, Any]:
+    """Blocked float32 codebook search (:func:`mindvis.models.ldm.vq_quantize`) against the unblocked one, for
+    decoding 5 images: time (interleaved), peak anonymous memory, and whether the codes agree."""
+    from _common import MemWatch, interleaved
+    from mindvis.models.ldm import build_vq, ldm_preset, vq_quantize
+
+    torch.manual_seed(0)
+    cfg = ldm_preset(size).vq
+    vq = build_vq(cfg).to(device).eval()
+    n = REFERENCE["samples_per_item"]
+    z = torch.randn(n, cfg.embed_dim, cfg.latent_size, cfg.latent_size, device=device)
+    fns = {
+        "unblocked (before)": lambda: _vq_search_unblocked(vq, z),
+        "blocked (after)": lambda: vq_quantize(vq, z).indices,
+    }
+    out: dict[str, Any] = {
+        "vectors": int(z.numel() // z.shape[1]),
+        "codes": int(vq.quantize.embedding.weight.shape[0]),
+    }
+    with torch.inference_mode():
+        same = bool(torch.equal(fns["unblocked (before)"]().view(-1), fns["blocked (after)"]().view(-1)))
+        times = interleaved(fns, rounds, warmup=1, device=device.type)
+        for name, fn in fns.items():
+            with MemWatch() as w:
+                fn()
+            out[name] = {
+                **summary(times[name]),
+                "peak_anon_growth_mb": (w.peak.get("RssAnon", 0) - w.start.get("RssAnon", 0)) / 1024,
+            }
+    out["same_codes"] = same
+    print(f"VQ codebook search, {n} x {cfg.latent_size}^2 vectors x {out['codes']} codes: "
+          + "; ".join(f"{k} {out[k]['median_s'] * 1e3:.0f} ms, +{out[k]['peak_anon_growth_mb']:.0f} MB" for k in fns)
+          + f"; same codes: {same}", flush=True)  # fmt: skip
+    return out
+
+
 def part_label2img(args, device) -> dict[str, Any]:
     """Conditioning, UNet calls (1 fMRI x 5 samples, and ``--label2img-batch``) and VQ decoding at label2img
     size, each timed interleaved across the weight/layout variants of one shared pipeline."""
@@ -202,11 +250,12 @@ def part_label2img(args, device) -> dict[str, Any]:
     S = REFERENCE["samples_per_item"]
     B = args.label2img_batch
     variants = [v.strip() for v in args.label2img_variants.split(",") if v.strip()]
-    pipe = build_pipeline("label2img", device, torch.float32)
+    vq_search = vq_search_comparison(args.big_size, device)
+    pipe = build_pipeline(args.big_size, device, torch.float32)
     m = pipe.model
     C, h, w = m.latent_shape
     fmri = torch.from_numpy(
-        np.random.default_rng(0).standard_normal((1, VOXELS["label2img"])).astype(np.float32)
+        np.random.default_rng(0).standard_normal((1, VOXELS[args.big_size])).astype(np.float32)
     )
     with torch.inference_mode():
         cond1 = m.condition(fmri.to(device))
@@ -270,7 +319,13 @@ def part_label2img(args, device) -> dict[str, Any]:
                 row["test_set_batched_s"] = (n_items * p["cond_1"]["median_s"] + calls * per_latent * n_items * S
                                              + n_items * p[f"decode_{S}"]["median_s"])  # fmt: skip
             est.append(row)
-    return {"parts": results, "estimates": est, "batch_for_batched": B}
+    return {
+        "size": args.big_size,
+        "parts": results,
+        "estimates": est,
+        "batch_for_batched": B,
+        "vq_search": vq_search,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,13 +472,14 @@ def main(argv: list[str] | None = None) -> int:
         prow = []
         for v, p in big["parts"].items():
             step = p[f"unet_{S}"]["median_s"]
+            real = big["size"] == "label2img"  # the reference figures are for the label2img size only
             prow.append([v, f"{p['cond_1']['median_s']:.3f}", f"{step:.3f}", fmt(p[f'unet_{B}'] and p[f'unet_{B}']['median_s'] / B * S, '.3f'),
-                         f"{p[f'decode_{S}']['median_s']:.3f}", f"{REFERENCE['plms_step_1x5_s'] / step:.2f}",
-                         f"{REFERENCE['plms_step_1x5_s'] / (step * norm):.2f}"])  # fmt: skip
-        tables.append(format_table(prow, ["label2img variant", "cond 1 fMRI s", f"UNet step x{S} s", f"per {S} latents at batch {B} s",
+                         f"{p[f'decode_{S}']['median_s']:.3f}", fmt(real and REFERENCE['plms_step_1x5_s'] / step or None, ".2f"),
+                         fmt(real and REFERENCE['plms_step_1x5_s'] / (step * norm) or None, ".2f")])  # fmt: skip
+        tables.append(format_table(prow, [f"{big['size']} variant", "cond 1 fMRI s", f"UNet step x{S} s", f"per {S} latents at batch {B} s",
                                           f"decode x{S} s", "x ref step abs", "x ref step MFU-norm"]))  # fmt: skip
         erow = []
-        for e in big["estimates"]:
+        for e in big["estimates"] if big["size"] == "label2img" else []:
             one, ts = e["one_fmri_s"], e.get("test_set_batched_s", e["test_set_one_at_a_time_s"])
             e["vs_reference_one_fmri_abs"] = REFERENCE["one_fmri_min"] * 60 / one
             e["vs_reference_test_set_abs"] = REFERENCE["test_set_h"] * 3600 / ts
@@ -432,8 +488,14 @@ def main(argv: list[str] | None = None) -> int:
                          f"{e['test_set_one_at_a_time_s'] / 3600:.2f}", fmt(e.get("test_set_batched_s") and e["test_set_batched_s"] / 3600, ".2f"),
                          f"{e['vs_reference_one_fmri_abs']:.1f}", f"{e['vs_reference_test_set_abs']:.1f}",
                          f"{e['vs_reference_test_set_mfu_normalised']:.1f}"])  # fmt: skip
-        tables.append(format_table(erow, ["variant", "sampler", "steps", "UNet calls", "1 fMRI min", "test set h (1 at a time)",
-                                          f"test set h (batch {B})", "x ref 1 fMRI", "x ref test set abs", "x ref test set MFU-norm"]))  # fmt: skip
+        vs = big["vq_search"]
+        tables.append(format_table(
+            [[k, f"{vs[k]['median_s'] * 1e3:.0f}", f"{vs[k]['peak_anon_growth_mb']:.0f}"] for k in ("unblocked (before)", "blocked (after)")],
+            [f"VQ codebook search ({vs['vectors']} vectors x {vs['codes']} codes)", "ms (median)", "peak extra MB"],
+        ) + f"\nsame codes: {vs['same_codes']}")  # fmt: skip
+        if erow:
+            tables.append(format_table(erow, ["variant", "sampler", "steps", "UNet calls", "1 fMRI min", "test set h (1 at a time)",
+                                              f"test set h (batch {B})", "x ref 1 fMRI", "x ref test set abs", "x ref test set MFU-norm"]))  # fmt: skip
     if quality:
         tables.append(format_table(
             [[r["precision"], r["sampler"], r["steps"], f"{r['mean_abs_diff_vs_plms250']:.2f}", fmt(r["psnr_vs_plms250_db"], ".1f"),

@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS,
+    MemWatch,
     format_table,
     machine_info,
     matmul_rate,
@@ -79,41 +79,6 @@ def time_step(variant: str, num_voxels: int, batch: int, steps: int, warmup: int
 # ----------------------------------------------------------------------------------------------------------
 # Streaming
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _mem_kb() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("VmRSS:", "RssAnon:", "RssFile:", "RssShmem:")):
-                k, v = line.split(":", 1)
-                out[k] = int(v.split()[0])
-    return out
-
-
-class MemWatch:
-    """Peak VmRSS / RssAnon / RssFile of this process over a block (sampled every 10 ms)."""
-
-    def __enter__(self) -> MemWatch:
-        self.start = _mem_kb()
-        self.peak = dict(self.start)
-        self._stop = threading.Event()
-
-        def watch() -> None:
-            while not self._stop.is_set():
-                for k, v in _mem_kb().items():
-                    self.peak[k] = max(self.peak.get(k, 0), v)
-                time.sleep(0.01)
-
-        self._t = threading.Thread(target=watch, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        for k, v in _mem_kb().items():
-            self.peak[k] = max(self.peak.get(k, 0), v)
 
 
 def stream_corpus(

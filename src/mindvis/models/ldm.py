@@ -416,17 +416,35 @@ def vq_encode(vq: VQModel, images: Tensor) -> Tensor:
     return vq.quant_conv(vq.encoder(images))
 
 
+#: Elements of one block of the ``[rows, K]`` distance matrix in :func:`vq_quantize` (64 MiB in float32).
+VQ_SEARCH_BLOCK = 1 << 24
+
+
 def vq_quantize(vq: VQModel, z: Tensor, beta: float = 0.25) -> Quantized:
-    """Nearest codebook entries of ``z: [N, E, h, w]`` by ``|z|^2 + |e|^2 - 2 z.e``."""
+    """Nearest codebook entries of ``z: [N, E, h, w]`` by ``|z|^2 + |e|^2 - 2 z.e``.
+
+    The ``[M, K]`` distances (``M = N h w`` latent vectors, ``K`` codes) are computed in blocks of rows, without
+    gradient (the argmin has none), so the search holds at most :data:`VQ_SEARCH_BLOCK` distances at a time:
+    decoding five 256 px images (20480 vectors, 8192 codes) otherwise needs about 2 GB for them. The search
+    always runs in float32 (also for bfloat16 weights or under autocast), so reduced precision elsewhere does
+    not flip codes whose distances differ by less than bfloat16 resolves.
+    """
     emb = vq.quantize.embedding.weight  # [K, E]
     zf = z.permute(0, 2, 3, 1).contiguous()  # [N, h, w, E]
     flat = zf.view(-1, zf.shape[-1])  # [M, E]
-    d = (
-        (flat**2).sum(dim=1, keepdim=True)
-        + (emb**2).sum(dim=1)
-        - 2 * torch.einsum("bd,dn->bn", flat, emb.t())
-    )
-    idx = torch.argmin(d, dim=1)  # [M]
+    rows = max(1, VQ_SEARCH_BLOCK // max(1, emb.shape[0]))
+    with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
+        emb32 = emb.float()
+        e_sq = (emb32**2).sum(dim=1)  # [K]
+        idx = torch.cat(
+            [
+                torch.argmin(
+                    (f**2).sum(dim=1, keepdim=True) + e_sq - 2 * torch.einsum("bd,dn->bn", f, emb32.t()),
+                    dim=1,
+                )
+                for f in flat.float().split(rows)
+            ]
+        )  # [M]
     e = emb[idx].view(zf.shape)
     loss = torch.mean((e.detach() - zf) ** 2) + beta * torch.mean((e - zf.detach()) ** 2)
     quant = zf + (e - zf).detach()
