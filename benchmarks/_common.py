@@ -27,11 +27,18 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# OpenMP's active wait makes torch on a shared CPU many times slower (bench_threads.py measures it); the
-# benchmarks use the passive policy unless told otherwise. It must be set before torch loads OpenMP, so every
-# script imports this module before torch.
-if os.environ.get("BENCH_KEEP_OMP_DEFAULTS") != "1":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# GNU OpenMP's default (spinning) wait makes torch many times slower when other processes share the cores,
+# and passive waiting costs 30-40 % when they do not (bench_threads.py measures both). So the benchmarks wait
+# passively only when the machine is busy at start (1-minute load above half the cores), unless
+# OMP_WAIT_POLICY is set already; machine_info() records the policy used. It must be set before torch loads
+# OpenMP, so every script imports this module before torch.
+if os.environ.get("BENCH_KEEP_OMP_DEFAULTS") != "1" and "OMP_WAIT_POLICY" not in os.environ:
+    try:
+        if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+            os.environ["BENCH_OMP_PASSIVE_BECAUSE_BUSY"] = f"{os.getloadavg()[0]:.2f}"
+    except OSError:  # pragma: no cover - no load average
+        pass
 
 #: Figures of the original implementation on its 2-core Xeon (fp32, 2 threads, paper sizes).
 REFERENCE: dict[str, Any] = {
@@ -182,6 +189,35 @@ def interleaved(
             sync()
             out[name].append(time.perf_counter() - t)
     return out
+
+
+#: Name of the matmul entry timed among interleaved variants.
+MATMUL = "(fp32 matmul)"
+
+
+def matmul_fn(
+    device: str, dtype_name: str = "fp32", n: int = 2048, min_s: float = 0.3
+) -> tuple[Callable[[], Any], float]:
+    """A callable running ``k`` ``n x n`` matmuls (about ``min_s`` seconds) and its FLOP count, to time among
+    the variants of :func:`interleaved`, so the matmul rate used for MFU sees the same machine load."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = sync_fn(device)
+    a @ b
+    sync()
+    t = time.perf_counter()
+    a @ b
+    sync()
+    k = max(1, int(min_s / max(time.perf_counter() - t, 1e-6)))
+
+    def fn() -> None:
+        for _ in range(k):
+            a @ b
+
+    return fn, 2.0 * n**3 * k
 
 
 def summary(times: Sequence[float]) -> dict[str, float]:

@@ -9,7 +9,8 @@ them alike), and reports the median time per call:
 * ``unet-small``: one UNet call of the ``small`` preset, 1 fMRI x 5 samples (many small kernels);
 * ``mbm-small``: one training step of the ``small`` masked brain model, batch 16 (medium matmuls).
 
-Settings: ``OMP_WAIT_POLICY`` unset (GNU OpenMP's default) / ``PASSIVE``, with 2 threads, and 1 thread.
+Settings: ``OMP_WAIT_POLICY`` unset (GNU OpenMP's default: spin 300k iterations, then sleep) / ``PASSIVE`` /
+``GOMP_SPINCOUNT=10000`` (a short spin), with 2 threads, and 1 thread.
 Results depend on how busy the machine is; the load average is recorded with them.
 
 Run: ``python benchmarks/bench_threads.py [--rounds 3] [--calls 5]``.
@@ -29,6 +30,7 @@ from _common import emit, format_table, load_average, machine_info, run_child, w
 SETTINGS = {
     "default wait, 2 threads": ({}, 2),
     "PASSIVE wait, 2 threads": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2),
+    "spin 10k then sleep, 2 threads": ({"GOMP_SPINCOUNT": "10000"}, 2),
     "1 thread": ({}, 1),
 }
 
