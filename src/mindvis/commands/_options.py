@@ -144,6 +144,7 @@ MBM_RUN_OPTIONS: tuple[OptionSpec, ...] = (
         key="trainer.precision",
     ),
     _stage_a("num_workers", int, "Data-loader workers (default: 0)."),
+    OptionSpec("threads", int | None, None, ("--threads",), "CPU threads of torch (default: one per core)."),
     _stage_a("seed", int, "Random seed (default: 2022)."),
     _stage_a("logger", str, "csv (default), tensorboard or wandb (both add the CSV).", key="trainer.logger"),
     _stage_a("progress", bool, "Show the progress bar.", key="trainer.progress_bar"),
@@ -236,11 +237,15 @@ def _normalise(value: Any) -> Any:
     return value
 
 
-def run_mbm(stage: str, out: Path, given: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Resolve the configuration of stage A ``stage`` (``"pretrain"`` or ``"finetune"``), train, and print the
-    outcome (on the primary process)."""
+def run_mbm(
+    stage: str, out: Path, given: dict[str, Any], resume: bool, overwrite: bool, threads: int | None = None
+) -> None:
+    """Resolve the configuration of stage A ``stage`` (``"pretrain"`` or ``"finetune"``), train with ``threads``
+    torch CPU threads (``None``: torch's default), and print the outcome (on the primary process)."""
     from mindvis.train.common import is_primary_process
     from mindvis.train.mbm import run_mbm_stage
+
+    set_threads(threads or 0)
 
     config = resolve_config(stage, out, resume, given)
     result = run_mbm_stage(config, out, resume=resume, overwrite=overwrite)

@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
             god_dir = _god_folder(data_dir)
             given["data.god_dir"] = str(god_dir)
             given["data.god_subjects"] = [_pick_subject(god_dir, subject)]
-        run_mbm("finetune", out, given, resume, shared["overwrite"])
+        run_mbm("finetune", out, given, resume, shared["overwrite"], shared["threads"])
 
 
 def _god_folder(data_dir: Path | None) -> Path:

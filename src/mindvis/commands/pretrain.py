@@ -138,4 +138,4 @@ def register(app: typer.Typer) -> None:
         if not resume or any(x is not None for x in (data_dir, hcp_dir, god_dir, use_hcp, use_god)):
             hcp, god = _find_sources(data_dir, hcp_dir, god_dir, use_hcp, use_god)
             given["data.hcp_dir"], given["data.god_dir"] = hcp, god
-        run_mbm("pretrain", out, given, resume, shared["overwrite"])
+        run_mbm("pretrain", out, given, resume, shared["overwrite"], shared["threads"])
