@@ -163,6 +163,22 @@ def test_conditioning_dropout_uses_the_null_condition(prior_dir, mbm_dir):
     assert torch.equal(dropped.time_cond[is_null], null.time_cond[is_null])
 
 
+def test_validation_samples_use_the_guidance_scale(prior_dir, mbm_dir):
+    with pytest.raises(ConfigError, match="cond_dropout"):
+        _config(guidance_scale=3.0)
+    with pytest.raises(ConfigError, match="finite"):
+        _config(guidance_scale=float("nan"), cond_dropout=0.1)
+    torch.manual_seed(0)
+    model, _ = _model(prior_dir, mbm_dir)
+    fmri, index = torch.randn(2, 128), torch.arange(2)
+    images = {}
+    for scale in (1.0, 1.0, 4.0):
+        module = StageBModule(model, _config(guidance_scale=scale, cond_dropout=0.1))
+        images.setdefault(scale, []).append(module.generate(fmri, index))
+    assert np.array_equal(images[1.0][0], images[1.0][1])  # same seeds: same images
+    assert not np.array_equal(images[1.0][0], images[4.0][0])
+
+
 def test_stage_b_run_outputs_and_resume(prior_dir, mbm_dir, tmp_path):
     from mindvis.pipeline import MindVisPipeline
 

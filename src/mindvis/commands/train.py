@@ -104,6 +104,11 @@ def register(app: typer.Typer) -> None:
         num_samples: int = typer.Option(5, "--num-samples", help="Images per test item at validation."),
         sampler: str = typer.Option("plms", "--sampler", help="plms, ddim or dpmsolver++."),
         steps: int = typer.Option(250, "--steps", help="Sampler steps at validation."),
+        guidance_scale: float = typer.Option(
+            1.0,
+            "--guidance-scale",
+            help="Classifier-free guidance of the validation samples (1: off; needs --cond-dropout).",
+        ),
         val_items: int | None = typer.Option(
             None, "--val-items", help="Test items generated at validation (default: all)."
         ),
@@ -147,6 +152,7 @@ def register(app: typer.Typer) -> None:
             num_samples=num_samples,
             sampler=sampler,
             sample_steps=steps,
+            guidance_scale=guidance_scale,
             val_items=val_items,
             monitor=monitor,
             seed=shared["seed"],

@@ -62,7 +62,10 @@ class PairedAugmentConfig:
 
 def images_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` in ``[-1, 1]``."""
-    x = torch.as_tensor(np.asarray(images))
+    if isinstance(images, torch.Tensor):
+        x = images
+    else:  # read-only arrays (memory-mapped npz members) are copied; torch warns on them otherwise
+        x = torch.from_numpy(np.require(images, requirements="W"))
     if x.dtype != torch.uint8:
         raise DataError(f"images must be uint8, got {x.dtype}", field="images")
     return x.movedim(-1, -3).to(torch.float32).div(127.5).sub(1.0)

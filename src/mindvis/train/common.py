@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -751,9 +752,20 @@ def fit(
     datamodule: Any,
     ckpt_path: str | os.PathLike | None = None,
 ) -> None:
-    """``trainer.fit`` that reports a checkpoint Lightning cannot restore as a :class:`CheckpointError`."""
+    """``trainer.fit`` that reports a checkpoint Lightning cannot restore as a :class:`CheckpointError`.
+
+    Two Lightning warnings a user cannot act on are silenced: frozen parts (the VQ autoencoder, a frozen
+    encoder) are kept in eval mode on purpose, and a deprecation inside Lightning's own pytree helper.
+    """
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r".*module\(s\) in eval mode at the start of training.*"
+            )
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            trainer.fit(
+                module, datamodule=datamodule, ckpt_path=None if ckpt_path is None else str(ckpt_path)
+            )
     except (RuntimeError, KeyError) as exc:
         text = str(exc)
         if (

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 import warnings
@@ -82,6 +83,8 @@ class StageBConfig:
         encoder_init: ``pretrained`` (the stage A encoder) or ``random`` (the "no pretraining" ablation).
         num_samples: images generated per test item at validation (5).
         sampler, sample_steps: how they are generated (PLMS 250).
+        guidance_scale: classifier-free guidance of the validation samples against the null condition (1: none,
+            as the original; other values need ``cond_dropout`` > 0 so that the null condition is trained).
         val_items: how many test items to generate for at validation (``None``: all).
         grid_items: rows of the saved sample grid.
         n_way: n of the n-way metrics logged at validation.
@@ -112,6 +115,7 @@ class StageBConfig:
     num_samples: int = 5
     sampler: str = "plms"
     sample_steps: int = 250
+    guidance_scale: float = 1.0
     val_items: int | None = None
     grid_items: int = 10
     n_way: tuple[int, ...] = (2, 10, 50)
@@ -150,6 +154,13 @@ class StageBConfig:
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ConfigError(
                 f"expected a probability in [0, 1), got {self.cond_dropout}", field="cond_dropout"
+            )
+        if not (isinstance(self.guidance_scale, int | float) and math.isfinite(self.guidance_scale)):
+            raise ConfigError(f"expected a finite number, got {self.guidance_scale!r}", field="guidance_scale")
+        if self.guidance_scale != 1.0 and self.cond_dropout <= 0:
+            raise ConfigError(
+                "guidance needs the null condition trained: give cond_dropout > 0 as well",
+                field="guidance_scale",
             )
         if not (self.use_time_cond or self.use_cross_attn):
             raise ConfigError(
@@ -476,6 +487,7 @@ class StageBModule(pl.LightningModule):
                 num_samples=cfg.num_samples,
                 num_inference_steps=cfg.sample_steps,
                 sampler=cfg.sampler,
+                guidance_scale=cfg.guidance_scale,
                 seed=[cfg.seed + int(i) for i in index],
                 progress=False,
                 return_latents=False,
@@ -779,9 +791,7 @@ def train_stage_b(
         val_batch_size=max(1, min(len(val_set), 16)),
     )
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-        fit(trainer, module, data, ckpt_path=ckpt)
+    fit(trainer, module, data, ckpt_path=ckpt)
     seconds = time.perf_counter() - t0
     best = None
     for cb in trainer.callbacks:

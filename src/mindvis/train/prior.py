@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import os
 import re
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -1226,10 +1225,7 @@ def _run_stage(
         _logger.info("%s: resuming from %s (step %d)", stage_dir.name, ckpt, resume_step)
     stage_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(tc, stage_dir, monitor=monitor, mode=mode, resume_step=resume_step, export=export)
-    with warnings.catch_warnings():
-        # the frozen autoencoder is kept in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-        fit(trainer, module, data, ckpt_path=ckpt)
+    fit(trainer, module, data, ckpt_path=ckpt)
     if trainer.is_global_zero:
         write_json(stage_dir / "stage.json", {"epochs": epochs, "global_step": int(trainer.global_step)})
     return trainer
