@@ -107,6 +107,7 @@ def _missing_input_cases(root: Path) -> dict[str, tuple[list, Path]]:
             ["reconstruct", "--model", m, "--fmri", m / "f.npy", "--out", root / "o"],
             m / "f.npy",
         ),
+        "probe": (["probe", "--dataset", "synthetic", "--data-dir", m, "--out", root / "o"], m),
     }
 
 

@@ -15,18 +15,11 @@ import torch
 
 from mindvis.data.dataset import FMRIDataset
 from mindvis.errors import DataError
-from mindvis.utils.linalg import ridge_dual
+from mindvis.utils.linalg import ridge_dual, standardise_columns
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS = np.logspace(0, 6, 13)
-
-
-def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mu = train.mean(axis=0, keepdims=True)
-    sd = train.std(axis=0, keepdims=True)
-    sd[sd == 0] = 1.0
-    return (train - mu) / sd, (test - mu) / sd
 
 
 @torch.no_grad()
@@ -66,7 +59,9 @@ def ridge_reconstruct(
     shape = z.shape[1:]
     y = z.reshape(len(z), -1)
     y_mean = y.mean(axis=0, keepdims=True)
-    x_tr, x_te = _standardise(np.asarray(train.voxels, np.float64), np.asarray(test.voxels, np.float64))
+    x_tr, x_te = standardise_columns(
+        np.asarray(train.voxels, np.float64), np.asarray(test.voxels, np.float64)
+    )
     coef, alpha = ridge_dual(x_tr, y - y_mean, DEFAULT_ALPHAS if alphas is None else np.asarray(alphas))
     pred = (x_te @ x_tr.T) @ coef + y_mean
     fit = (x_tr @ x_tr.T) @ coef + y_mean

@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "train",
     "convert",
     "reconstruct",
+    "probe",
 ]
 
 app = typer.Typer(

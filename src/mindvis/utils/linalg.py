@@ -10,6 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def standardise_columns(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score the columns of ``train [N, V]`` and ``test [M, V]`` with the training mean and std (constant
+    columns are only centred)."""
+    mu = train.mean(axis=0, keepdims=True)
+    sd = train.std(axis=0, keepdims=True)
+    sd[sd == 0] = 1.0
+    return (train - mu) / sd, (test - mu) / sd
+
+
 def ridge_dual(x_train: np.ndarray, y_train: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, float]:
     """Kernel (dual) ridge with the penalty chosen by exact leave-one-out error.
 

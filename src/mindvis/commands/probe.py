@@ -1,0 +1,136 @@
+"""``mindvis probe``: linear readouts of class and pixels from each representation of fMRI, to find where
+stimulus information is lost (raw voxels, stage A tokens, stage B conditioning)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def probe_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of probe results (``ProbeResult.to_dict()`` rows)."""
+    head = "| source | level | dims | class accuracy | class chance | pixel 2-way |\n|---|---|---:|---:|---:|---:|\n"
+    body = "".join(
+        f"| {r['source']} | {r['level']} | {r['dims']} | {_fmt(r['class_accuracy'])} | "
+        f"{_fmt(r['class_chance'])} | {_fmt(r['pixel_2way'])} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def plot_probes(rows: list[dict[str, Any]], path: Path) -> None:
+    """Horizontal bars of class accuracy and pixel identification per level, chance marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['source']}: {r['level']}" for r in rows]
+    panels = [
+        ("class accuracy (test)", "class_accuracy", [r["class_chance"] for r in rows]),
+        ("pixel 2-way identification (test)", "pixel_2way", [0.5] * len(rows)),
+    ]
+    panels = [p for p in panels if any(r[p[1]] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.35 * len(rows) + 1.2), squeeze=False)
+    ys = list(range(len(rows)))[::-1]
+    for ax, (title, key, chance) in zip(axes[0], panels, strict=True):
+        ax.barh(ys, [r[key] or 0.0 for r in rows], color="#4c72b0")
+        for y, c in zip(ys, chance, strict=True):
+            if c is not None:
+                ax.plot([c, c], [y - 0.4, y + 0.4], color="#c44e52", lw=2)
+        ax.set_yticks(ys, names if ax is axes[0][0] else [""] * len(rows), fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_title(title, fontsize=9)
+    axes[0][-1].text(1.0, -0.9, "red: chance", color="#c44e52", fontsize=7, ha="right")
+    fig.tight_layout()
+    from mindvis.utils.io import atomic_write
+
+    with atomic_write(path, mode="wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("probe")
+    def probe(
+        models: list[Path] = typer.Argument(
+            None,
+            help="Model folders to probe: stage A runs (pretrain/finetune --out), stage A weights folders, or "
+            "stage B pipelines (train --out/model). None: only the raw voxels.",
+        ),
+        dataset: str = typer.Option(..., "--dataset", help="Dataset kind (synthetic, god, ...)."),
+        data_dir: Path = typer.Option(..., "--data-dir", help="Folder of --dataset."),
+        subject: str | None = typer.Option(None, "--subject", help="Subject (default: the first)."),
+        roi: str | None = typer.Option(None, "--roi", help="ROI mask key (default: the dataset's)."),
+        out: Path | None = typer.Option(
+            None, "--out", "-o", help="Folder for probe.json, probe.md and probe.png (default: print only)."
+        ),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+        threads: int | None = typer.Option(
+            None, "--threads", help="torch CPU threads (default: one per core)."
+        ),
+    ) -> None:
+        """Read class and pixels linearly out of each level (train split -> test split) and compare to chance.
+
+        Levels: raw voxels; then per model its preprocessed input, the encoder tokens [N, L, D] (flattened), their
+        mean, and for stage B pipelines the cross-attention context and the time vector. A level far below the
+        raw voxels is where information is lost.
+        """
+        from rich.console import Console
+        from rich.table import Table
+
+        from mindvis.commands._options import set_threads
+        from mindvis.data.formats.registry import load_dataset
+        from mindvis.eval.probe import run_probes
+        from mindvis.utils.io import atomic_dir, atomic_write, prepare_output_dir, write_json
+        from mindvis.utils.steps import provenance
+
+        if out is not None:
+            prepare_output_dir(out, overwrite=overwrite)
+        set_threads(threads or 0)
+        options: dict[str, Any] = {} if roi is None else {"roi": roi}
+        train = load_dataset(dataset, data_dir, subject, "train", **options)
+        test = load_dataset(dataset, data_dir, subject or train.subject, "test", **options)
+        results = [r.to_dict() for r in run_probes(train, test, list(models or []))]
+        table = Table(title=f"linear probes: {train.subject}, {len(train)} train -> {len(test)} test samples")
+        for col in ("source", "level", "dims", "class acc", "chance", "pixel 2-way"):
+            table.add_column(col, justify="left" if col in ("source", "level") else "right")
+        for r in results:
+            table.add_row(
+                r["source"],
+                r["level"],
+                str(r["dims"]),
+                _fmt(r["class_accuracy"]),
+                _fmt(r["class_chance"]),
+                _fmt(r["pixel_2way"]),
+            )
+        console = Console()
+        console.print(table)
+        if out is None:
+            return
+        with atomic_dir(out, overwrite=True) as tmp:
+            write_json(
+                tmp / "probe.json",
+                {
+                    "format": "mindvis-probe/1",
+                    "data": {
+                        "dataset": dataset,
+                        "data_dir": str(data_dir),
+                        "subject": train.subject,
+                        "train": len(train),
+                        "test": len(test),
+                    },  # fmt: skip
+                    "results": results,
+                    **provenance(),
+                },
+            )
+            with atomic_write(tmp / "probe.md", mode="w") as f:
+                f.write(probe_table(results))
+            plot_probes(results, tmp / "probe.png")
+        console.print(f"wrote {out / 'probe.json'}, probe.md and probe.png")

@@ -1,0 +1,221 @@
+"""Linear probes: how much of the stimulus a representation of fMRI still carries, level by level.
+
+MinD-Vis passes fMRI through several representations before an image comes out: the preprocessed voxels, the
+stage A encoder's tokens ``[N, L, D]``, and stage B's conditioning (the cross-attention context ``[N, T, C]`` and
+the time-embedding vector ``[N, E]``). When reconstructions are at chance, these probes say where the
+information was lost. Each level is read out linearly, trained on the training split and scored on the test
+split:
+
+* **class accuracy**: kernel ridge onto one-hot labels, the largest output wins (chance: the most frequent
+  test class's share);
+* **pixel identification**: kernel ridge onto the seen image's pixels (images are area-resized to at most
+  32 x 32 so that the readout stays small), scored by 2-way identification with pixel correlation (chance 0.5),
+  the same rule as ``mindvis evaluate``'s ``ident_pcc_2way``.
+
+Features are z-scored per column on the training split and the ridge penalty is chosen by exact leave-one-out
+error (:func:`mindvis.utils.linalg.ridge_dual`). A linear probe is a lower bound on what a level holds: a level
+can carry information in a form a linear readout misses. But the stage B conditioner itself is linear in the
+encoder tokens, so information that a linear probe cannot find in the tokens is hard for it to use too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mindvis.data.dataset import FMRIDataset
+from mindvis.errors import DataError
+from mindvis.utils.linalg import ridge_dual, standardise_columns
+
+_logger = logging.getLogger(__name__)
+
+#: Candidate ridge penalties, scaled by the feature count (features are z-scored).
+ALPHAS = np.logspace(-3, 3, 13)
+#: Largest side of the images the pixel readout predicts.
+PIXEL_SIZE = 32
+
+
+@dataclass
+class ProbeResult:
+    """One representation level read out linearly.
+
+    Attributes:
+        source: the model folder (or ``"voxels"`` for the raw data).
+        level: ``voxels``, ``input`` (preprocessed), ``tokens``, ``mean token``, ``context`` or ``time vector``.
+        dims: feature count.
+        class_accuracy: test accuracy of the class readout (``None`` without labels).
+        class_chance: the most frequent test class's share.
+        pixel_2way: 2-way identification of the pixel readout (``None`` without images).
+    """
+
+    source: str
+    level: str
+    dims: int
+    class_accuracy: float | None
+    class_chance: float | None
+    pixel_2way: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _targets(train: FMRIDataset, test: FMRIDataset) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Labels ``(train [N], test [M])`` when both splits have them for every sample, else ``(None, None)``."""
+    if train.labels is None or test.labels is None:
+        return None, None
+    ltr, lte = np.asarray(train.labels), np.asarray(test.labels)
+    if (ltr < 0).any() or (lte < 0).any():
+        return None, None
+    return ltr, lte
+
+
+def _pixels(ds: FMRIDataset) -> np.ndarray | None:
+    """``[N, P]`` float64 pixels in [0, 1] of each sample's image, area-resized to at most ``PIXEL_SIZE``."""
+    if not ds.paired:
+        return None
+    x = torch.from_numpy(np.require(ds.sample_images(), requirements="W")).movedim(-1, 1).float() / 255.0
+    if max(x.shape[-2:]) > PIXEL_SIZE:
+        x = torch.nn.functional.interpolate(x, size=(PIXEL_SIZE, PIXEL_SIZE), mode="area")
+    return x.reshape(len(x), -1).double().numpy()
+
+
+def two_way_pixel_identification(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Share of (item, other item) pairs where prediction ``i`` correlates more with image ``i`` than with the
+    other image. ``pred, truth: [M, P]``."""
+    from mindvis.eval.metrics import pcc_matrix, two_way_identification
+
+    sim = pcc_matrix(np.asarray(pred)[:, None, :], np.asarray(truth))  # [M, 1, M]; Pearson ignores the scale
+    return float(two_way_identification(sim).mean())
+
+
+def probe_level(
+    source: str,
+    level: str,
+    x_train: np.ndarray,
+    x_test: np.ndarray,
+    labels: tuple[np.ndarray | None, np.ndarray | None],
+    pixels: tuple[np.ndarray | None, np.ndarray | None],
+) -> ProbeResult:
+    """Read one level out. ``x_train: [N, ...]``, ``x_test: [M, ...]`` (flattened per sample)."""
+    a = np.asarray(x_train, np.float64).reshape(len(x_train), -1)
+    b = np.asarray(x_test, np.float64).reshape(len(x_test), -1)
+    a, b = standardise_columns(a, b)
+    kernel = b @ a.T  # [M, N]
+    alphas = ALPHAS * a.shape[1]
+    acc = chance = two = None
+    ltr, lte = labels
+    if ltr is not None and lte is not None:
+        classes = np.unique(np.concatenate([ltr, lte]))
+        y = (ltr[:, None] == classes[None, :]).astype(np.float64)
+        coef, _ = ridge_dual(a, y - y.mean(axis=0), alphas)
+        pred = classes[(kernel @ coef).argmax(axis=1)]
+        acc = float((pred == lte).mean())
+        chance = float(np.unique(lte, return_counts=True)[1].max() / len(lte))
+    ptr, pte = pixels
+    if ptr is not None and pte is not None:
+        mean = ptr.mean(axis=0)
+        coef, _ = ridge_dual(a, ptr - mean, alphas)
+        two = two_way_pixel_identification(kernel @ coef + mean, pte)
+    return ProbeResult(source, level, int(a.shape[1]), acc, chance, two)
+
+
+def _batched(fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], x: np.ndarray, batch: int = 64):
+    parts: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out = fn(torch.as_tensor(np.asarray(x[i : i + batch], np.float32)))
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v.float().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def model_levels(model_dir: str | os.PathLike, subject: str | None) -> tuple[object | None, object, Callable]:
+    """The fitted preprocessing (or ``None``), the encoder's :class:`~mindvis.models.mbm.MBMConfig` and a feature
+    function (``fmri [B, V] -> {level: array}``) of a model folder: a stage A run folder (``preprocessing.json``
+    + ``model/``), a stage A weights folder, or a stage B pipeline."""
+    from mindvis.data.preprocess import load_preprocessor
+    from mindvis.train.ldm import find_preprocessing
+
+    d = Path(model_dir)
+    if (d / "model_index.json").is_file():  # stage B pipeline
+        from mindvis.pipeline import MindVisPipeline
+
+        model = MindVisPipeline.from_pretrained(d).model.eval()
+        if model.fmri_encoder is None:
+            raise DataError("a class-conditional prior has no fMRI levels to probe", path=d, field="model")
+        encoder = model.fmri_encoder
+        pre_path: Path | None = d / "preprocess.json" if (d / "preprocess.json").is_file() else None
+
+        def stage_b(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            tokens = encoder(x)
+            cond = model.conditioner(tokens)
+            out = {"tokens": tokens, "mean token": tokens.mean(dim=1), "context": cond.context}
+            if cond.time_cond is not None:
+                out["time vector"] = cond.time_cond
+            return out
+
+        fn: Callable = stage_b
+    else:
+        from mindvis.models.mbm import FMRIEncoder, load_mbm_weights
+
+        config, state = load_mbm_weights(d / "model" if (d / "model").is_dir() else d)
+        encoder = FMRIEncoder(config)
+        encoder.load_mbm_state_dict(state)
+        encoder.eval()
+        pre_path = find_preprocessing(d)
+
+        def stage_a(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            tokens = encoder(x)
+            return {"tokens": tokens, "mean token": tokens.mean(dim=1)}
+
+        fn = stage_a
+    pre = None if pre_path is None else load_preprocessor(pre_path, subject=subject)
+    return pre, encoder.config, fn
+
+
+def source_name(model_dir: str | os.PathLike) -> str:
+    """A short name of a model folder for tables: ``run/model`` for the weights folders inside runs."""
+    p = Path(model_dir)
+    return f"{p.parent.name}/{p.name}" if p.name in ("model", "best", "pipeline") else p.name
+
+
+def run_probes(train: FMRIDataset, test: FMRIDataset, models: list[str | os.PathLike]) -> list[ProbeResult]:
+    """Probe the raw voxels, then every level of every model, on the same train/test splits."""
+    if train.num_voxels != test.num_voxels:
+        raise DataError(
+            f"train has {train.num_voxels} voxels, test {test.num_voxels}", path=test.source, field="voxels"
+        )
+    labels = _targets(train, test)
+    pixels = (_pixels(train), _pixels(test))
+    if labels[0] is None and pixels[0] is None:
+        raise DataError("the probes need class labels or paired images", path=train.source, field="labels")
+    results = [probe_level("voxels", "voxels", train.voxels, test.voxels, labels, pixels)]
+    _logger.info("probe: raw voxels done")
+    for m in models:
+        from mindvis.train.ldm import prepare_voxels
+
+        pre, config, fn = model_levels(m, train.subject)
+        name = source_name(m)
+        x_tr, x_te, _ = prepare_voxels(train, test, config.num_voxels, config.patch_size, pre)
+        results.append(probe_level(name, "input", x_tr, x_te, labels, pixels))
+        f_tr, f_te = _batched(fn, x_tr), _batched(fn, x_te)
+        for level in f_tr:
+            results.append(probe_level(name, level, f_tr[level], f_te[level], labels, pixels))
+        _logger.info("probe: %s done", m)
+    return results
+
+
+__all__ = [
+    "ProbeResult",
+    "model_levels",
+    "probe_level",
+    "run_probes",
+    "source_name",
+    "two_way_pixel_identification",
+]

@@ -1,0 +1,130 @@
+"""Linear probes (mindvis.eval.probe, `mindvis probe`): readouts find planted information and only that."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mindvis.cli import main
+from mindvis.data.dataset import FMRIDataset
+from mindvis.data.preprocess import FMRIPreprocessor
+from mindvis.eval.probe import probe_level, run_probes, source_name, two_way_pixel_identification
+from mindvis.models.mbm import MaskedBrainModel, mbm_tiny
+
+VOXELS = 96
+CLASSES = 4
+RES = 8
+
+
+def _planted(n: int, seed: int, informative: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, images and voxels; the voxels are a linear map of class and pixels plus noise when
+    ``informative``, else noise alone."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % CLASSES
+    images = rng.integers(0, 256, size=(n, RES, RES, 3), dtype=np.uint8)
+    mix = np.random.default_rng(99)  # the same "brain" for both splits
+    w_class = mix.normal(size=(CLASSES, VOXELS))
+    w_pix = mix.normal(size=(RES * RES * 3, VOXELS)) / np.sqrt(RES * RES * 3)
+    noise = rng.normal(size=(n, VOXELS))
+    if not informative:
+        return labels, images, noise.astype(np.float32)
+    pix = images.reshape(n, -1) / 255.0 - 0.5
+    signal = 2.0 * np.eye(CLASSES)[labels] @ w_class + 8.0 * pix @ w_pix
+    return labels, images, (signal + noise).astype(np.float32)
+
+
+def _split(n: int, seed: int, split: str, informative: bool) -> FMRIDataset:
+    labels, images, voxels = _planted(n, seed, informative)
+    return FMRIDataset(
+        voxels=voxels,
+        subject="sbj_1",
+        split=split,  # type: ignore[arg-type]
+        image_ids=np.arange(n),
+        images=images,
+        labels=labels,
+        source=f"mem/{split}",
+    )
+
+
+def test_readouts_find_planted_information_and_not_noise():
+    tr, te = _split(240, 0, "train", True), _split(60, 1, "test", True)
+    good = probe_level("x", "voxels", tr.voxels, te.voxels, (tr.labels, te.labels), _pixels(tr, te))
+    assert good.dims == VOXELS and good.class_chance == pytest.approx(1 / CLASSES)
+    assert good.class_accuracy >= 0.9
+    assert good.pixel_2way >= 0.75
+    tr0, te0 = _split(240, 0, "train", False), _split(60, 1, "test", False)
+    bad = probe_level("x", "voxels", tr0.voxels, te0.voxels, (tr0.labels, te0.labels), _pixels(tr0, te0))
+    assert bad.class_accuracy < good.class_accuracy - 0.4
+    assert abs(bad.pixel_2way - 0.5) < 0.12
+
+
+def _pixels(tr: FMRIDataset, te: FMRIDataset):
+    from mindvis.eval.probe import _pixels as pixels
+
+    return pixels(tr), pixels(te)
+
+
+def test_two_way_identification_of_perfect_and_reversed_predictions():
+    rng = np.random.default_rng(0)
+    truth = rng.random((10, 30))
+    assert two_way_pixel_identification(truth * 3 + 1, truth) == 1.0
+    assert two_way_pixel_identification(-truth, truth) == 0.0
+
+
+def _stage_a_run(tmp_path, tr: FMRIDataset):
+    torch.manual_seed(0)
+    run = tmp_path / "stage a2"
+    MaskedBrainModel(mbm_tiny(VOXELS)).save_pretrained(run / "model")
+    FMRIPreprocessor(patch_size=16, length=VOXELS).fit(tr.voxels).save(run / "preprocessing.json")
+    return run
+
+
+def test_run_probes_levels_of_a_stage_a_run(tmp_path):
+    tr, te = _split(120, 0, "train", True), _split(40, 1, "test", True)
+    run = _stage_a_run(tmp_path, tr)
+    results = run_probes(tr, te, [run / "model"])
+    assert [(r.source, r.level) for r in results] == [
+        ("voxels", "voxels"),
+        ("stage a2/model", "input"),
+        ("stage a2/model", "tokens"),
+        ("stage a2/model", "mean token"),
+    ]
+    tokens = results[2]
+    cfg = mbm_tiny(VOXELS)
+    assert tokens.dims == cfg.num_patches * cfg.embed_dim
+    # the preprocessed input is an affine map of the voxels: the same readout
+    assert results[1].class_accuracy == pytest.approx(results[0].class_accuracy, abs=0.05)
+    assert source_name(run) == "stage a2"
+
+
+def test_probe_cli_writes_json_table_and_plot(tmp_path, monkeypatch, quiet_cli_logging):
+    tr, te = _split(120, 0, "train", True), _split(40, 1, "test", True)
+    run = _stage_a_run(tmp_path, tr)
+
+    def fake_load(kind, data_dir, subject, split, **kw):
+        return {"train": tr, "test": te}[split]
+
+    monkeypatch.setattr("mindvis.data.formats.registry.load_dataset", fake_load)
+    out = tmp_path / "probe out"
+    code = main(["probe", str(run), "--dataset", "synthetic", "--data-dir", str(tmp_path), "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "probe.json").read_text())
+    assert data["format"] == "mindvis-probe/1" and len(data["results"]) == 4
+    assert data["data"]["train"] == 120 and data["data"]["test"] == 40
+    assert (out / "probe.md").read_text().count("\n") == 2 + 4
+    assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an existing non-empty folder is not replaced without --overwrite
+    again = main(["probe", "--dataset", "synthetic", "--data-dir", str(tmp_path), "--out", str(out)])
+    assert again == 2 and len(json.loads((out / "probe.json").read_text())["results"]) == 4
+
+
+def test_probe_needs_labels_or_images():
+    from mindvis.errors import DataError
+
+    tr = FMRIDataset(voxels=np.zeros((4, VOXELS), np.float32), subject="s", split="train", source="a")
+    te = FMRIDataset(voxels=np.zeros((2, VOXELS), np.float32), subject="s", split="test", source="b")
+    with pytest.raises(DataError, match="labels or paired images"):
+        run_probes(tr, te, [])
