@@ -108,6 +108,38 @@ def test_wrong_token_shape():
         DCConditioner(_cfg())(torch.randn(2, 15, 24))
 
 
+def test_token_standardisation():
+    torch.manual_seed(0)
+    plain = DCConditioner(_cfg())
+    std = DCConditioner(_cfg(standardize_tokens=True))
+    std.load_state_dict(plain.state_dict(), strict=False)
+    assert {"token_mean", "token_std"} <= set(std.state_dict()) and "token_mean" not in plain.state_dict()
+    # a large shared part, small per-sample variation, and one constant channel
+    tokens = 5.0 + 0.1 * torch.randn(200, 16, 24)
+    tokens[:, 3, 7] = 2.0
+    x = tokens[:4]
+    # before fitting: identity (mean 0, std 1)
+    assert torch.allclose(std(x).context, plain(x).context)
+    std.fit_token_stats(tokens)
+    z = (x - tokens.mean(0)) / std.token_std
+    assert torch.allclose(std(x).context, plain(z).context, atol=1e-5)
+    # the constant channel is divided by the floor, not by ~0
+    floor = 0.1 * float(tokens.std(0).mean())
+    assert float(std.token_std[3, 7]) == pytest.approx(floor, rel=1e-4)
+    assert float(std.token_std.min()) >= floor * (1 - 1e-6)
+    with pytest.raises(ConfigError):
+        plain.fit_token_stats(tokens)
+    with pytest.raises(DataError):
+        std.fit_token_stats(tokens[:1])
+    # scaled to a wanted spread of the context across samples
+    for want in (0.3, 2.0):
+        std.fit_token_stats(tokens, context_std=want)
+        got = float(std(tokens).context.std(dim=0).mean())
+        assert got == pytest.approx(want, rel=1e-3)
+    with pytest.raises(ConfigError):
+        std.fit_token_stats(tokens, context_std=0.0)
+
+
 def test_config_round_trip():
     c = _cfg(global_pool=True, num_tokens=1, use_cross_attn=False)
     assert DCConditionerConfig.from_dict(c.to_dict()) == c

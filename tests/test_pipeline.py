@@ -221,6 +221,21 @@ def test_save_load_round_trip(pipe, fmri, tmp_path):
     pipe.save_pretrained(d, overwrite=True)
 
 
+def test_round_trip_keeps_the_token_standardisation(tmp_path, fmri):
+    from mindvis.models.mbm import FMRIEncoder, mbm_tiny
+
+    torch.manual_seed(0)
+    model = DCLDM.for_fmri(ldm_preset("tiny"), FMRIEncoder(mbm_tiny(V)), standardize_tokens=True)
+    with torch.no_grad():
+        model.conditioner.fit_token_stats(model.fmri_encoder(torch.randn(8, V)))
+    d = MindVisPipeline(_tame(model)).save_pretrained(tmp_path / "std")
+    loaded = MindVisPipeline.from_pretrained(d).model.conditioner
+    assert loaded.config.standardize_tokens
+    for name in ("token_mean", "token_std"):
+        assert torch.equal(getattr(loaded, name), getattr(model.conditioner, name))
+    assert not torch.equal(loaded.token_std, torch.ones_like(loaded.token_std))
+
+
 def test_from_pretrained_errors(pipe, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         MindVisPipeline.from_pretrained(tmp_path / "nope")

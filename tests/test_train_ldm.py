@@ -179,6 +179,23 @@ def test_validation_samples_use_the_guidance_scale(prior_dir, mbm_dir):
     assert not np.array_equal(images[1.0][0], images[4.0][0])
 
 
+def test_token_standardisation_matches_the_prior_context_spread(prior_dir, mbm_dir):
+    from mindvis.train.ldm import fit_token_stats, load_prior, prior_context_std
+
+    prior = load_prior(prior_dir)
+    want = prior_context_std(prior)
+    rows = prior.conditioner.embedding.weight[:-1].detach().double()
+    assert want == pytest.approx(float(rows.std(dim=0).mean()))
+    model, _ = _model(prior_dir, mbm_dir, standardize_tokens=True)
+    fmri = torch.randn(32, 128)
+    fit_token_stats(model, fmri.numpy(), want)
+    with torch.no_grad():
+        ctx = model.condition(fmri).context
+    assert float(ctx.std(dim=0).mean()) == pytest.approx(want, rel=1e-3)
+    plain, _ = _model(prior_dir, mbm_dir)
+    assert prior_context_std(plain) is None  # an fMRI model has no class embeddings
+
+
 def test_stage_b_run_outputs_and_resume(prior_dir, mbm_dir, tmp_path):
     from mindvis.pipeline import MindVisPipeline
 

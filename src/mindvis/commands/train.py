@@ -95,6 +95,12 @@ def register(app: typer.Typer) -> None:
         cross_attn: bool = typer.Option(
             True, "--cross-attn/--no-cross-attn", help="Cross-attention conditioning."
         ),
+        standardize_tokens: bool = typer.Option(
+            False,
+            "--standardize-tokens/--no-standardize-tokens",
+            help="Z-score the encoder tokens with training statistics before the conditioner (not in the "
+            "original; helps small encoders whose tokens vary little between samples).",
+        ),
         random_encoder: bool = typer.Option(
             False,
             "--random-encoder",
@@ -148,6 +154,7 @@ def register(app: typer.Typer) -> None:
             global_pool=global_pool,
             use_time_cond=time_cond,
             use_cross_attn=cross_attn,
+            standardize_tokens=standardize_tokens,
             encoder_init="random" if random_encoder else "pretrained",
             num_samples=num_samples,
             sampler=sampler,

@@ -8,7 +8,13 @@ The fMRI encoder's tokens ``[N, L, D]`` condition the UNet twice:
   ``C -> E``) gives ``[N, E]``, which the UNet adds to its time embedding (``E = 4 * model_channels``).
 
 With ``global_pool`` the encoder gives one token ``[N, 1, D]``: there is no channel mapper, the context is
-``[N, 1, C]``, and the time path is a single Linear. Either path can be switched off, as in the paper's
+``[N, 1, C]``, and the time path is a single Linear.
+
+With ``standardize_tokens`` (not in the original; off by default) the tokens are z-scored per token and channel
+with fixed statistics of the training fMRI (:meth:`DCConditioner.fit_token_stats`) before the mappers. A small
+encoder's tokens vary little between samples next to their shared part (the position embedding survives the
+final LayerNorm); the prior's cross-attention was trained on class embeddings that differ completely between
+classes, so without this the fMRI context looks nearly constant to the UNet, and stage B learns to ignore it. Either path can be switched off, as in the paper's
 ablation (cross-attention only, or time conditioning only, where the attention then sees a zero context).
 
 :class:`ClassEmbedder` is the label-conditional counterpart (the CompVis label2img prior): labels ``[N]``
@@ -81,6 +87,8 @@ class DCConditionerConfig(_ConfigMixin):
         global_pool: the encoder mean-pools to one token.
         use_cross_attn: feed the fMRI context to cross-attention (off: a zero context ``[N, 1, C]``).
         use_time_cond: compute the time-embedding vector.
+        standardize_tokens: z-score the tokens with fixed training statistics (buffers ``token_mean`` and
+            ``token_std`` ``[L, D]``) before the mappers.
     """
 
     num_tokens: int
@@ -91,11 +99,12 @@ class DCConditionerConfig(_ConfigMixin):
     global_pool: bool = False
     use_cross_attn: bool = True
     use_time_cond: bool = True
+    standardize_tokens: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_tokens", "token_dim", "context_dim", "time_embed_dim", "cond_tokens"):
             _int(name, getattr(self, name))
-        for name in ("global_pool", "use_cross_attn", "use_time_cond"):
+        for name in ("global_pool", "use_cross_attn", "use_time_cond", "standardize_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"expected true or false, got {getattr(self, name)!r}", field=name)
         if not (self.use_cross_attn or self.use_time_cond):
@@ -124,7 +133,8 @@ class DCConditioner(nn.Module):
 
     Parameters (converted from the original): ``channel_mapper.{0,1}`` (``cond_stage_model.channel_mapper``),
     ``dim_mapper`` (``cond_stage_model.dim_mapper``), ``time_mapper.{0,1,2}`` or ``time_mapper`` (a single
-    Linear with ``global_pool``) (``model.diffusion_model.time_embed_condtion``).
+    Linear with ``global_pool``) (``model.diffusion_model.time_embed_condtion``). With ``standardize_tokens``
+    also the buffers ``token_mean`` and ``token_std`` (ours).
     """
 
     def __init__(self, config: DCConditionerConfig):
@@ -132,6 +142,9 @@ class DCConditioner(nn.Module):
         if not isinstance(config, DCConditionerConfig):
             raise ConfigError(f"expected a DCConditionerConfig, got {type(config).__name__}")
         self.config = c = config
+        if c.standardize_tokens:
+            self.register_buffer("token_mean", torch.zeros(c.num_tokens, c.token_dim))
+            self.register_buffer("token_std", torch.ones(c.num_tokens, c.token_dim))
         if not c.global_pool:
             self.channel_mapper = nn.Sequential(
                 nn.Conv1d(c.num_tokens, c.num_tokens // 2, 1, bias=True),
@@ -165,8 +178,42 @@ class DCConditioner(nn.Module):
                 f"expected encoder tokens [N, {c.num_tokens}, {c.token_dim}], got {list(tokens.shape)}",
                 field="tokens",
             )
+        if c.standardize_tokens:
+            tokens = (tokens - self.token_mean) / self.token_std
         h = tokens if self.channel_mapper is None else self.channel_mapper(tokens)  # [N, T, D]
         return self.dim_mapper(h)  # [N, T, C]
+
+    @torch.no_grad()
+    def fit_token_stats(self, tokens: Tensor, floor: float = 0.1, context_std: float | None = None) -> None:
+        """Set the standardisation from training tokens ``[N, L, D]``: their mean, and their std floored at
+        ``floor`` times its average (so that near-constant channels are not blown up into noise).
+
+        With ``context_std``, the standardised tokens are scaled so that the context these tokens give varies
+        across samples by that much (std over samples, averaged over context tokens and channels). The
+        context is affine in the standardised tokens, so this scale is exact for the current mappers."""
+        c = self.config
+        if not c.standardize_tokens:
+            raise ConfigError("this conditioner does not standardise tokens", field="standardize_tokens")
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (c.num_tokens, c.token_dim) or len(tokens) < 2:
+            raise DataError(
+                f"expected at least 2 samples of tokens [N, {c.num_tokens}, {c.token_dim}], "
+                f"got {list(tokens.shape)}",
+                field="tokens",
+            )
+        t = tokens.double()
+        std = t.std(dim=0)
+        self.token_mean.copy_(t.mean(dim=0).to(self.token_mean.dtype))
+        self.token_std.copy_(
+            std.clamp_min(floor * float(std.mean())).clamp_min(1e-8).to(self.token_std.dtype)
+        )
+        if context_std is not None:
+            if not context_std > 0:
+                raise ConfigError(f"expected a positive context std, got {context_std}", field="context_std")
+            spread = float(
+                self.context_from_tokens(tokens.to(self.token_std.dtype)).double().std(dim=0).mean()
+            )
+            if spread > 0:
+                self.token_std.mul_(spread / context_std)
 
     def time_from_context(self, context: Tensor) -> Tensor | None:
         """``context: [N, T, C]`` -> ``[N, E]``, or ``None`` when the time path is off."""

@@ -577,6 +577,7 @@ class DCLDM(nn.Module):
         use_time_cond: bool = True,
         use_cross_attn: bool = True,
         cond_tokens: int | None = None,
+        standardize_tokens: bool = False,
         schedule: NoiseSchedule | None = None,
         unet: UNet2DConditionModel | None = None,
         vq: VQModel | None = None,
@@ -600,6 +601,7 @@ class DCLDM(nn.Module):
                 global_pool=gp,
                 use_cross_attn=use_cross_attn,
                 use_time_cond=use_time_cond,
+                standardize_tokens=bool(standardize_tokens),
             )
         )
         return cls(unet_config, ldm.vq, cond, schedule, fmri_encoder=fmri_encoder, unet=unet, vq=vq)

@@ -80,6 +80,8 @@ class StageBConfig:
             0 = off, as the original).
         global_pool: mean-pool the fMRI tokens (the original's stage B default is False).
         use_time_cond, use_cross_attn: the two conditioning paths (the paper's ablation switches one off).
+        standardize_tokens: z-score the encoder tokens with fixed statistics of the training fMRI before the
+            conditioner (not in the original; see :mod:`mindvis.models.conditioning`).
         encoder_init: ``pretrained`` (the stage A encoder) or ``random`` (the "no pretraining" ablation).
         num_samples: images generated per test item at validation (5).
         sampler, sample_steps: how they are generated (PLMS 250).
@@ -111,6 +113,7 @@ class StageBConfig:
     global_pool: bool = False
     use_time_cond: bool = True
     use_cross_attn: bool = True
+    standardize_tokens: bool = False
     encoder_init: Literal["pretrained", "random"] = "pretrained"
     num_samples: int = 5
     sampler: str = "plms"
@@ -156,7 +159,9 @@ class StageBConfig:
                 f"expected a probability in [0, 1), got {self.cond_dropout}", field="cond_dropout"
             )
         if not (isinstance(self.guidance_scale, int | float) and math.isfinite(self.guidance_scale)):
-            raise ConfigError(f"expected a finite number, got {self.guidance_scale!r}", field="guidance_scale")
+            raise ConfigError(
+                f"expected a finite number, got {self.guidance_scale!r}", field="guidance_scale"
+            )
         if self.guidance_scale != 1.0 and self.cond_dropout <= 0:
             raise ConfigError(
                 "guidance needs the null condition trained: give cond_dropout > 0 as well",
@@ -261,9 +266,51 @@ def build_stage_b_model(prior: Any, encoder: nn.Module, config: StageBConfig) ->
         encoder,
         use_time_cond=config.use_time_cond,
         use_cross_attn=config.use_cross_attn,
+        standardize_tokens=config.standardize_tokens,
         schedule=prior.schedule,
         unet=unet,
         vq=prior.vq,
+    )
+
+
+def prior_context_std(prior: Any) -> float | None:
+    """How much the prior's own context varies between conditions: the std over its class embeddings (the null
+    row left out), averaged over channels; ``None`` when the prior is not class-conditional."""
+    from mindvis.models.conditioning import ClassEmbedder
+
+    cond = getattr(prior, "conditioner", None)
+    if not isinstance(cond, ClassEmbedder) or cond.config.n_classes < 3:
+        return None
+    return float(cond.embedding.weight[:-1].detach().double().std(dim=0).mean())
+
+
+@torch.no_grad()
+def fit_token_stats(
+    model: Any, voxels: np.ndarray, context_std: float | None = None, batch_size: int = 256
+) -> None:
+    """Set the conditioner's token standardisation from the encoder's tokens of ``voxels [N, V]`` (preprocessed
+    training fMRI), scaled so that the fMRI context varies across samples by ``context_std`` (the prior's
+    :func:`prior_context_std`: the spread its cross-attention was trained on)."""
+    encoder = model.fmri_encoder
+    was_training = encoder.training
+    encoder.eval()
+    tokens = torch.cat(
+        [
+            encoder(torch.as_tensor(voxels[i : i + batch_size])).float()
+            for i in range(0, len(voxels), batch_size)
+        ]
+    )
+    encoder.train(was_training)
+    model.conditioner.fit_token_stats(tokens, context_std=context_std)
+    _logger.info(
+        "token standardisation from %d training samples: tokens vary %.3g across samples (scale %.3g); "
+        "context scaled to vary %s",
+        len(tokens),
+        float(tokens.std(dim=0).mean()),
+        float(tokens.std()),
+        "as the mappers give it"
+        if context_std is None
+        else f"{context_std:.3g} (the prior's class embeddings)",
     )
 
 
@@ -730,6 +777,8 @@ def train_stage_b(
         train, test, encoder.config.num_voxels, encoder.config.patch_size, preprocessor
     )
     model = build_stage_b_model(prior_model, encoder, config)
+    if config.standardize_tokens:  # from the initial encoder; a resumed run then loads the saved buffers
+        fit_token_stats(model, x_train, prior_context_std(prior_model))
     del prior_model
 
     train_set = PairedFMRIDataset.from_fmri_dataset(
