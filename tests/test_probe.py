@@ -85,7 +85,9 @@ def _stage_a_run(tmp_path, tr: FMRIDataset):
 def test_run_probes_levels_of_a_stage_a_run(tmp_path):
     tr, te = _split(120, 0, "train", True), _split(40, 1, "test", True)
     run = _stage_a_run(tmp_path, tr)
-    results = run_probes(tr, te, [run / "model"])
+    report = run_probes(tr, te, [run / "model"])
+    results = report.levels
+    assert report.conditioning == {}  # stage A has no denoiser
     assert [(r.source, r.level) for r in results] == [
         ("voxels", "voxels"),
         ("stage a2/model", "input"),
@@ -128,3 +130,29 @@ def test_probe_needs_labels_or_images():
     te = FMRIDataset(voxels=np.zeros((2, VOXELS), np.float32), subject="s", split="test", source="b")
     with pytest.raises(DataError, match="labels or paired images"):
         run_probes(tr, te, [])
+
+
+def test_conditioning_use_sees_whether_the_denoiser_reads_the_fmri():
+    from mindvis.eval.probe import conditioning_use
+    from mindvis.models.ldm import DCLDM, ldm_preset
+    from mindvis.models.mbm import FMRIEncoder
+
+    torch.manual_seed(0)
+    model = DCLDM.for_fmri(ldm_preset("tiny"), FMRIEncoder(mbm_tiny(VOXELS))).eval()
+    n = 6
+    images = np.random.default_rng(0).integers(0, 256, (n, RES, RES, 3), dtype=np.uint8)
+    voxels = np.random.default_rng(1).normal(size=(n, VOXELS)).astype(np.float32)
+    use = conditioning_use(model, voxels, images, draws=2)
+    assert use["loss_true"] > 0 and np.isfinite(use["gap_percent"])
+    # identical fMRI for every sample: shuffling changes nothing
+    same = conditioning_use(model, np.repeat(voxels[:1], n, axis=0), images, draws=2)
+    assert same["gap_percent"] == pytest.approx(0.0, abs=1e-9)
+    # a model that ignores the context and the time vector: zero cross-attention output projections
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "attn2.to_out" in name:
+                p.zero_()
+        model.conditioner.time_mapper[-1].weight.zero_()
+    blind = conditioning_use(model, voxels, images, draws=2)
+    assert blind["gap_percent"] == pytest.approx(0.0, abs=1e-6)
+    assert use["loss_shuffled"] != pytest.approx(use["loss_true"], rel=1e-9)

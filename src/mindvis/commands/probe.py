@@ -13,15 +13,24 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def probe_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of probe results (``ProbeResult.to_dict()`` rows)."""
+def probe_table(rows: list[dict[str, Any]], use: dict[str, dict[str, float]] | None = None) -> str:
+    """A Markdown table of probe results (``ProbeResult.to_dict()`` rows), then the conditioning-use figures."""
     head = "| source | level | dims | class accuracy | class chance | pixel 2-way |\n|---|---|---:|---:|---:|---:|\n"
     body = "".join(
         f"| {r['source']} | {r['level']} | {r['dims']} | {_fmt(r['class_accuracy'])} | "
         f"{_fmt(r['class_chance'])} | {_fmt(r['pixel_2way'])} |\n"
         for r in rows
     )
-    return head + body
+    tail = ""
+    if use:
+        tail = (
+            "\n| model | denoising loss, own fMRI | with another sample's fMRI | gap |\n|---|---:|---:|---:|\n"
+            + "".join(
+                f"| {k} | {u['loss_true']:.5f} | {u['loss_shuffled']:.5f} | {u['gap_percent']:+.2f} % |\n"
+                for k, u in use.items()
+            )
+        )
+    return head + body + tail
 
 
 def plot_probes(rows: list[dict[str, Any]], path: Path) -> None:
@@ -97,7 +106,8 @@ def register(app: typer.Typer) -> None:
         options: dict[str, Any] = {} if roi is None else {"roi": roi}
         train = load_dataset(dataset, data_dir, subject, "train", **options)
         test = load_dataset(dataset, data_dir, subject or train.subject, "test", **options)
-        results = [r.to_dict() for r in run_probes(train, test, list(models or []))]
+        report = run_probes(train, test, list(models or []))
+        results = [r.to_dict() for r in report.levels]
         table = Table(title=f"linear probes: {train.subject}, {len(train)} train -> {len(test)} test samples")
         for col in ("source", "level", "dims", "class acc", "chance", "pixel 2-way"):
             table.add_column(col, justify="left" if col in ("source", "level") else "right")
@@ -112,6 +122,11 @@ def register(app: typer.Typer) -> None:
             )
         console = Console()
         console.print(table)
+        for name, use in report.conditioning.items():
+            console.print(
+                f"{name}: denoising loss with its own fMRI {use['loss_true']:.5f}, with another sample's "
+                f"{use['loss_shuffled']:.5f} ({use['gap_percent']:+.2f} %; near 0: the model ignores the fMRI)"
+            )
         if out is None:
             return
         with atomic_dir(out, overwrite=True) as tmp:
@@ -126,11 +141,11 @@ def register(app: typer.Typer) -> None:
                         "train": len(train),
                         "test": len(test),
                     },  # fmt: skip
-                    "results": results,
+                    **report.to_dict(),
                     **provenance(),
                 },
             )
             with atomic_write(tmp / "probe.md", mode="w") as f:
-                f.write(probe_table(results))
+                f.write(probe_table(results, report.conditioning))
             plot_probes(results, tmp / "probe.png")
         console.print(f"wrote {out / 'probe.json'}, probe.md and probe.png")

@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,10 +136,13 @@ def _batched(fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], x: np.ndarra
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def model_levels(model_dir: str | os.PathLike, subject: str | None) -> tuple[object | None, object, Callable]:
-    """The fitted preprocessing (or ``None``), the encoder's :class:`~mindvis.models.mbm.MBMConfig` and a feature
-    function (``fmri [B, V] -> {level: array}``) of a model folder: a stage A run folder (``preprocessing.json``
-    + ``model/``), a stage A weights folder, or a stage B pipeline."""
+def model_levels(
+    model_dir: str | os.PathLike, subject: str | None
+) -> tuple[object | None, object, Callable, object | None]:
+    """The fitted preprocessing (or ``None``), the encoder's :class:`~mindvis.models.mbm.MBMConfig`, a feature
+    function (``fmri [B, V] -> {level: array}``) and the stage B model (``None`` for stage A) of a model folder:
+    a stage A run folder (``preprocessing.json`` + ``model/``), a stage A weights folder, or a stage B
+    pipeline."""
     from mindvis.data.preprocess import load_preprocessor
     from mindvis.train.ldm import find_preprocessing
 
@@ -161,6 +165,7 @@ def model_levels(model_dir: str | os.PathLike, subject: str | None) -> tuple[obj
             return out
 
         fn: Callable = stage_b
+        ldm: object | None = model
     else:
         from mindvis.models.mbm import FMRIEncoder, load_mbm_weights
 
@@ -175,8 +180,41 @@ def model_levels(model_dir: str | os.PathLike, subject: str | None) -> tuple[obj
             return {"tokens": tokens, "mean token": tokens.mean(dim=1)}
 
         fn = stage_a
+        ldm = None
     pre = None if pre_path is None else load_preprocessor(pre_path, subject=subject)
-    return pre, encoder.config, fn
+    return pre, encoder.config, fn, ldm
+
+
+@torch.no_grad()
+def conditioning_use(
+    model: Any, voxels: np.ndarray, images: np.ndarray, draws: int = 4, seed: int = 0
+) -> dict[str, float]:
+    """Does the denoiser use its fMRI input? The mean denoising loss of ``model`` (a stage B DCLDM) on
+    ``images [N, H, W, 3]`` uint8 conditioned on their own fMRI ``voxels [N, V]`` (preprocessed) and on the fMRI
+    of another sample (shifted by one), with the same noise and timesteps (``draws`` per image).
+
+    Returns:
+        ``loss_true``, ``loss_shuffled`` and ``gap_percent`` (``100 * (shuffled / true - 1)``): near 0 when the
+        model ignores the fMRI; the class prior's own labels give a few percent on the benchmark.
+    """
+    from mindvis.data.paired import images_to_tensor, resize_images
+
+    x0 = model.encode_images(resize_images(images_to_tensor(images), int(model.vq_config.resolution)))
+    cond = model.condition(torch.as_tensor(np.asarray(voxels, np.float32)))
+    other = cond.index(torch.roll(torch.arange(len(x0)), 1))
+    g = torch.Generator().manual_seed(seed)
+    sums = {"true": 0.0, "shuffled": 0.0}
+    for _ in range(draws):
+        t = torch.randint(0, model.num_timesteps, (len(x0),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = model.q_sample(x0, t, noise)
+        for name, c in (("true", cond), ("shuffled", other)):
+            sums[name] += float(((model.eps(x_t, t, c) - noise) ** 2).mean()) / draws
+    return {
+        "loss_true": sums["true"],
+        "loss_shuffled": sums["shuffled"],
+        "gap_percent": 100.0 * (sums["shuffled"] / sums["true"] - 1.0),
+    }
 
 
 def source_name(model_dir: str | os.PathLike) -> str:
@@ -185,8 +223,25 @@ def source_name(model_dir: str | os.PathLike) -> str:
     return f"{p.parent.name}/{p.name}" if p.name in ("model", "best", "pipeline") else p.name
 
 
-def run_probes(train: FMRIDataset, test: FMRIDataset, models: list[str | os.PathLike]) -> list[ProbeResult]:
-    """Probe the raw voxels, then every level of every model, on the same train/test splits."""
+@dataclass
+class ProbeReport:
+    """What :func:`run_probes` finds: one :class:`ProbeResult` per level, and per stage B model the
+    :func:`conditioning_use` figures (``{source: {...}}``)."""
+
+    levels: list[ProbeResult]
+    conditioning: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"results": [r.to_dict() for r in self.levels], "conditioning_use": self.conditioning}
+
+
+def run_probes(
+    train: FMRIDataset, test: FMRIDataset, models: list[str | os.PathLike], max_use_items: int = 400
+) -> ProbeReport:
+    """Probe the raw voxels, then every level of every model, on the same train/test splits; for stage B models
+    also measure :func:`conditioning_use` on up to ``max_use_items`` training samples."""
+    from mindvis.train.ldm import prepare_voxels
+
     if train.num_voxels != test.num_voxels:
         raise DataError(
             f"train has {train.num_voxels} voxels, test {test.num_voxels}", path=test.source, field="voxels"
@@ -196,23 +251,27 @@ def run_probes(train: FMRIDataset, test: FMRIDataset, models: list[str | os.Path
     if labels[0] is None and pixels[0] is None:
         raise DataError("the probes need class labels or paired images", path=train.source, field="labels")
     results = [probe_level("voxels", "voxels", train.voxels, test.voxels, labels, pixels)]
+    use: dict[str, dict[str, float]] = {}
     _logger.info("probe: raw voxels done")
     for m in models:
-        from mindvis.train.ldm import prepare_voxels
-
-        pre, config, fn = model_levels(m, train.subject)
+        pre, config, fn, ldm = model_levels(m, train.subject)
         name = source_name(m)
         x_tr, x_te, _ = prepare_voxels(train, test, config.num_voxels, config.patch_size, pre)
         results.append(probe_level(name, "input", x_tr, x_te, labels, pixels))
         f_tr, f_te = _batched(fn, x_tr), _batched(fn, x_te)
         for level in f_tr:
             results.append(probe_level(name, level, f_tr[level], f_te[level], labels, pixels))
+        if ldm is not None and train.paired:
+            idx = np.random.default_rng(0).permutation(len(train))[:max_use_items]
+            use[name] = conditioning_use(ldm, x_tr[idx], train.sample_images()[idx])
         _logger.info("probe: %s done", m)
-    return results
+    return ProbeReport(results, use)
 
 
 __all__ = [
+    "ProbeReport",
     "ProbeResult",
+    "conditioning_use",
     "model_levels",
     "probe_level",
     "run_probes",
