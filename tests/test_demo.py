@@ -20,6 +20,11 @@ def _check_run(result, preset):
     recon = run / "reconstructions" / "method" / "reconstructions.npz"
     assert recon.is_file() and (run / "reconstructions" / "ridge" / "reconstructions.npz").is_file()
     assert result.report.is_file() and "data:image/png;base64" in result.report.read_text()
+    probe = json.loads((run / "probe" / "probe.json").read_text())
+    assert [r["source"] for r in probe["results"][:2]] == ["voxels", "stage_a2"]
+    assert set(probe["conditioning_use"]) == {"stage_b/model"}
+    assert all(math.isfinite(u["gap_percent"]) for u in probe["conditioning_use"].values())
+    assert "Where the stimulus information goes" in result.report.read_text()
     metrics = json.loads((run / "eval" / "method" / "metrics.json").read_text())
     values = [a["value"] for m in metrics["metrics"] for a in m["aggregates"].values()]
     assert values and all(math.isfinite(v) for v in values)

@@ -145,17 +145,19 @@ def _presets() -> dict[str, DemoPreset]:
             "steps": 20,
             "samples-per-class": 2,
         },
+        # the tiny encoder's tokens vary little between samples: standardise them (see `mindvis train --help`)
         train={
-            "epochs": 8,
+            "epochs": 12,
             "batch-size": 16,
             "val-every": 4,
             "num-samples": 2,
             "sampler": "dpmsolver++",
             "steps": 15,
             "val-items": 20,
+            "standardize-tokens": True,
         },
         reconstruct={"num-samples": 5, "sampler": "dpmsolver++", "steps": 25},
-        ablation_train={"epochs": 8},
+        ablation_train={"epochs": 12},
         ablations="fast",
         evaluate={"trials": 1000, "bootstrap": 1000},
     )
@@ -337,8 +339,8 @@ def run_demo(
     commands: dict[str, list[str]] = {}
     variants = _variants(preset)
     # simulate, classifier, pretrain, finetune, prior; per variant train (if any), reconstruct and evaluate;
-    # the ridge baseline and its evaluation; the report
-    total = 5 + sum(2 + (v[2] is not None) for v in variants) + 2 + 1
+    # the ridge baseline and its evaluation; the probes; the report
+    total = 5 + sum(2 + (v[2] is not None) for v in variants) + 2 + 1 + 1
     steps = StepRunner(run_dir, total=total, on_start=on_step)
     # each step's fingerprint includes every earlier step's, so a changed step reruns all that follow it
     chain: list[str] = []
@@ -506,7 +508,20 @@ def run_demo(
 
     run_step("baseline_ridge", {"data": data_fp, "prior": str(prior_pipeline)}, ridge)
     recon_dirs["ridge regression (baseline)"] = rdir
-    # 9. evaluate each, then compare and write the report
+    # 9. linear probes: where the stimulus information goes, and whether stage B uses its fMRI
+    models = [a2] + [
+        (run_dir / ("stage_b" if key == "method" else f"stage_b_{key}")) / "model"
+        for key, _, train_opts, _ in variants
+        if train_opts is not None
+    ]
+    pdir = run_dir / "probe"
+    step(
+        "probe",
+        ["probe", *map(str, models), "--dataset", "synthetic", "--data-dir", str(sim), "--out", str(pdir)],
+        pdir,
+        inputs=data_fp,
+    )
+    # 10. evaluate each, then compare and write the report
     evals: dict[str, Path] = {}
     for label, rdir in recon_dirs.items():
         edir = run_dir / "eval" / rdir.name

@@ -200,10 +200,48 @@ def above_chance_summary(table: list[dict[str, Any]], label: str) -> str:
     if not above:
         return (
             f"None of the {total} chance-referenced figures of {label} is above chance beyond its 95% interval: "
-            "its reconstructions do not carry the seen image in this run (for the method: see the stage B curve; "
-            "longer stage B training and a stronger prior are the first things to try)."
+            "its reconstructions do not carry the seen image in this run (for the method: the linear probes "
+            "below show which representation loses the information, and whether stage B uses its fMRI at all)."
         )
     return f"{label} is above chance beyond its 95% interval on {len(above)} of {total} figures: {', '.join(above)}."
+
+
+def probe_section(run_dir: Path) -> str:
+    """HTML of the ``probe/`` step: the linear-probe table, its chart and the conditioning-use figures."""
+    path = run_dir / "probe" / "probe.json"
+    if not path.is_file():
+        return ""
+    data = read_json(path)
+    esc = html.escape
+
+    def cell(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.1f}"
+
+    rows = "".join(
+        f"<tr><td>{esc(r['source'])}</td><td>{esc(r['level'])}</td><td>{r['dims']}</td>"
+        f"<td>{cell(r['class_accuracy'])}</td><td>{cell(r['class_chance'])}</td><td>{cell(r['pixel_2way'])}</td></tr>"
+        for r in data.get("results", [])
+    )
+    use = "".join(
+        f"<tr><td>{esc(k)}</td><td>{u['loss_true']:.5f}</td><td>{u['loss_shuffled']:.5f}</td>"
+        f"<td>{u['gap_percent']:+.2f} %</td></tr>"
+        for k, u in data.get("conditioning_use", {}).items()
+    )
+    png = run_dir / "probe" / "probe.png"
+    img = (
+        f'<img alt="linear probes" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
+        if png.is_file()
+        else ""
+    )
+    return f"""<h2>Where the stimulus information goes (linear probes)</h2>
+<p>Each representation of the test fMRI is read out linearly (ridge, trained on the training split): the image's
+class, and its pixels scored by 2-way identification. A level far below the raw voxels is where information is
+lost. Percentages.</p>
+<table><tr><th>model</th><th>level</th><th>dims</th><th>class accuracy</th><th>chance</th>
+<th>pixel 2-way</th></tr>{rows}</table>{img}
+<p>Does stage B use its fMRI at all? Denoising loss on training images with their own fMRI and with another
+sample's (same noise and timesteps): a gap near 0 means the UNet ignores the fMRI, whatever the context holds.</p>
+<table><tr><th>model</th><th>own fMRI</th><th>another sample's</th><th>gap</th></tr>{use}</table>"""
 
 
 def write_demo_report(
@@ -265,6 +303,7 @@ th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
 {f'<img alt="test grid" src="data:image/png;base64,{grid_b64}">' if grid_b64 else "<p>(no grid)</p>"}
 <h2>Training curves</h2>
 {f'<img alt="training curves" src="data:image/png;base64,{curves}">' if curves else "<p>(no curves logged)</p>"}
+{probe_section(run_dir)}
 {timing}
 </body></html>"""
     with atomic_write(out / "index.html", "w") as fh:
