@@ -67,6 +67,28 @@ def _pixels(tr: FMRIDataset, te: FMRIDataset):
     return pixels(tr), pixels(te)
 
 
+def test_token_weighting_readout_finds_a_class_in_one_token_only():
+    from mindvis.eval.probe import token_weighting_accuracy
+
+    rng = np.random.default_rng(0)
+    n_tr, n_te, length, width = 300, 80, 6, 5
+    labels = np.arange(n_tr + n_te) % CLASSES
+    tokens = rng.normal(size=(n_tr + n_te, length, width))
+    codes = rng.normal(size=(CLASSES, width))
+    planted = tokens.copy()
+    planted[:, 2] += 2.0 * codes[labels]  # the class lives in token 2 only
+    acc = token_weighting_accuracy(planted[:n_tr], planted[n_tr:], labels[:n_tr], labels[n_tr:])
+    noise = token_weighting_accuracy(tokens[:n_tr], tokens[n_tr:], labels[:n_tr], labels[n_tr:])
+    assert acc >= 0.85 and noise < acc - 0.4
+    # a class code that changes sign between two tokens cancels in their mean but not for the weighting
+    cancel = tokens.copy()
+    cancel[:, 0] += 2.0 * codes[labels]
+    cancel[:, 1] -= 2.0 * codes[labels]
+    mean_only = cancel.mean(axis=1, keepdims=True)
+    assert token_weighting_accuracy(cancel[:n_tr], cancel[n_tr:], labels[:n_tr], labels[n_tr:]) >= 0.85
+    assert token_weighting_accuracy(mean_only[:n_tr], mean_only[n_tr:], labels[:n_tr], labels[n_tr:]) < 0.6
+
+
 def test_two_way_identification_of_perfect_and_reversed_predictions():
     rng = np.random.default_rng(0)
     truth = rng.random((10, 30))
@@ -92,6 +114,7 @@ def test_run_probes_levels_of_a_stage_a_run(tmp_path):
         ("voxels", "voxels"),
         ("stage a2/model", "input"),
         ("stage a2/model", "tokens"),
+        ("stage a2/model", "one token weighting"),
         ("stage a2/model", "mean token"),
     ]
     tokens = results[2]
@@ -114,13 +137,13 @@ def test_probe_cli_writes_json_table_and_plot(tmp_path, monkeypatch, quiet_cli_l
     code = main(["probe", str(run), "--dataset", "synthetic", "--data-dir", str(tmp_path), "--out", str(out)])
     assert code == 0
     data = json.loads((out / "probe.json").read_text())
-    assert data["format"] == "mindvis-probe/1" and len(data["results"]) == 4
+    assert data["format"] == "mindvis-probe/1" and len(data["results"]) == 5
     assert data["data"]["train"] == 120 and data["data"]["test"] == 40
-    assert (out / "probe.md").read_text().count("\n") == 2 + 4
+    assert (out / "probe.md").read_text().count("\n") == 2 + 5
     assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # an existing non-empty folder is not replaced without --overwrite
     again = main(["probe", "--dataset", "synthetic", "--data-dir", str(tmp_path), "--out", str(out)])
-    assert again == 2 and len(json.loads((out / "probe.json").read_text())["results"]) == 4
+    assert again == 2 and len(json.loads((out / "probe.json").read_text())["results"]) == 5
 
 
 def test_probe_needs_labels_or_images():

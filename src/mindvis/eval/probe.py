@@ -8,6 +8,9 @@ split:
 
 * **class accuracy**: kernel ridge onto one-hot labels, the largest output wins (chance: the most frequent
   test class's share);
+* **one token weighting** (for tokens): the class readout restricted to the form the stage B conditioner can
+  express when the UNet's attention spreads evenly over its context, one weighting over the tokens and then one
+  channel map (alternating ridge);
 * **pixel identification**: kernel ridge onto the seen image's pixels (images are area-resized to at most
   32 x 32 so that the readout stays small), scored by 2-way identification with pixel correlation (chance 0.5),
   the same rule as ``mindvis evaluate``'s ``ident_pcc_2way``.
@@ -124,6 +127,52 @@ def probe_level(
         coef, _ = ridge_dual(a, ptr - mean, alphas)
         two = two_way_pixel_identification(kernel @ coef + mean, pte)
     return ProbeResult(source, level, int(a.shape[1]), acc, chance, two)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
+    return np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y)
+
+
+def _fit_weighting(t: np.ndarray, y: np.ndarray, lam: float, iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Alternating ridge for ``y ~ sum_l a_l t[:, l] @ B``: ``t [N, L, D]``, ``y [N, K]`` -> ``(a [L], B [D, K])``."""
+    n, length, _ = t.shape
+    a = np.full(length, 1.0 / length)
+    for _ in range(iters):
+        b = _ridge(np.einsum("nld,l->nd", t, a), y, lam)
+        g = np.einsum("nld,dk->nkl", t, b).reshape(n * y.shape[1], length)
+        a = _ridge(g, y.reshape(-1), lam)
+        a /= np.linalg.norm(a) + 1e-12
+    return a, _ridge(np.einsum("nld,l->nd", t, a), y, lam)
+
+
+def token_weighting_accuracy(
+    tokens_train: np.ndarray,
+    tokens_test: np.ndarray,
+    labels_train: np.ndarray,
+    labels_test: np.ndarray,
+    lams: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0),
+    iters: int = 15,
+) -> float:
+    """Class accuracy of the best readout of the form the stage B conditioner can express when the UNet's
+    attention spreads evenly over its context: one weighting over the tokens, then one channel map
+    (``sum_l a_l tokens[:, l] @ B``). Tokens ``[N, L, D]`` are z-scored per token and channel on the training
+    split; the penalty is chosen on the last fifth of the training split, then the readout is refitted on all
+    of it and scored on the test split."""
+    t_tr, t_te = (np.asarray(x, np.float64) for x in (tokens_train, tokens_test))
+    mu, sd = t_tr.mean(axis=0), t_tr.std(axis=0)
+    sd[sd == 0] = 1.0
+    t_tr, t_te = (t_tr - mu) / sd, (t_te - mu) / sd
+    classes = np.unique(np.concatenate([labels_train, labels_test]))
+    y = (np.asarray(labels_train)[:, None] == classes[None, :]).astype(np.float64)
+    y -= y.mean(axis=0)
+    cut = len(t_tr) - max(1, len(t_tr) // 5)
+
+    def score(a: np.ndarray, b: np.ndarray, t: np.ndarray, labels: np.ndarray) -> float:
+        return float((classes[(np.einsum("nld,l->nd", t, a) @ b).argmax(axis=1)] == labels).mean())
+
+    fits = {lam: _fit_weighting(t_tr[:cut], y[:cut], lam, iters) for lam in lams}
+    best = max(lams, key=lambda lam: score(*fits[lam], t_tr[cut:], np.asarray(labels_train)[cut:]))
+    return score(*_fit_weighting(t_tr, y, best, iters), t_te, np.asarray(labels_test))
 
 
 def _batched(fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], x: np.ndarray, batch: int = 64):
@@ -261,6 +310,11 @@ def run_probes(
         f_tr, f_te = _batched(fn, x_tr), _batched(fn, x_te)
         for level in f_tr:
             results.append(probe_level(name, level, f_tr[level], f_te[level], labels, pixels))
+            if level == "tokens" and labels[0] is not None and f_tr[level].ndim == 3:
+                acc = token_weighting_accuracy(f_tr[level], f_te[level], labels[0], labels[1])
+                length, width = f_tr[level].shape[1:]
+                chance = results[-1].class_chance
+                results.append(ProbeResult(name, "one token weighting", length + width, acc, chance, None))
         if ldm is not None and train.paired:
             idx = np.random.default_rng(0).permutation(len(train))[:max_use_items]
             use[name] = conditioning_use(ldm, x_tr[idx], train.sample_images()[idx])
@@ -276,5 +330,6 @@ __all__ = [
     "probe_level",
     "run_probes",
     "source_name",
+    "token_weighting_accuracy",
     "two_way_pixel_identification",
 ]
