@@ -237,6 +237,18 @@ class _Crash(Exception):
     pass
 
 
+def test_epoch_lines_show_validation_only_when_it_ran(tmp_path, caplog):
+    import logging
+
+    hcp = write_lowrank_hcp(tmp_path)
+    cfg = tiny_config(hcp, epochs=4, trainer={"val_every_n_epochs": 2, "validate_first": False})
+    with caplog.at_level(logging.INFO, logger="mindvis.train.common"):
+        run_mbm_stage(cfg, tmp_path / "run")
+    lines = {int(m.split()[1].split("/")[0]): m for m in caplog.messages if m.startswith("epoch ")}
+    assert sorted(lines) == [1, 2, 3, 4]
+    assert [("val/corr" in lines[e]) for e in (1, 2, 3, 4)] == [False, True, False, True]
+
+
 def _crash_at_epoch(epoch: int):
     import lightning.pytorch as pl
 

@@ -616,20 +616,29 @@ class ExportPretrained(Callback):
 
 
 class EpochSummary(Callback):
-    """Log one line per epoch (epoch, steps, the epoch's metrics, seconds), for logs and runs without a bar."""
+    """Log one line per epoch (epoch, steps, the epoch's metrics, seconds), for logs and runs without a bar.
+    Validation figures appear only on the epochs that validated, so a line never repeats old ones."""
 
     def __init__(self) -> None:
         self._t0 = 0.0
+        self._validated = False
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
 
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        validated, self._validated = self._validated, False
         if not trainer.is_global_zero:
             return
         shown: dict[str, str] = {}
         for key, value in sorted(trainer.callback_metrics.items()):
             if key.endswith("_step") or getattr(value, "numel", lambda: 1)() != 1:
+                continue
+            if key.startswith("val/") and not validated:
                 continue
             name = key.removesuffix("_epoch")
             if name.startswith("lr-"):  # one learning rate is enough (the groups share the schedule)
