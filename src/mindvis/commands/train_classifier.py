@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         """Train the benchmark classifier on training images only; cached by the SHA-256 of its data."""
         from rich.console import Console
 
+        from mindvis.commands._options import set_threads
         from mindvis.eval.classifier import (
             ClassifierConfig,
             check_classifier_output,
@@ -46,10 +47,7 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         check_classifier_output(out, overwrite)  # before reading the corpus
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        set_threads(threads or 0)
         images, labels, names, desc = load_training_corpus(corpus, exclude=exclude_test)
         config = ClassifierConfig(epochs=epochs, input_size=input_size, holdout_fraction=holdout, seed=seed)
         result = train_benchmark_classifier(

@@ -11,7 +11,7 @@ split:
 * **one token weighting** (for tokens): the class readout restricted to the form the stage B conditioner can
   express when the UNet's attention spreads evenly over its context, one weighting over the tokens and then one
   channel map (alternating ridge);
-* **pixel identification**: kernel ridge onto the seen image's pixels (images are area-resized to at most
+* **pixel identification**: kernel ridge onto the seen image's pixels (images are resized to at most
   32 x 32 so that the readout stays small), scored by 2-way identification with pixel correlation (chance 0.5),
   the same rule as ``mindvis evaluate``'s ``ident_pcc_2way``.
 
@@ -80,12 +80,14 @@ def _targets(train: FMRIDataset, test: FMRIDataset) -> tuple[np.ndarray | None, 
 
 
 def _pixels(ds: FMRIDataset) -> np.ndarray | None:
-    """``[N, P]`` float64 pixels in [0, 1] of each sample's image, area-resized to at most ``PIXEL_SIZE``."""
+    """``[N, P]`` float64 pixels in [-1, 1] of each sample's image, resized to at most ``PIXEL_SIZE``."""
+    from mindvis.data.paired import images_to_tensor, resize_images
+
     if not ds.paired:
         return None
-    x = torch.from_numpy(np.require(ds.sample_images(), requirements="W")).movedim(-1, 1).float() / 255.0
+    x = images_to_tensor(ds.sample_images())
     if max(x.shape[-2:]) > PIXEL_SIZE:
-        x = torch.nn.functional.interpolate(x, size=(PIXEL_SIZE, PIXEL_SIZE), mode="area")
+        x = resize_images(x, PIXEL_SIZE)
     return x.reshape(len(x), -1).double().numpy()
 
 
@@ -158,10 +160,12 @@ def token_weighting_accuracy(
     (``sum_l a_l tokens[:, l] @ B``). Tokens ``[N, L, D]`` are z-scored per token and channel on the training
     split; the penalty is chosen on the last fifth of the training split, then the readout is refitted on all
     of it and scored on the test split."""
-    t_tr, t_te = (np.asarray(x, np.float64) for x in (tokens_train, tokens_test))
-    mu, sd = t_tr.mean(axis=0), t_tr.std(axis=0)
-    sd[sd == 0] = 1.0
-    t_tr, t_te = (t_tr - mu) / sd, (t_te - mu) / sd
+    shape = tokens_train.shape[1:]
+    flat = standardise_columns(
+        np.asarray(tokens_train, np.float64).reshape(len(tokens_train), -1),
+        np.asarray(tokens_test, np.float64).reshape(len(tokens_test), -1),
+    )
+    t_tr, t_te = (x.reshape(len(x), *shape) for x in flat)
     classes = np.unique(np.concatenate([labels_train, labels_test]))
     y = (np.asarray(labels_train)[:, None] == classes[None, :]).astype(np.float64)
     y -= y.mean(axis=0)
