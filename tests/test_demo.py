@@ -39,6 +39,11 @@ def test_demo_smoke_and_resume(tmp_path):
     first = run_demo(preset, tmp_path / "run", progress=False)
     _check_run(first, preset)
     assert first.skipped == []
+    if preset.train.get(
+        "align-epochs"
+    ):  # the warm start ran and the report names what differs from the original
+        assert (tmp_path / "run" / "stage_b" / "align.json").is_file()
+        assert "--align-epochs" in (tmp_path / "run" / "report" / "index.html").read_text()
     markers = sorted(p.name for p in (tmp_path / "run" / "steps").glob("*.json"))
     # a rerun with the same settings skips every finished step (the report is rebuilt)
     second = run_demo(get_preset("smoke"), tmp_path / "run", progress=False)

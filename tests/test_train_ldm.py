@@ -196,6 +196,58 @@ def test_token_standardisation_matches_the_prior_context_spread(prior_dir, mbm_d
     assert prior_context_std(plain) is None  # an fMRI model has no class embeddings
 
 
+def test_context_warm_start_moves_the_context_onto_the_class_embeddings(prior_dir, mbm_dir):
+    from mindvis.train.ldm import align_context, load_prior, prior_class_table
+
+    prior = load_prior(prior_dir)
+    table = prior_class_table(prior)
+    assert torch.equal(table, prior.conditioner.embedding.weight[:-1].detach())  # the null row left out
+    k = table.shape[0]
+    rng = np.random.default_rng(0)
+    labels = np.arange(48) % k
+    centres = rng.normal(size=(k, 128)).astype(np.float32)
+    voxels = centres[labels] + 0.3 * rng.normal(size=(48, 128)).astype(np.float32)
+    torch.manual_seed(0)
+    model, _ = _model(prior_dir, mbm_dir)
+    unet_before = {n: p.clone() for n, p in model.unet.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def loss_now() -> float:
+        with torch.no_grad():
+            ctx = model.condition(torch.as_tensor(voxels)).context
+        return float((ctx - table[labels][:, None, :]).pow(2).mean())
+
+    before = loss_now()
+    held = (voxels[:6] + 0.3 * rng.normal(size=(6, 128)).astype(np.float32), labels[:6])
+    r = align_context(
+        model, voxels, labels, table, epochs=30, lr=3e-3, batch_size=8, eval_sets={"held": held}
+    )
+    assert len(r["loss"]) == 30 and r["samples"] == 48 and r["chance"] == pytest.approx(1 / k)
+    assert loss_now() < 0.5 * before
+    assert r["accuracy"]["train"] > 0.9 and r["accuracy"]["held"] > 0.6
+    assert all(torch.equal(p, unet_before[n]) for n, p in model.unet.named_parameters())  # UNet untouched
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+    unknown = np.full(48, -1)
+    with pytest.raises(DataError, match="class labels"):
+        align_context(model, voxels, unknown, table, epochs=1)
+    with pytest.raises(DataError, match="outside the prior"):
+        align_context(model, voxels, labels + k, table, epochs=1)
+    with pytest.raises(ConfigError, match="class-conditional prior"):
+        prior_class_table(model)
+    with pytest.raises(ConfigError):
+        StageBConfig(align_epochs=-1)
+
+
+def test_stage_b_run_with_warm_start_records_it(prior_dir, mbm_dir, tmp_path):
+    tr, te = _datasets()
+    out = tmp_path / "run"
+    train_stage_b(prior_dir, mbm_dir, tr, te, out, _config(align_epochs=2), _trainer())
+    rec = json.loads((out / "align.json").read_text())
+    assert rec["epochs"] == 2 and len(rec["loss"]) == 2 and set(rec["accuracy"]) == {"train", "test"}
+    assert json.loads((out / "config.json").read_text())["config"]["align_epochs"] == 2
+
+
 def test_stage_b_run_outputs_and_resume(prior_dir, mbm_dir, tmp_path):
     from mindvis.pipeline import MindVisPipeline
 

@@ -174,6 +174,29 @@ the paper's GOD or BOLD5000 numbers, and small differences within the intervals 
 """
 
 
+def departures(preset: Any) -> list[str]:
+    """Plain-language list of the preset's stage B settings that the original does not have."""
+    train, rec = preset.train, preset.reconstruct
+    out = []
+    if train.get("standardize-tokens"):
+        out.append(
+            "the encoder tokens are standardised with training statistics before the conditioner "
+            "(--standardize-tokens)"
+        )
+    if train.get("align-epochs"):
+        out.append(
+            f"a context warm start: before the diffusion finetune, the encoder and conditioner are trained for "
+            f"{train['align-epochs']} epochs to map each training fMRI to the prior's embedding of its image's "
+            "class (--align-epochs; training labels only)"
+        )
+    if train.get("cond-dropout"):
+        out.append(f"conditioning dropout {train['cond-dropout']} (--cond-dropout)")
+    g = rec.get("guidance-scale", 1.0)
+    if g and float(g) != 1.0:
+        out.append(f"classifier-free guidance {float(g):g} when sampling (--guidance-scale)")
+    return out
+
+
 def above_chance_summary(table: list[dict[str, Any]], label: str) -> str:
     """One sentence: which of ``label``'s headline figures have a 95% interval entirely above chance.
 
@@ -279,6 +302,14 @@ def write_demo_report(
         cells = "".join(f"<td>{esc(row['text'][lab])}</td>" for lab in labels)
         body += f"<tr><td>{esc(row['metric'])}</td><td>{ch}</td>{cells}</tr>\n"
     verdict = f"<p><b>In this run.</b> {esc(above_chance_summary(table, labels[0]))}</p>" if labels else ""
+    diffs = departures(preset)
+    departs = (
+        "<p><b>Departures from the original in this preset.</b> "
+        + esc("; ".join(diffs))
+        + ". Without them this benchmark's tiny models stay at chance: see docs/synthcortex.md.</p>"
+        if diffs
+        else ""
+    )
     timing = ""
     if steps_seconds:
         timing = (
@@ -298,6 +329,7 @@ th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
 <p>Full tables per variant: <code>eval/&lt;variant&gt;/report.html</code>; all metrics side by side:
 <a href="comparison/report.html">comparison/report.html</a>.</p>
 {verdict}
+{departs}
 {EXPLANATION}
 <h2>Test reconstructions of the method (ground truth first in each row)</h2>
 {f'<img alt="test grid" src="data:image/png;base64,{grid_b64}">' if grid_b64 else "<p>(no grid)</p>"}

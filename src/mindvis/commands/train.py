@@ -101,6 +101,14 @@ def register(app: typer.Typer) -> None:
             help="Z-score the encoder tokens with training statistics before the conditioner (not in the "
             "original; helps small encoders whose tokens vary little between samples).",
         ),
+        align_epochs: int = typer.Option(
+            0,
+            "--align-epochs",
+            help="Context warm start (not in the original; 0: off): first train the encoder and conditioner "
+            "for N epochs so that each training fMRI's context is the prior's embedding of its image's class. "
+            "Needs a class-conditional prior and labelled training images.",
+        ),
+        align_lr: float = typer.Option(1e-3, "--align-lr", help="Adam learning rate of the warm start."),
         random_encoder: bool = typer.Option(
             False,
             "--random-encoder",
@@ -155,6 +163,8 @@ def register(app: typer.Typer) -> None:
             use_time_cond=time_cond,
             use_cross_attn=cross_attn,
             standardize_tokens=standardize_tokens,
+            align_epochs=align_epochs,
+            align_lr=align_lr,
             encoder_init="random" if random_encoder else "pretrained",
             num_samples=num_samples,
             sampler=sampler,

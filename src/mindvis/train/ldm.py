@@ -58,6 +58,8 @@ PREPROCESSING_NAME = "preprocessing.json"
 #: What `mindvis reconstruct` reads from a model folder.
 PIPELINE_PREPROCESS_NAME = "preprocess.json"
 SAMPLES_DIR = "samples"
+#: The context warm start's record in a stage B run folder.
+ALIGN_NAME = "align.json"
 
 
 @dataclass
@@ -82,6 +84,9 @@ class StageBConfig:
         use_time_cond, use_cross_attn: the two conditioning paths (the paper's ablation switches one off).
         standardize_tokens: z-score the encoder tokens with fixed statistics of the training fMRI before the
             conditioner (not in the original; see :mod:`mindvis.models.conditioning`).
+        align_epochs: epochs of the context warm start before the diffusion finetune (0: none, as the original;
+            see :func:`align_context`). Needs a class-conditional prior and class labels of the training images.
+        align_lr: Adam learning rate of the warm start.
         encoder_init: ``pretrained`` (the stage A encoder) or ``random`` (the "no pretraining" ablation).
         num_samples: images generated per test item at validation (5).
         sampler, sample_steps: how they are generated (PLMS 250).
@@ -114,6 +119,8 @@ class StageBConfig:
     use_time_cond: bool = True
     use_cross_attn: bool = True
     standardize_tokens: bool = False
+    align_epochs: int = 0
+    align_lr: float = 1e-3
     encoder_init: Literal["pretrained", "random"] = "pretrained"
     num_samples: int = 5
     sampler: str = "plms"
@@ -148,8 +155,14 @@ class StageBConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"expected an integer >= 1, got {v!r}", field=name)
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ConfigError(f"expected a positive number, got {self.lr!r}", field="lr")
+        for name in ("lr", "align_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, int | float) and v > 0):
+                raise ConfigError(f"expected a positive number, got {v!r}", field=name)
+        if isinstance(self.align_epochs, bool) or not (
+            isinstance(self.align_epochs, int) and self.align_epochs >= 0
+        ):
+            raise ConfigError(f"expected an integer >= 0, got {self.align_epochs!r}", field="align_epochs")
         if self.weight_decay < 0:
             raise ConfigError(f"expected >= 0, got {self.weight_decay}", field="weight_decay")
         if self.clip_grad is not None and self.clip_grad < 0:
@@ -312,6 +325,153 @@ def fit_token_stats(
         if context_std is None
         else f"{context_std:.3g} (the prior's class embeddings)",
     )
+
+
+def prior_class_table(prior: Any, source: Any = None) -> torch.Tensor:
+    """The prior's class embeddings ``[K, C]`` (the null row left out), the targets of :func:`align_context`.
+
+    Raises:
+        ConfigError: the prior is not class-conditional.
+    """
+    from mindvis.models.conditioning import ClassEmbedder
+
+    cond = getattr(prior, "conditioner", None)
+    if not isinstance(cond, ClassEmbedder):
+        raise ConfigError(
+            "the context warm start needs a class-conditional prior (mindvis train-prior or a converted "
+            f"label2img), but this one is conditioned by {type(cond).__name__}",
+            path=source,
+            field="align_epochs",
+        )
+    return cond.embedding.weight[:-1].detach().float().clone()
+
+
+def _nearest_class_accuracy(context: torch.Tensor, labels: torch.Tensor, table: torch.Tensor) -> float:
+    """Fraction of items whose mean context token lies nearest (Euclidean) to their own class's embedding."""
+    pred = torch.cdist(context.mean(dim=1), table).argmin(dim=1)
+    return float((pred == labels).float().mean())
+
+
+def align_context(
+    model: Any,
+    voxels: np.ndarray,
+    labels: np.ndarray,
+    class_table: torch.Tensor,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    sparse_rate: float = 0.0,
+    seed: int = 0,
+    eval_sets: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    source: Any = None,
+) -> dict[str, Any]:
+    """Context warm start (not in the original): train the fMRI encoder and the conditioner so that every context
+    token of a training sample is its image's class embedding in the prior.
+
+    The prior's cross-attention has only ever seen its class embeddings. A fresh conditioner gives contexts that
+    it does not respond to, so the denoising loss hardly depends on them and stage B learns to ignore the fMRI.
+    After this regression (mean squared error, Adam, sparse voxel dropout) the UNet starts from the conditions it
+    knows, and the diffusion finetune takes it from there. Only the training split's labels are used.
+
+    Args:
+        model: the fMRI-conditioned DCLDM (its ``fmri_encoder`` and ``conditioner`` are trained in place).
+        voxels: ``[N, V]`` preprocessed training fMRI; ``labels``: ``[N]`` class ids of their images, indexing
+            ``class_table`` (``-1``, unknown, are left out).
+        class_table: ``[K, C]`` the prior's class embeddings (:func:`prior_class_table`).
+        eval_sets: ``{name: (voxels, labels)}`` scored after training, without training on them.
+
+    Returns:
+        ``{"epochs", "samples", "loss" (per epoch), "accuracy": {split: nearest-class accuracy of the mean
+        context token}, "chance", "seconds"}``.
+
+    Raises:
+        DataError: no labelled training sample, or a label outside the prior's classes.
+    """
+    from mindvis.data.paired import sparse_voxel_dropout
+
+    labels = np.asarray(labels).astype(np.int64)
+    if labels.shape != (len(voxels),):
+        raise DataError(
+            f"expected one class label per training sample ({len(voxels)}), got {labels.shape}",
+            path=source,
+            field="labels",
+        )
+    keep = labels >= 0
+    if not keep.any():
+        raise DataError(
+            "the context warm start needs class labels of the training images, and none is known",
+            path=source,
+            field="labels",
+        )
+    n_classes = int(class_table.shape[0])
+    if int(labels.max()) >= n_classes:
+        raise DataError(
+            f"class label {int(labels.max())} is outside the prior's {n_classes} classes",
+            path=source,
+            field="labels",
+        )
+    x = torch.as_tensor(np.asarray(voxels)[keep], dtype=torch.float32)
+    y = torch.as_tensor(labels[keep])
+    table = class_table.to(torch.float32)
+    encoder, conditioner = model.fmri_encoder, model.conditioner
+    params = [p for m in (encoder, conditioner) for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    modes = (encoder.training, conditioner.training)
+    encoder.train()
+    conditioner.train()
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    for _ in range(epochs):
+        total = 0.0
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            xb = x[idx]
+            if sparse_rate > 0:
+                xb = torch.stack([sparse_voxel_dropout(v, sparse_rate, gen) for v in xb])
+            context = conditioner.context_from_tokens(encoder(xb))
+            loss = (context - table[y[idx]][:, None, :]).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(x))
+    for p, f in zip(params, flags, strict=True):
+        p.requires_grad_(f)
+    encoder.eval()
+    conditioner.eval()
+    accuracy: dict[str, float] = {}
+    with torch.no_grad():
+        for name, (xv, yv) in {"train": (x.numpy(), y.numpy()), **(eval_sets or {})}.items():
+            yv = np.asarray(yv).astype(np.int64)
+            ok = (yv >= 0) & (yv < n_classes)
+            if ok.any():
+                ctx = conditioner.context_from_tokens(encoder(torch.as_tensor(np.asarray(xv)[ok])))
+                accuracy[name] = _nearest_class_accuracy(ctx, torch.as_tensor(yv[ok]), table)
+    encoder.train(modes[0])
+    conditioner.train(modes[1])
+    result = {
+        "epochs": epochs,
+        "samples": len(x),
+        "loss": losses,
+        "accuracy": accuracy,
+        "chance": 1.0 / n_classes,
+        "seconds": time.perf_counter() - t0,
+    }
+    _logger.info(
+        "context warm start: %d epochs on %d samples, loss %.4g -> %.4g; nearest-class accuracy %s "
+        "(chance %.3g) in %.0f s",
+        epochs,
+        len(x),
+        losses[0] if losses else float("nan"),
+        losses[-1] if losses else float("nan"),
+        ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()),
+        1.0 / n_classes,
+        result["seconds"],
+    )
+    return result
 
 
 def build_encoder(mbm: Any, config: StageBConfig) -> nn.Module:
@@ -779,6 +939,22 @@ def train_stage_b(
     model = build_stage_b_model(prior_model, encoder, config)
     if config.standardize_tokens:  # from the initial encoder; a resumed run then loads the saved buffers
         fit_token_stats(model, x_train, prior_context_std(prior_model))
+    align = None
+    # a resumed run loads the warm-started weights from its checkpoint
+    if config.align_epochs and ckpt is None:
+        align = align_context(
+            model,
+            x_train,
+            train.labels if train.labels is not None else np.full(len(x_train), -1),
+            prior_class_table(prior_model, source=prior if isinstance(prior, str | Path) else None),
+            config.align_epochs,
+            lr=config.align_lr,
+            batch_size=config.batch_size,
+            sparse_rate=config.sparse_rate,
+            seed=config.seed,
+            eval_sets=None if test.labels is None else {"test": (x_test, test.labels)},
+            source=train.source,
+        )
     del prior_model
 
     train_set = PairedFMRIDataset.from_fmri_dataset(
@@ -809,6 +985,8 @@ def train_stage_b(
             data={"train": train.summary(), "test": test.summary(), "val_items": len(val_set)},
         )
         write_json(out_dir / PREPROCESSING_NAME, preprocessor.to_dict())
+        if align is not None:
+            write_json(out_dir / ALIGN_NAME, align)
     module = StageBModule(
         model,
         config,
