@@ -25,10 +25,10 @@ from _common import REFERENCE, RESULTS, format_table, load_average, machine_info
 FULL = [
     ["bench_mbm.py", "--variants", "tiny,small,large", "--check-flops"],
     ["bench_mbm.py", "--stability", "150"],
-    ["bench_stage_b.py"],
+    ["bench_stage_b.py", "--label2img-steps", "2"],
     # tiny only in part 1 (PLMS-250 at the small size takes about 2 minutes a call); the two label2img
     # variants that bound the range, timed once each
-    ["bench_sampling.py", "--sizes", "tiny", "--repeat", "1", "--e2e-variant", ""]
+    ["bench_sampling.py", "--sizes", "tiny", "--items", "2", "--repeat", "1", "--e2e-variant", ""]
     + ["--label2img-variants", "fp32,bf16-channels_last", "--label2img-batch", "10"],
     ["bench_scaling.py", "--batches", "1,2,4,8", "--steps", "1"],
     ["bench_ddp.py"],
