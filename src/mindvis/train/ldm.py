@@ -294,7 +294,7 @@ def prior_context_std(prior: Any) -> float | None:
     cond = getattr(prior, "conditioner", None)
     if not isinstance(cond, ClassEmbedder) or cond.config.n_classes < 3:
         return None
-    return float(cond.embedding.weight[:-1].detach().double().std(dim=0).mean())
+    return float(prior_class_table(prior).double().std(dim=0).mean())
 
 
 @torch.no_grad()
