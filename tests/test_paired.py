@@ -43,6 +43,19 @@ def test_sparse_dropout_zeroes_expected_fraction(rate):
     assert not torch.equal(out == 0, out2 == 0)
 
 
+@pytest.mark.parametrize("rate", [0.2, 0.5])
+def test_sparse_dropout_of_a_batch_chooses_per_sample(rate):
+    gen = torch.Generator().manual_seed(0)
+    v = 400
+    x = torch.arange(1, v + 1, dtype=torch.float32).repeat(6, 1)
+    out = sparse_voxel_dropout(x, rate, gen)
+    assert out.shape == x.shape and torch.all(x != 0)  # the input is not modified in place
+    assert ((out == 0).sum(dim=1) == int(rate * v)).all()  # exactly the fraction, in every row
+    kept = out != 0
+    assert torch.equal(out[kept], x[kept])
+    assert len({tuple(row.nonzero().flatten().tolist()) for row in out == 0}) == len(x)  # own voxels per row
+
+
 def test_sparse_rate_zero_is_the_original_behaviour():
     voxels, images, ids, labels = _data()
     ds = PairedFMRIDataset(voxels, images, ids, 16, augment=PairedAugmentConfig(sparse_rate=0.0, crop_p=0.0))

@@ -105,18 +105,21 @@ def random_crop(
 def sparse_voxel_dropout(
     voxels: torch.Tensor, rate: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Zero ``int(rate * V)`` randomly chosen voxels of one sample (a new tensor; the input is not changed).
+    """Zero ``int(rate * V)`` randomly chosen voxels of each sample (a new tensor; the input is not changed).
 
     Args:
-        voxels: ``[V]`` one sample.
+        voxels: ``[V]`` one sample, or ``[B, V]`` a batch, each row with its own choice of voxels.
     Returns:
-        ``[V]`` with exactly ``int(rate * V)`` entries set to 0.
+        the same shape, with exactly ``int(rate * V)`` entries of each sample set to 0.
     """
     n = voxels.shape[-1]
     k = int(rate * n)
     if k == 0:
         return voxels
     out = voxels.clone()
+    if voxels.ndim == 2:
+        idx = torch.rand(voxels.shape, generator=generator).argsort(dim=1)[:, :k]
+        return out.scatter_(1, idx.to(out.device), 0.0)
     idx = torch.randperm(n, generator=generator)[:k]
     out[..., idx] = 0.0
     return out

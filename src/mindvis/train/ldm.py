@@ -430,7 +430,7 @@ def align_context(
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             xb = x[idx]
             if sparse_rate > 0:
-                xb = torch.stack([sparse_voxel_dropout(v, sparse_rate, gen) for v in xb])
+                xb = sparse_voxel_dropout(xb, sparse_rate, gen)
             context = conditioner.context_from_tokens(encoder(xb))
             loss = (context - table[y[idx]][:, None, :]).pow(2).mean()
             opt.zero_grad(set_to_none=True)
