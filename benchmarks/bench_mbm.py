@@ -19,8 +19,10 @@ Reported per row (each row runs in a fresh process, so peak memory is that measu
   (ours / our fp32 matmul rate, over 1.64 / 247 GFLOP/s).
 
 Precisions: ``fp32`` and ``bf16`` (``torch.autocast`` to bfloat16; the master weights and the optimizer stay
-fp32). Optimizers: ``default`` (what the trainer builds: ``torch.optim.AdamW`` with torch's default kernel
-choice, fused on GPUs) and ``fused`` (``fused=True``, also on CPUs).
+fp32). Optimizers: ``default`` (what the trainer builds, :func:`mindvis.train.common.make_adamw`: torch's fused
+AdamW kernel on CPUs and GPUs), ``unfused`` (``torch.optim.AdamW``'s own kernel choice, the trainer's before
+``make_adamw``), ``fused`` and ``foreach``. ``--compile`` adds ``torch.compile``'d rows (the trainer's
+``--compile``).
 
 ``--stability N`` instead trains the tiny variant N steps in fp32 and under bf16 autocast from the same
 initialisation, data and masks, and compares the loss curves (JSON + PNG).
@@ -124,16 +126,18 @@ def check_flops(variant: str, batch: int = 2) -> dict[str, float]:
 
 
 def make_optimizer(model: Any, optimizer: str, device: str) -> Any:
-    """AdamW as the trainer builds it (``default``: torch's kernel choice, fused on GPUs) or ``fused``/``foreach``."""
+    """AdamW as the trainer builds it (``default``: :func:`mindvis.train.common.make_adamw`, torch's fused kernel
+    on CPUs and GPUs), or ``unfused`` (torch's own choice, the for-each kernel), ``fused``, ``foreach``."""
     import torch
 
-    from mindvis.train.common import param_groups_weight_decay
+    from mindvis.train.common import make_adamw, param_groups_weight_decay
 
-    fused = {"default": (device == "cuda") or None, "fused": True, "foreach": None}[optimizer]
+    groups = param_groups_weight_decay(model, 0.05)
+    if optimizer == "default":
+        return make_adamw(groups, lr=1e-4, betas=(0.9, 0.95))
+    fused = {"unfused": None, "fused": True, "foreach": None}[optimizer]
     foreach = True if optimizer == "foreach" else None
-    return torch.optim.AdamW(
-        param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused, foreach=foreach
-    )
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=fused, foreach=foreach)
 
 
 def make_step(
@@ -173,8 +177,9 @@ def make_step(
 def side_by_side(variant: str, batch: int, specs: list[str], rounds: int, device: str = "cpu") -> list[dict]:
     """Interleaved timing of training-step variants of one model (shared weights; one optimizer per kind).
 
-    ``specs``: ``precision[+fused][+math][+compile]``, e.g. ``fp32`` (the trainer's default), ``fp32+fused``
-    (fused AdamW), ``fp32+math`` (unfused attention kernel), ``bf16`` (autocast).
+    ``specs``: ``precision[+fused|+unfused][+math][+compile]``, e.g. ``fp32`` (the trainer's default),
+    ``fp32+unfused`` (torch's default AdamW kernel), ``fp32+math`` (unfused attention kernel), ``bf16``
+    (autocast), ``bf16+compile`` (``torch.compile``).
     """
     import torch
 
@@ -189,7 +194,7 @@ def side_by_side(variant: str, batch: int, specs: list[str], rounds: int, device
     fns = {}
     for spec in specs:
         parts = spec.split("+")
-        kind = "fused" if "fused" in parts else "default"
+        kind = "fused" if "fused" in parts else "unfused" if "unfused" in parts else "default"
         if kind not in opts:
             opts[kind] = make_optimizer(model, kind, device)
         fns[spec] = make_step(model, opts[kind], x, parts[0], "math" if "math" in parts else "fused", device,
@@ -449,7 +454,7 @@ def main() -> int:
     ap.add_argument(
         "--optimizers",
         default=None,
-        help="comma list of default, fused, foreach (default: default; on CPUs also fused for large)",
+        help="comma list of default, unfused, fused, foreach (default: default; on CPUs also unfused for large)",
     )
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd rows")
     ap.add_argument(
@@ -471,7 +476,8 @@ def main() -> int:
         default=None,
         metavar="SPECS",
         help="only an interleaved comparison of step variants of the last --variants entry, e.g. "
-        "fp32,fp32+fused,fp32+math,bf16 (precision[+fused AdamW][+math attention][+compile])",
+        "fp32,fp32+unfused,fp32+math,bf16,bf16+compile (precision[+fused|+unfused AdamW][+math attention]"
+        "[+compile]; no AdamW part = the trainer's)",
     )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --side-by-side")
     ap.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-min load average below this")
@@ -572,7 +578,7 @@ def main() -> int:
         if args.optimizers:
             optimizers = [o.strip() for o in args.optimizers.split(",")]
         else:
-            optimizers = ["default", "fused"] if (variant == "large" and not gpu) else ["default"]
+            optimizers = ["unfused", "default"] if (variant == "large" and not gpu) else ["default"]
         compiles = [False, True] if args.compile else [False]
         attentions = [a.strip() for a in args.attentions.split(",") if a.strip()]
         for precision in precisions:

@@ -25,6 +25,8 @@ from _common import REFERENCE, RESULTS, format_table, load_average, machine_info
 FULL = [
     ["bench_mbm.py", "--variants", "tiny,small,large", "--check-flops"],
     ["bench_mbm.py", "--stability", "150"],
+    # the large step with and without torch.compile, interleaved (compiling takes about a minute)
+    ["bench_mbm.py", "--variants", "large", "--side-by-side", "fp32,bf16,bf16+compile", "--rounds", "2"],
     ["bench_stage_b.py", "--label2img-steps", "2"],
     # tiny only in part 1 (PLMS-250 at the small size takes about 2 minutes a call); the two label2img
     # variants that bound the range, timed once each

@@ -435,3 +435,52 @@ def test_stage_a_preprocessing_is_found_and_applied(tmp_path):
     x_tr2, _, own = prepare_voxels(tr, te, 128, 16)
     assert abs(float(x_tr2[:, :VOXELS].mean())) < 1e-5 and abs(float(x_tr2[:, :VOXELS].std()) - 1) < 1e-4
     assert np.array_equal(x_tr2[:, VOXELS:], x_tr2[:, : 128 - VOXELS])
+
+
+@pytest.mark.slow
+def test_stage_b_compiled_run_matches_eager(prior_dir, mbm_dir, tmp_path, caplog):
+    """``--compile``: the UNet and the encoder run compiled; the exported weights keep their names and match."""
+    from mindvis.models.mbm import load_safetensors
+
+    tr, te = _datasets()
+    train_stage_b(prior_dir, mbm_dir, tr, te, tmp_path / "eager", _config(), _trainer())
+    with caplog.at_level("INFO", logger="mindvis.train.common"):
+        train_stage_b(prior_dir, mbm_dir, tr, te, tmp_path / "compiled", _config(), _trainer(compile=True))
+    assert "torch.compile: unet, fmri_encoder" in caplog.text
+    for part in ("unet/model.safetensors", "fmri_encoder/model.safetensors"):
+        a = load_safetensors(tmp_path / "eager/model" / part)
+        b = load_safetensors(tmp_path / "compiled/model" / part)
+        assert sorted(a) == sorted(b)
+        fa = torch.cat([a[k].flatten().float() for k in sorted(a)])
+        fb = torch.cat([b[k].flatten().float() for k in sorted(a)])
+        assert float((fa - fb).norm() / fa.norm()) < 1e-3
+
+
+def test_model_records_the_guidance_scale_it_was_validated_with(prior_dir, mbm_dir, tmp_path):
+    """A model trained with conditioning dropout samples with its validation guidance by default; others at 1."""
+    from mindvis.errors import CheckpointError
+    from mindvis.pipeline import MODEL_INDEX, MindVisPipeline
+
+    tr, te = _datasets()
+    cfg = _config(cond_dropout=0.2, guidance_scale=2.5)
+    train_stage_b(prior_dir, mbm_dir, tr, te, tmp_path / "cfg", cfg, _trainer())
+    pipe = MindVisPipeline.from_pretrained(tmp_path / "cfg" / "model")
+    assert pipe.default_guidance_scale == cfg.guidance_scale
+    from mindvis.data.preprocess import load_preprocessor
+
+    x = load_preprocessor(tmp_path / "cfg" / "model" / "preprocess.json").transform(te.voxels[:2])
+    kw = dict(num_samples=1, num_inference_steps=2, sampler="ddim", seed=0, progress=False)
+    implicit = pipe(x, **kw).images
+    np.testing.assert_array_equal(implicit, pipe(x, guidance_scale=cfg.guidance_scale, **kw).images)
+    assert not np.array_equal(implicit, pipe(x, guidance_scale=1.0, **kw).images)
+
+    # a model trained without conditioning dropout (so validated without guidance) samples without it
+    train_stage_b(prior_dir, mbm_dir, tr, te, tmp_path / "plain", _config(), _trainer())
+    assert MindVisPipeline.from_pretrained(tmp_path / "plain" / "model").default_guidance_scale == 1.0
+
+    index = tmp_path / "cfg" / "model" / MODEL_INDEX
+    index.write_text(
+        index.read_text().replace('"default_guidance_scale": 2.5', '"default_guidance_scale": "x"')
+    )
+    with pytest.raises(CheckpointError, match="default_guidance_scale|expected a number"):
+        MindVisPipeline.from_pretrained(tmp_path / "cfg" / "model")

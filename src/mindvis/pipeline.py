@@ -114,9 +114,17 @@ class MindVisPipeline:
     Args:
         model: the :class:`~mindvis.models.ldm.DCLDM`.
         default_sampler / default_steps: used when a call does not say.
+        default_guidance_scale: the classifier-free guidance scale used when a call does not say (1: off). A
+            stage B model trained with conditioning dropout records the scale it was validated with.
     """
 
-    def __init__(self, model: DCLDM, default_sampler: str = "plms", default_steps: int | None = None):
+    def __init__(
+        self,
+        model: DCLDM,
+        default_sampler: str = "plms",
+        default_steps: int | None = None,
+        default_guidance_scale: float = 1.0,
+    ):
         if default_sampler not in SAMPLERS:
             raise ConfigError(
                 f"unknown sampler {default_sampler!r}; choose {', '.join(SAMPLERS)}", field="sampler"
@@ -124,6 +132,15 @@ class MindVisPipeline:
         self.model = model.eval()
         self.default_sampler = default_sampler
         self.default_steps = default_steps
+        if isinstance(default_guidance_scale, bool) or not isinstance(default_guidance_scale, (int, float)):
+            raise ConfigError(
+                f"expected a number, got {default_guidance_scale!r}", field="default_guidance_scale"
+            )
+        if not np.isfinite(default_guidance_scale):
+            raise ConfigError(
+                f"expected a finite number, got {default_guidance_scale}", field="default_guidance_scale"
+            )
+        self.default_guidance_scale = float(default_guidance_scale)
         #: Provenance recorded in ``model_index.json`` (e.g. the converted files and their hashes).
         self.source: dict[str, Any] = {}
 
@@ -216,6 +233,7 @@ class MindVisPipeline:
                     "scale_factor": m.scale_factor,
                     "default_sampler": self.default_sampler,
                     "default_steps": self.default_steps,
+                    "default_guidance_scale": self.default_guidance_scale,
                     "source": source or {},
                 },
             )
@@ -300,11 +318,15 @@ class MindVisPipeline:
         )
         load_into(model.unet, "unet")
         load_into(model.vq, "vq")
-        pipe = cls(
-            model,
-            default_sampler=index.get("default_sampler", "plms"),
-            default_steps=index.get("default_steps"),
-        )
+        try:
+            pipe = cls(
+                model,
+                default_sampler=index.get("default_sampler", "plms"),
+                default_steps=index.get("default_steps"),
+                default_guidance_scale=index.get("default_guidance_scale", 1.0),
+            )
+        except ConfigError as exc:
+            raise CheckpointError(exc.detail, path=d / MODEL_INDEX, field=exc.field) from None
         pipe.source = index.get("source", {})
         return pipe.to(device, dtype)
 
@@ -348,7 +370,7 @@ class MindVisPipeline:
         seed: int | Sequence[int] | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         batch_size: int | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         progress: bool = True,
         output_type: Literal["uint8", "pt"] = "uint8",
         return_latents: bool = True,
@@ -366,7 +388,7 @@ class MindVisPipeline:
             generator: one ``torch.Generator`` per item (or one for all, consumed in item order).
             batch_size: latents per UNet call (default: all ``N * S`` at once).
             guidance_scale: classifier-free guidance against a zero (null) condition; 1 disables it (the
-                original has none).
+                original has none). Default: the pipeline's ``default_guidance_scale``.
             progress: show a progress bar.
             output_type: ``"uint8"`` images ``[N, S, H, W, 3]`` (255 * clamp((x + 1) / 2) truncated, as the
                 original) or ``"pt"``: float ``[N, S, 3, H, W]`` in [-1, 1] before clamping.
@@ -391,6 +413,8 @@ class MindVisPipeline:
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
             raise ConfigError(f"expected batch_size >= 1, got {batch_size!r}", field="batch_size")
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         if not np.isfinite(guidance_scale):
             raise ConfigError(
                 f"expected a finite guidance_scale, got {guidance_scale}", field="guidance_scale"

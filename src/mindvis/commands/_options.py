@@ -97,6 +97,10 @@ def with_help(specs: tuple[OptionSpec, ...], **helps: str) -> list[OptionSpec]:
 
 
 _STRATEGY_HELP = "auto (DDP with several devices), ddp, fsdp..."
+_COMPILE_HELP = (
+    "torch.compile the model's heavy parts before training (on a CPU it needs a C++ compiler, else it is "
+    "skipped with a warning); the first steps are slow while graphs compile."
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage A (pretrain, finetune): recipe, preprocessing, hardware and logging; every default None = "not given".
@@ -143,6 +147,7 @@ MBM_RUN_OPTIONS: tuple[OptionSpec, ...] = (
         "auto (bf16-mixed on GPUs, 32 on CPUs), 32-true, bf16-mixed, 16-mixed.",
         key="trainer.precision",
     ),
+    _stage_a("compile", bool, _COMPILE_HELP + " Default: off.", key="trainer.compile"),
     _stage_a("num_workers", int, "Data-loader workers (default: 0)."),
     OptionSpec("threads", int | None, None, ("--threads",), "CPU threads of torch (default: one per core)."),
     _stage_a("seed", int, "Random seed (default: 2022)."),
@@ -160,6 +165,7 @@ RESUME_MUTABLE = {
     "trainer.num_nodes",
     "trainer.strategy",
     "trainer.precision",
+    "trainer.compile",
     "trainer.accelerator",
     "trainer.logger",
     "trainer.progress_bar",
@@ -298,6 +304,7 @@ def trainer_options(
         OptionSpec("num_nodes", int, 1, ("--num-nodes",), "Machines."),
         OptionSpec("strategy", str, "auto", ("--strategy",), _STRATEGY_HELP),
         OptionSpec("precision", str, precision, ("--precision",), precision_help),
+        OptionSpec("compile", bool, False, ("--compile/--no-compile",), _COMPILE_HELP),
         OptionSpec("logger", str, "csv", ("--logger",), logger_help),
         OptionSpec("log_every", int, log_every, ("--log-every",), "Log training metrics every N steps."),
         OptionSpec("progress", bool, True, ("--progress/--no-progress",), progress_help),
@@ -324,6 +331,7 @@ def trainer_config(shared: dict[str, Any]) -> Any:
         num_nodes=shared["num_nodes"],
         strategy=shared["strategy"],
         precision=shared["precision"],
+        compile=shared["compile"],
         logger=shared["logger"],
         progress_bar=shared["progress"],
         log_every_n_steps=shared["log_every"],

@@ -269,7 +269,12 @@ def reconstruct(
     steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps (default per sampler)."),
     sampler: str = typer.Option("plms", "--sampler", help="plms (the original's), ddim or dpmsolver++."),
     eta: float = typer.Option(0.0, "--eta", min=0.0, help="DDIM noise (0: deterministic)."),
-    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance (1: off)."),
+    guidance_scale: float | None = typer.Option(
+        None,
+        "--guidance-scale",
+        help="Classifier-free guidance (1: off). Default: the model's; a model trained with --cond-dropout "
+        "records the scale it was validated with, any other model 1.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Item i uses seed + i."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Latents per UNet call."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
@@ -331,6 +336,10 @@ def reconstruct(
         _logger.info("applied the preprocessing in %s", pre_path)
     voxels = fit_to_model(voxels, pipe.num_voxels, pad_to_model, source)
     pipe.to(dev, dtypes[dtype] if dtype != "float32" else None)
+    if guidance_scale is None:
+        guidance_scale = pipe.default_guidance_scale
+        if guidance_scale != 1.0:
+            _logger.info("classifier-free guidance %g (the model's default)", guidance_scale)
 
     t0 = time.perf_counter()
     result = pipe(

@@ -13,7 +13,8 @@ What each stage gets from here:
   written), :class:`ExportPretrained` (our weights format for the final and the best model).
 * Optimisation helpers used by the original recipes: :func:`param_groups_weight_decay` (no decay on biases,
   norms and other 1-D tensors) and :class:`WarmupCosine` (linear warmup then half-cycle cosine, per
-  iteration).
+  iteration); :func:`make_adamw` (torch's fused AdamW kernel wherever it applies) and
+  :func:`compile_for_training` (``--compile``: in-place ``torch.compile`` of a module's heavy parts).
 * Reproducibility: :func:`seed_everything`, :class:`EpochShuffleSampler` (the order of each epoch is a
   function of seed and epoch, so a resumed run sees the same batches, and 1 process draws the same global
   batches as several DDP processes) and :func:`is_primary_process` (global rank 0 before the trainer
@@ -126,6 +127,8 @@ class TrainerConfig:
         validate_first: run the whole validation once before training starts (new runs only), so that the log
             holds the starting value of every validation metric (at step 0).
         deterministic: ask torch for deterministic algorithms (slower on GPUs).
+        compile: ``torch.compile`` the module's heavy parts in place before training (see
+            :func:`compile_for_training`); the first steps are slow while the graphs compile.
     """
 
     max_epochs: int = 1
@@ -146,6 +149,7 @@ class TrainerConfig:
     num_sanity_val_steps: int = 0
     validate_first: bool = True
     deterministic: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.devices = parse_devices(self.devices)
@@ -670,6 +674,55 @@ def export_weights(pl_module: Any, directory: Path) -> Path:
     return directory
 
 
+def make_adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with torch's fused kernel when every parameter allows it (floating point, on a
+    CPU or a CUDA device), else the default implementation. Call it after the module is on its device, as
+    Lightning's ``configure_optimizers`` is."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, Mapping) else [g])]
+    fused = bool(tensors) and all(
+        isinstance(p, torch.Tensor) and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in tensors
+    )
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
+def compiler_missing(device_type: str = "cpu") -> str | None:
+    """Why ``torch.compile`` cannot build kernels for ``device_type`` here, or ``None`` when it can.
+
+    On a CPU, TorchInductor compiles C++ and needs a compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``).
+    """
+    import shutil
+
+    if device_type != "cpu":
+        return None
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    if any(shutil.which(n) for n in names):
+        return None
+    return f"no C++ compiler found ({', '.join(names)}); TorchInductor needs one on a CPU"
+
+
+def compile_for_training(module: Any, device_type: str = "cpu") -> list[str]:
+    """``torch.compile`` the parts of ``module`` named by its ``compile_targets()`` (default: the module), in
+    place, so parameter names, checkpoints and exported weights are unchanged.
+
+    Falls back to eager execution with a warning when no compiler is available; a graph that fails to compile
+    later runs eagerly too (``torch._dynamo.config.suppress_errors``). Returns the names compiled.
+    """
+    why = compiler_missing(device_type)
+    if why is not None:
+        _logger.warning("--compile ignored: %s; training runs eagerly", why)
+        return []
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    targets = module.compile_targets() if hasattr(module, "compile_targets") else {"module": module}
+    for part in targets.values():
+        part.compile()
+    _logger.info("torch.compile: %s (the first steps compile the graphs)", ", ".join(targets))
+    return list(targets)
+
+
 def build_trainer(
     config: TrainerConfig,
     run_dir: str | os.PathLike,
@@ -760,12 +813,19 @@ def fit(
     module: pl.LightningModule,
     datamodule: Any,
     ckpt_path: str | os.PathLike | None = None,
+    compile: bool = False,
 ) -> None:
     """``trainer.fit`` that reports a checkpoint Lightning cannot restore as a :class:`CheckpointError`.
+
+    ``compile``: :func:`compile_for_training` first, for the device the trainer runs on.
 
     Two Lightning warnings a user cannot act on are silenced: frozen parts (the VQ autoencoder, a frozen
     encoder) are kept in eval mode on purpose, and a deprecation inside Lightning's own pytree helper.
     """
+    if compile:
+        compile_for_training(
+            module, "cpu" if type(trainer.accelerator).__name__ == "CPUAccelerator" else "cuda"
+        )
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings(
@@ -799,6 +859,8 @@ __all__ = [
     "TrainerConfig",
     "WarmupCosine",
     "build_trainer",
+    "compile_for_training",
+    "compiler_missing",
     "export_weights",
     "find_resume_checkpoint",
     "fit",
@@ -807,6 +869,7 @@ __all__ = [
     "CSVMetricsLogger",
     "EpochSummary",
     "ExportPretrained",
+    "make_adamw",
     "make_loggers",
     "param_groups_weight_decay",
     "parse_devices",

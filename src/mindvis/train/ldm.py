@@ -677,8 +677,14 @@ class StageBModule(pl.LightningModule):
         return out.loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        from mindvis.train.common import make_adamw
+
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return make_adamw(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def compile_targets(self) -> dict[str, torch.nn.Module]:
+        """What ``--compile`` compiles: the UNet and the fMRI encoder."""
+        return {"unet": self.model.unet, "fmri_encoder": self.model.fmri_encoder}
 
     # -- validation ---------------------------------------------------------------------------------------
 
@@ -785,7 +791,13 @@ def save_stage_b_pipeline(
 
     directory = Path(directory)
     with _keep_modes(model):
-        pipe = MindVisPipeline(model, default_sampler=config.sampler, default_steps=config.sample_steps)
+        # the config allows guidance only with conditioning dropout, so this is 1 for any other model
+        pipe = MindVisPipeline(
+            model,
+            default_sampler=config.sampler,
+            default_steps=config.sample_steps,
+            default_guidance_scale=config.guidance_scale,
+        )
         pipe.save_pretrained(
             directory,
             overwrite=True,
@@ -1018,7 +1030,7 @@ def train_stage_b(
         val_batch_size=max(1, min(len(val_set), 16)),
     )
     t0 = time.perf_counter()
-    fit(trainer, module, data, ckpt_path=ckpt)
+    fit(trainer, module, data, ckpt_path=ckpt, compile=tc.compile)
     seconds = time.perf_counter() - t0
     best = None
     for cb in trainer.callbacks:

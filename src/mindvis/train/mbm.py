@@ -38,7 +38,7 @@ from torch import Tensor
 from mindvis.data.pretrain import MBMDataConfig, MBMDataModule
 from mindvis.errors import CheckpointError, ConfigError
 from mindvis.models.mbm import MBM_VARIANTS, MaskedBrainModel, MBMConfig
-from mindvis.train.common import TrainerConfig, WarmupCosine, param_groups_weight_decay
+from mindvis.train.common import TrainerConfig, WarmupCosine, make_adamw, param_groups_weight_decay
 
 _logger = logging.getLogger(__name__)
 
@@ -372,13 +372,16 @@ class MBMModule(pl.LightningModule):
         self.log("val/corr", corr.mean(), on_epoch=True, sync_dist=True, prog_bar=True, batch_size=n)
         self.log("val/corr_all", corr_all.mean(), on_epoch=True, sync_dist=True, batch_size=n)
 
+    def compile_targets(self) -> dict[str, torch.nn.Module]:
+        """What ``--compile`` compiles: the whole masked brain model."""
+        return {"model": self.model}
+
     # -- optimisation ----------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.config
         groups = param_groups_weight_decay(self.model, cfg.weight_decay)
-        on_cuda = next(self.model.parameters()).is_cuda
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=on_cuda or None)
+        optimizer = make_adamw(groups, lr=cfg.lr, betas=cfg.betas)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         steps_per_epoch = total / max(self.trainer.max_epochs or cfg.epochs, 1)
         schedule = WarmupCosine(
@@ -625,7 +628,7 @@ def run_mbm_stage(
     if has_val and ckpt_path is None and config.trainer.validate_first:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get("val/corr")
         _logger.info("validation before training: val/corr %.4f", initial)
-    fit(trainer, module, datamodule, ckpt_path)
+    fit(trainer, module, datamodule, ckpt_path, compile=config.trainer.compile)
     seconds = time.perf_counter() - t0
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1

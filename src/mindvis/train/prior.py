@@ -922,9 +922,15 @@ class ClassPriorModule(pl.LightningModule):
             self.log("val/sample_acc", self.last_sample_accuracy, rank_zero_only=True)
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(
+        from mindvis.train.common import make_adamw
+
+        return make_adamw(
             self.trainable_parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
         )
+
+    def compile_targets(self) -> dict[str, torch.nn.Module]:
+        """What ``--compile`` compiles: the UNet."""
+        return {"unet": self.model.unet}
 
     def export_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the prior (EMA weights when EMA is on) as a pipeline folder."""
@@ -1225,7 +1231,7 @@ def _run_stage(
         _logger.info("%s: resuming from %s (step %d)", stage_dir.name, ckpt, resume_step)
     stage_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(tc, stage_dir, monitor=monitor, mode=mode, resume_step=resume_step, export=export)
-    fit(trainer, module, data, ckpt_path=ckpt)
+    fit(trainer, module, data, ckpt_path=ckpt, compile=tc.compile)
     if trainer.is_global_zero:
         write_json(stage_dir / "stage.json", {"epochs": epochs, "global_step": int(trainer.global_step)})
     return trainer
