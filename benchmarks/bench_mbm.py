@@ -454,7 +454,7 @@ def main() -> int:
     ap.add_argument(
         "--optimizers",
         default=None,
-        help="comma list of default, unfused, fused, foreach (default: default; on CPUs also unfused for large)",
+        help="comma list of default (the trainer's), unfused, fused, foreach (default: default)",
     )
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd rows")
     ap.add_argument(
@@ -578,7 +578,7 @@ def main() -> int:
         if args.optimizers:
             optimizers = [o.strip() for o in args.optimizers.split(",")]
         else:
-            optimizers = ["unfused", "default"] if (variant == "large" and not gpu) else ["default"]
+            optimizers = ["default"]
         compiles = [False, True] if args.compile else [False]
         attentions = [a.strip() for a in args.attentions.split(",") if a.strip()]
         for precision in precisions:
