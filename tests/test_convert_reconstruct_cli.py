@@ -145,6 +145,12 @@ def test_reconstruct_writes_pngs_grid_and_npz(converted, inputs, tmp_path):
     with np.load(out2 / "reconstructions.npz") as z:
         assert np.abs(z["images"].astype(int) - images.astype(int)).max() <= 1
         assert "ground_truth" not in z.files
+    # without --sampler / --steps: DPM-Solver++ at its 25 steps (docs/performance.md, "Every sampler on one model")
+    out3 = tmp_path / "rec3"
+    args = ["--fmri", inputs.dir / "fmri.npy", "--limit", 1, "--num-samples", 1, "--no-progress"]
+    assert _run("reconstruct", "--model", converted, *args, "--out", out3) == 0
+    run = json.loads((out3 / "run.json").read_text())
+    assert run["sampler"] == "dpmsolver++" and run["num_inference_steps"] == 25
 
 
 def test_reconstruct_input_errors(converted, inputs, tmp_path, capsys):
