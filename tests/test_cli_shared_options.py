@@ -105,6 +105,7 @@ def test_trainer_options_build_the_trainer_config():
     values = {s.name: s.default for s in specs}
     tc = trainer_config(values)
     assert (tc.precision, tc.log_every_n_steps, tc.progress_bar, tc.devices) == ("32", 7, True, "auto")
+    assert tc.compile is False and trainer_config(values | {"compile": True}).compile is True
     for command in ("train", "train-prior"):
         assert [p.name for p in _params(app, command)][-len(specs) :] == [s.name for s in specs], command
 
