@@ -44,6 +44,15 @@ def test_demo_smoke_and_resume(tmp_path):
     ):  # the warm start ran and the report names what differs from the original
         assert (tmp_path / "run" / "stage_b" / "align.json").is_file()
         assert "--align-epochs" in (tmp_path / "run" / "report" / "index.html").read_text()
+    if preset.train.get("validate-start"):  # the stage B curve starts before training
+        from mindvis.demo_report import stage_b_validation_curve
+
+        start = json.loads((tmp_path / "run" / "stage_b" / "validation_start.json").read_text())
+        assert len(start["points"]) == (2 if preset.train.get("align-epochs") else 1)
+        xs, ys = stage_b_validation_curve(tmp_path / "run", "val/loss")
+        assert xs[: len(start["points"])] == [0.0] * len(start["points"])
+        assert ys[0] == pytest.approx(start["points"][0]["val/loss"])
+        assert len(xs) > len(start["points"]) and min(xs[len(start["points"]) :]) >= 1
     markers = sorted(p.name for p in (tmp_path / "run" / "steps").glob("*.json"))
     # a rerun with the same settings skips every finished step (the report is rebuilt)
     second = run_demo(get_preset("smoke"), tmp_path / "run", progress=False)

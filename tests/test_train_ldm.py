@@ -248,6 +248,51 @@ def test_stage_b_run_with_warm_start_records_it(prior_dir, mbm_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["config"]["align_epochs"] == 2
 
 
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_validate_now_gives_the_figures_lightning_validation_logs(prior_dir, mbm_dir):
+    import lightning.pytorch as pl
+
+    from mindvis.data.paired import PairedFMRIDataset
+
+    torch.manual_seed(0)
+    tr, te = _datasets()
+    model, cfg = _model(
+        prior_dir, mbm_dir, num_samples=2, sampler="ddim", sample_steps=2, n_way=(2,), eval_trials=5
+    )
+    _, x_te, _ = prepare_voxels(tr, te, model.fmri_encoder.config.num_voxels, 16, None)
+    val = PairedFMRIDataset.from_fmri_dataset(te, RES, voxels=x_te, train=False)
+    module = StageBModule(model, cfg, val_gt=val.ground_truth())
+    loader = torch.utils.data.DataLoader(val, batch_size=2, shuffle=False)
+    now = module.validate_now(loader)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (logged,) = trainer.validate(module, dataloaders=loader, verbose=False)
+    assert set(now) == set(logged) and "val/ident_pcc_2way" in now
+    for key, value in now.items():
+        assert value == pytest.approx(logged[key], rel=1e-5, abs=1e-6), key
+
+
+def test_validate_start_records_the_model_before_and_after_the_warm_start(prior_dir, mbm_dir, tmp_path):
+    tr, te = _datasets()
+    out = tmp_path / "run"
+    train_stage_b(prior_dir, mbm_dir, tr, te, out, _config(align_epochs=3, validate_start=True), _trainer())
+    rec = json.loads((out / "validation_start.json").read_text())
+    points = rec["points"]
+    assert rec["val_items"] == te.num_samples
+    assert [p["point"] for p in points] == ["before training", "after the warm start"]
+    for p in points:
+        assert set(p) >= {"val/loss", "val/ident_pcc_2way"} and all(
+            np.isfinite(v) for k, v in p.items() if k != "point"
+        )
+    assert points[0]["val/loss"] != points[1]["val/loss"]  # the warm start changed the conditioning
+    # without a warm start there is one point; by default, none
+    train_stage_b(prior_dir, mbm_dir, tr, te, tmp_path / "r2", _config(validate_start=True), _trainer())
+    assert len(json.loads((tmp_path / "r2" / "validation_start.json").read_text())["points"]) == 1
+    train_stage_b(prior_dir, mbm_dir, tr, te, tmp_path / "r3", _config(), _trainer())
+    assert not (tmp_path / "r3" / "validation_start.json").exists()
+
+
 def test_stage_b_run_outputs_and_resume(prior_dir, mbm_dir, tmp_path):
     from mindvis.pipeline import MindVisPipeline
 

@@ -97,12 +97,14 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _curve(rows: list[dict[str, str]], column: str, x: str = "epoch") -> tuple[list[float], list[float]]:
+def _curve(rows: list[dict[str, str]], column: str) -> tuple[list[float], list[float]]:
+    """``(epochs trained, values)`` of a logged column; a row logged in epoch ``e`` (0-based) follows ``e + 1``
+    epochs of training."""
     xs, ys = [], []
     for r in rows:
         try:
             y = float(r.get(column, "") or "nan")
-            xv = float(r.get(x, "") or r.get("step", "") or "nan")
+            xv = float(r.get("epoch", "") or "nan") + 1
         except ValueError:
             continue
         if math.isfinite(y) and math.isfinite(xv):
@@ -111,10 +113,38 @@ def _curve(rows: list[dict[str, str]], column: str, x: str = "epoch") -> tuple[l
     return xs, ys
 
 
+def _start_points(run_dir: Path, column: str) -> tuple[list[float], list[float]]:
+    """Stage B's validations before the finetune (``validation_start.json``), at 0 epochs trained."""
+    from mindvis.train.ldm import VALIDATION_START_NAME
+
+    path = run_dir / "stage_b" / VALIDATION_START_NAME
+    if not path.is_file():
+        return [], []
+    try:
+        points = read_json(path).get("points", [])
+    except Exception as e:  # noqa: BLE001 - a damaged record leaves the curve without its start
+        _logger.warning("%s: not read (%s); the stage B curve starts at its first logged validation", path, e)
+        return [], []
+    ys = [float(p[column]) for p in points if isinstance(p, dict) and column in p]
+    return [0.0] * len(ys), ys
+
+
 def _png_b64(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def stage_b_validation_curve(
+    run_dir: Path, column: str, rows: list[dict[str, str]] | None = None
+) -> tuple[list[float], list[float]]:
+    """``(epochs trained, values)`` of one stage B validation metric: the points before the finetune
+    (``validation_start.json``, at 0) and then every logged validation (``stage_b/metrics.csv``)."""
+    if rows is None:
+        rows = _read_csv(run_dir / "stage_b" / "metrics.csv")
+    x0, y0 = _start_points(run_dir, column)
+    xs, ys = _curve(rows, column)
+    return x0 + xs, y0 + ys
 
 
 def training_curves(run_dir: Path, out_png: Path) -> str | None:
@@ -134,7 +164,8 @@ def training_curves(run_dir: Path, out_png: Path) -> str | None:
     if rows:
         cols = [c for c in rows[0] if c.startswith("val/") and ("semantic" in c or "ident" in c)]
         if cols:
-            panels.append(("stage B (validation)", [(c, *_curve(rows, c)) for c in cols[:4]], "accuracy"))
+            series = [(c, *stage_b_validation_curve(run_dir, c, rows)) for c in cols[:4]]
+            panels.append(("stage B (validation)", series, "accuracy"))
     panels = [p for p in panels if any(len(xs) for _, xs, _ in p[1])]
     if not panels:
         return None
@@ -143,7 +174,7 @@ def training_curves(run_dir: Path, out_png: Path) -> str | None:
         for name, xs, ys in series:
             ax.plot(xs, ys, marker="o", ms=3, label=name.replace("val/", ""))
         ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epochs trained")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if len(series) > 1:
@@ -335,6 +366,8 @@ th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
 {f'<img alt="test grid" src="data:image/png;base64,{grid_b64}">' if grid_b64 else "<p>(no grid)</p>"}
 <h2>Training curves</h2>
 {f'<img alt="training curves" src="data:image/png;base64,{curves}">' if curves else "<p>(no curves logged)</p>"}
+<p>Stage B's points at 0 epochs are validations before the diffusion finetune (<code>--validate-start</code>): the
+untrained model and, with a context warm start, the model right after it.</p>
 {probe_section(run_dir)}
 {timing}
 </body></html>"""

@@ -109,6 +109,12 @@ def register(app: typer.Typer) -> None:
             "Needs a class-conditional prior and labelled training images.",
         ),
         align_lr: float = typer.Option(1e-3, "--align-lr", help="Adam learning rate of the warm start."),
+        validate_start: bool = typer.Option(
+            False,
+            "--validate-start/--no-validate-start",
+            help="Also validate the untrained model and, with --align-epochs, the model right after the warm "
+            "start (validation_start.json), so the validation curve starts before training.",
+        ),
         random_encoder: bool = typer.Option(
             False,
             "--random-encoder",
@@ -165,6 +171,7 @@ def register(app: typer.Typer) -> None:
             standardize_tokens=standardize_tokens,
             align_epochs=align_epochs,
             align_lr=align_lr,
+            validate_start=validate_start,
             encoder_init="random" if random_encoder else "pretrained",
             num_samples=num_samples,
             sampler=sampler,

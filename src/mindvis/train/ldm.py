@@ -60,6 +60,8 @@ PIPELINE_PREPROCESS_NAME = "preprocess.json"
 SAMPLES_DIR = "samples"
 #: The context warm start's record in a stage B run folder.
 ALIGN_NAME = "align.json"
+#: The validations before training (``StageBConfig.validate_start``) in a stage B run folder.
+VALIDATION_START_NAME = "validation_start.json"
 
 
 @dataclass
@@ -87,6 +89,8 @@ class StageBConfig:
         align_epochs: epochs of the context warm start before the diffusion finetune (0: none, as the original;
             see :func:`align_context`). Needs a class-conditional prior and class labels of the training images.
         align_lr: Adam learning rate of the warm start.
+        validate_start: also validate before any training and, with a warm start, right after it, so that the
+            validation curve starts from the untrained model (``validation_start.json``; not in the original).
         encoder_init: ``pretrained`` (the stage A encoder) or ``random`` (the "no pretraining" ablation).
         num_samples: images generated per test item at validation (5).
         sampler, sample_steps: how they are generated (PLMS 250).
@@ -121,6 +125,7 @@ class StageBConfig:
     standardize_tokens: bool = False
     align_epochs: int = 0
     align_lr: float = 1e-3
+    validate_start: bool = False
     encoder_init: Literal["pretrained", "random"] = "pretrained"
     num_samples: int = 5
     sampler: str = "plms"
@@ -707,7 +712,7 @@ class StageBModule(pl.LightningModule):
             )
         return out.images
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def _val_loss(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         m = self.model
         x0 = m.encode_images(batch["image"])
         g = torch.Generator().manual_seed(
@@ -715,12 +720,34 @@ class StageBModule(pl.LightningModule):
         )  # the same t, noise each time
         t = torch.randint(0, m.num_timesteps, (x0.shape[0],), generator=g).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-        loss = m.p_losses(x0, m.condition(batch["fmri"]), t, noise=noise).loss
-        self.log("val/loss", loss, batch_size=x0.shape[0], sync_dist=True)
+        return m.p_losses(x0, m.condition(batch["fmri"]), t, noise=noise).loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self._val_loss(batch, batch_idx)
+        self.log("val/loss", loss, batch_size=batch["image"].shape[0], sync_dist=True)
         if self.trainer.sanity_checking:
             return
         images = self.generate(batch["fmri"], batch["index"])
         self._val_parts.append((batch["index"].cpu(), torch.from_numpy(images)))
+
+    @torch.no_grad()
+    def validate_now(self, loader: Any) -> dict[str, float]:
+        """The validation figures of the model as it is now, outside a Lightning run, in this process.
+
+        Same samples (seeds by item), timesteps and noise as :meth:`validation_step`, so the figures continue
+        the logged curve.
+        """
+        with _keep_modes(self.model):
+            self.model.eval()
+            losses, weights, index, images = [], [], [], []
+            for batch_idx, batch in enumerate(loader):
+                losses.append(float(self._val_loss(batch, batch_idx)))
+                weights.append(len(batch["index"]))
+                index.append(batch["index"].cpu())
+                images.append(self.generate(batch["fmri"], batch["index"]))
+        metrics = {"val/loss": float(np.average(losses, weights=weights))}
+        metrics.update(self._metrics(np.concatenate(images), torch.cat(index).numpy()))
+        return metrics
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the last validation's figures go into metrics.json; a run resumed after its last epoch needs them
@@ -951,8 +978,36 @@ def train_stage_b(
     model = build_stage_b_model(prior_model, encoder, config)
     if config.standardize_tokens:  # from the initial encoder; a resumed run then loads the saved buffers
         fit_token_stats(model, x_train, prior_context_std(prior_model))
+    train_set = PairedFMRIDataset.from_fmri_dataset(
+        train, image_size, voxels=x_train, train=True, augment=config.augment
+    )
+    val_idx = np.arange(
+        test.num_samples if config.val_items is None else min(config.val_items, test.num_samples)
+    )
+    val_set = PairedFMRIDataset.from_fmri_dataset(
+        test.subset(val_idx), image_size, voxels=x_test[val_idx], train=False
+    )
+    data = StageBData(
+        train_set,
+        val_set,
+        config.batch_size,
+        config.seed,
+        config.num_workers,
+        val_batch_size=max(1, min(len(val_set), 16)),
+    )
+    module = StageBModule(
+        model,
+        config,
+        val_gt=val_set.ground_truth(),
+        classifier=classifier,
+        sample_dir=out_dir / SAMPLES_DIR,
+        preprocessor=preprocessor,
+    )
+    # a resumed run continues its curve; its checkpoint holds the warm-started weights
+    start: list[dict[str, Any]] = []
+    if config.validate_start and ckpt is None and is_primary_process():
+        start.append({"point": "before training", **module.validate_now(data.val_dataloader())})
     align = None
-    # a resumed run loads the warm-started weights from its checkpoint
     if config.align_epochs and ckpt is None:
         align = align_context(
             model,
@@ -967,17 +1022,18 @@ def train_stage_b(
             eval_sets=None if test.labels is None else {"test": (x_test, test.labels)},
             source=train.source,
         )
+        if start:
+            start.append({"point": "after the warm start", **module.validate_now(data.val_dataloader())})
     del prior_model
+    if start:
+        _logger.info(
+            "validation before the finetune: %s",
+            "; ".join(
+                f"{p['point']}: " + ", ".join(f"{k[4:]} {v:.3g}" for k, v in p.items() if k != "point")
+                for p in start
+            ),
+        )
 
-    train_set = PairedFMRIDataset.from_fmri_dataset(
-        train, image_size, voxels=x_train, train=True, augment=config.augment
-    )
-    val_idx = np.arange(
-        test.num_samples if config.val_items is None else min(config.val_items, test.num_samples)
-    )
-    val_set = PairedFMRIDataset.from_fmri_dataset(
-        test.subset(val_idx), image_size, voxels=x_test[val_idx], train=False
-    )
     monitor = (
         default_monitor(config.n_way, classifier, len(val_set))
         if config.monitor == "auto"
@@ -999,14 +1055,8 @@ def train_stage_b(
         write_json(out_dir / PREPROCESSING_NAME, preprocessor.to_dict())
         if align is not None:
             write_json(out_dir / ALIGN_NAME, align)
-    module = StageBModule(
-        model,
-        config,
-        val_gt=val_set.ground_truth(),
-        classifier=classifier,
-        sample_dir=out_dir / SAMPLES_DIR,
-        preprocessor=preprocessor,
-    )
+        if start:
+            write_json(out_dir / VALIDATION_START_NAME, {"val_items": len(val_set), "points": start})
     tc = replace(
         trainer_config,
         max_epochs=config.epochs,
@@ -1020,14 +1070,6 @@ def train_stage_b(
         mode="min" if monitor.endswith("loss") else "max",
         callbacks=callbacks,
         resume_step=resume_step,
-    )
-    data = StageBData(
-        train_set,
-        val_set,
-        config.batch_size,
-        config.seed,
-        config.num_workers,
-        val_batch_size=max(1, min(len(val_set), 16)),
     )
     t0 = time.perf_counter()
     fit(trainer, module, data, ckpt_path=ckpt, compile=tc.compile)
