@@ -334,6 +334,10 @@ def test_train_prior_run_outputs_and_resume(tmp_path):
     assert (
         vq["num_images"] == 4 and np.isfinite(vq["psnr"]) and 0 <= vq["ssim"] <= 1 and vq["num_codes"] == 64
     )
+    _, held = c.split(_config().holdout, _config().seed)
+    # the judge's accuracy on the held-out images and on their reconstructions (it always says 0)
+    assert vq["class_accuracy_images"] == pytest.approx(float(np.mean(held.labels == 0)))
+    assert vq["class_accuracy_reconstructions"] == vq["class_accuracy_images"]
     assert saved["class_samples"]["accuracy"] == pytest.approx(1 / 3)
     assert saved["class_samples"]["chance"] == pytest.approx(1 / 3)
     assert metrics["vq"] == saved["vq"]

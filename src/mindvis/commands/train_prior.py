@@ -222,6 +222,11 @@ def register(app: typer.Typer) -> None:
                 f"SSIM {vq['ssim']:.3f}; codebook perplexity {vq['perplexity']:.1f} of "
                 f"{vq['num_codes']} ({vq['dead_codes']} dead)"
             )
+            if "class_accuracy_reconstructions" in vq:
+                console.print(
+                    f"[bold]classifier[/bold] on the held-out images {vq['class_accuracy_images']:.3f}, on "
+                    f"their VQ reconstructions {vq['class_accuracy_reconstructions']:.3f}"
+                )
             if "class_samples" in metrics:
                 cs = metrics["class_samples"]
                 console.print(

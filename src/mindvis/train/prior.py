@@ -1246,18 +1246,30 @@ def _log_lpips_availability(config: VQTrainConfig) -> None:
         )
 
 
-def evaluate_vq(vq: nn.Module, images: np.ndarray, batch_size: int = 32) -> dict[str, float]:
+def evaluate_vq(
+    vq: nn.Module,
+    images: np.ndarray,
+    batch_size: int = 32,
+    labels: np.ndarray | None = None,
+    classifier: Any = None,
+) -> dict[str, float]:
     """Reconstruction quality and code use of a VQ on uint8 images ``[M, H, W, 3]``.
+
+    With ``labels`` and a ``classifier`` (``uint8 [N, H, W, 3] -> labels [N]``), also how often the classifier
+    names the class of the images and of their reconstructions: the second is the most that class samples
+    decoded by this VQ can be expected to score.
 
     Returns:
         ``psnr`` and ``ssim`` (means over images, see :func:`psnr_ssim`), ``perplexity`` and ``dead_codes``
-        of the code histogram, ``num_codes`` and ``num_images``.
+        of the code histogram, ``num_codes`` and ``num_images``; with a classifier, ``class_accuracy_images``
+        and ``class_accuracy_reconstructions``.
     """
     from mindvis.models.ldm import vq_decode, vq_encode, vq_quantize
 
     vq.eval()
     device = next(vq.parameters()).device
-    psnrs, ssims = [], []
+    psnrs, ssims, recons = [], [], []
+    scored = classifier is not None and labels is not None
     counts = torch.zeros(int(vq.config.num_vq_embeddings), dtype=torch.float64)
     with torch.no_grad():
         for a in range(0, len(images), batch_size):
@@ -1270,8 +1282,10 @@ def evaluate_vq(vq: nn.Module, images: np.ndarray, batch_size: int = 32) -> dict
             p, s = psnr_ssim(rec, x)
             psnrs.append(p)
             ssims.append(s)
+            if scored:
+                recons.append(model_to_uint8(rec))
     ppl, dead = codebook_usage(counts)
-    return {
+    out: dict[str, float] = {
         "psnr": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
         "perplexity": ppl,
@@ -1279,6 +1293,13 @@ def evaluate_vq(vq: nn.Module, images: np.ndarray, batch_size: int = 32) -> dict
         "num_codes": int(counts.numel()),
         "num_images": int(len(images)),
     }
+    if scored:
+        labels = np.asarray(labels)
+        out["class_accuracy_images"] = float((np.asarray(classifier(images)) == labels).mean())
+        out["class_accuracy_reconstructions"] = float(
+            (np.asarray(classifier(np.concatenate(recons))) == labels).mean()
+        )
+    return out
 
 
 def class_sample_accuracy(
@@ -1450,7 +1471,7 @@ def train_prior(
         )
         vq = vq_module.vq
     vq = vq.cpu().eval()
-    metrics["vq"] = {"holdout": evaluate_vq(vq, held.images)}
+    metrics["vq"] = {"holdout": evaluate_vq(vq, held.images, labels=held.labels, classifier=classifier)}
     _logger.info(
         "VQ on %d held-out images: PSNR %.2f dB, SSIM %.3f, perplexity %.1f of %d codes (%d dead)",
         len(held.images),
@@ -1460,6 +1481,13 @@ def train_prior(
         ldm_cfg.vq.n_embed,
         metrics["vq"]["holdout"]["dead_codes"],
     )
+    if "class_accuracy_reconstructions" in metrics["vq"]["holdout"]:
+        _logger.info(
+            "classifier accuracy on the held-out images %.3f, on their VQ reconstructions %.3f (what class "
+            "samples through this VQ can be expected to reach)",
+            metrics["vq"]["holdout"]["class_accuracy_images"],
+            metrics["vq"]["holdout"]["class_accuracy_reconstructions"],
+        )
     if is_primary_process():
         with torch.no_grad():
             from mindvis.models.ldm import vq_decode, vq_encode
