@@ -162,7 +162,13 @@ def training_curves(run_dir: Path, out_png: Path) -> str | None:
             panels.append((stage, [(c, *_curve(rows, c)) for c in cols[:1]], "masked-patch Pearson r"))
     rows = _read_csv(run_dir / "stage_b" / "metrics.csv")
     if rows:
-        cols = [c for c in rows[0] if c.startswith("val/") and ("semantic" in c or "ident" in c)]
+        # the headline figures first, without their "_best" (ground-truth-chosen sample) twins
+        preferred = ["val/semantic_10way_top1", "val/ident_clf_features_2way", "val/ident_pcc_2way"]
+        cols = [c for c in preferred if c in rows[0]] or [
+            c
+            for c in rows[0]
+            if c.startswith("val/") and ("semantic" in c or "ident" in c) and not c.endswith("_best")
+        ]
         if cols:
             series = [(c, *stage_b_validation_curve(run_dir, c, rows)) for c in cols[:4]]
             panels.append(("stage B (validation)", series, "accuracy"))

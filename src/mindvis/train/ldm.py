@@ -1029,7 +1029,10 @@ def train_stage_b(
         _logger.info(
             "validation before the finetune: %s",
             "; ".join(
-                f"{p['point']}: " + ", ".join(f"{k[4:]} {v:.3g}" for k, v in p.items() if k != "point")
+                f"{p['point']}: "
+                + ", ".join(
+                    f"{k[4:]} {v:.3g}" for k, v in p.items() if k != "point" and not k.endswith("_best")
+                )
                 for p in start
             ),
         )
