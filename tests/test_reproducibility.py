@@ -222,7 +222,8 @@ def test_run_folders_record_versions_commit_and_seeds(chain):
     judge = json.loads((run / "judge" / "config.json").read_text())
     assert judge["versions"]["torch"] and judge["git"] == cfg["git"]
     evaluation = json.loads((run / "eval" / "metrics.json").read_text())
-    assert evaluation["settings"]["seed"] == 3 and evaluation["versions"]
+    assert evaluation["settings"]["seed"] == 3 and evaluation["versions"]["torch"]
+    assert evaluation["git"] == cfg["git"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,7 +290,8 @@ def test_demo_smoke_is_reproducible(tmp_path):
     assert differences(first, second) == []
     doc = yaml.safe_load((second / "config.yaml").read_text())
     assert doc["versions"]["torch"] and doc["versions"]["mindvis"]
-    assert doc["git_commit"] == _git_commit()
+    commit = _git_commit()
+    assert (doc["git"] or {}).get("commit") == commit
     assert doc["mindvis_demo"]["settings"]["simulate"]["seed"] == 0
     for rec in ("stage_a1", "stage_a2", "stage_b", "prior", "classifier"):
         assert isinstance(find_key(json.loads((second / rec / "config.json").read_text()), "seed"), int), rec

@@ -20,14 +20,11 @@ Lightning checkpoint where it has one.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
-import platform
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +35,7 @@ import numpy as np
 
 from mindvis.errors import ConfigError, MindVisError
 from mindvis.utils.io import atomic_write, read_json, write_json
-from mindvis.utils.steps import StepRunner, fingerprint
+from mindvis.utils.steps import StepRunner, fingerprint, provenance
 
 _logger = logging.getLogger(__name__)
 
@@ -285,26 +282,6 @@ def _training_mode(folder: Path) -> list[str]:
     return ["--overwrite"] if folder.exists() else []
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("mindvis", "torch", "diffusers", "timm", "lightning", "numpy"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
 def write_run_yaml(
     run_dir: Path, preset: DemoPreset, commands: dict[str, list[str]], extra: dict[str, Any]
 ) -> None:
@@ -314,8 +291,7 @@ def write_run_yaml(
         "mindvis_demo": {"preset": preset.name, "note": preset.note, "settings": preset.to_dict()},
         "reproduce": f"mindvis demo --preset {preset.name} --run-dir {run_dir}",
         "commands": {k: "mindvis " + " ".join(v) for k, v in commands.items()},
-        "versions": _versions(),
-        "git_commit": _git_commit(),
+        **provenance(),
         **extra,
     }
     with atomic_write(run_dir / "config.yaml", "w") as fh:

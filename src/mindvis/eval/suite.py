@@ -20,9 +20,7 @@ level. A metric that cannot be computed (missing weights, too few classes or ima
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import platform
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -35,21 +33,12 @@ from mindvis.eval import metrics as M
 from mindvis.eval.classifier import ImageClassifier
 from mindvis.eval.images import pair_images, resize_images
 from mindvis.eval.networks import MetricWeights
+from mindvis.utils.steps import provenance
 
 logger = logging.getLogger(__name__)
 
 METRIC_GROUPS = ("pixel", "identification", "semantic", "nsd", "lpips", "fid")
 RESULTS_FORMAT = "mindvis-eval/1"
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("mindvis", "numpy", "scipy", "torch", "torchvision", "scikit-image", "torchmetrics", "timm"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
 
 
 class _Collector:
@@ -539,7 +528,7 @@ def evaluate_reconstructions(
         "format": RESULTS_FORMAT,
         "title": title or "mindvis evaluation",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        **provenance(),
         "settings": {
             "metrics": groups,
             "n_way": list(n_way),

@@ -29,7 +29,18 @@ _logger = logging.getLogger(__name__)
 
 
 #: Packages whose versions a run folder records.
-RECORDED_PACKAGES = ("mindvis", "torch", "torchvision", "diffusers", "timm", "lightning", "numpy")
+RECORDED_PACKAGES = (
+    "mindvis",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "timm",
+    "lightning",
+    "numpy",
+    "scipy",
+    "scikit-image",
+    "torchmetrics",
+)
 
 
 def package_versions() -> dict[str, str]:
