@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from mindvis import __version__
-from mindvis.demo import SHIPPED_PRIOR, _args, _git_commit, get_preset, run_cli
+from mindvis.demo import SHIPPED_PRIOR, _args, get_preset, run_cli
 from mindvis.utils.io import atomic_dir, file_sha256, read_json, write_json
+from mindvis.utils.steps import provenance
 
 
 def main() -> int:
@@ -70,7 +71,7 @@ def main() -> int:
                 "description": "tiny class-conditional DCLDM (VQ-f4 + UNet) trained on the demo's default-preset "
                 "SynthCortex stimulus corpus",
                 "mindvis_version": __version__,
-                "git_commit": _git_commit(),
+                **provenance(),
                 "command": "mindvis " + " ".join(command).replace(str(args.work), "<work>"),
                 "simulate": "mindvis simulate " + " ".join(_args(preset.simulate)),
                 "corpus_sha256": file_sha256(corpus),

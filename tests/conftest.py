@@ -48,3 +48,18 @@ def quiet_cli_logging():
     root = logging.getLogger()
     for h in [h for h in root.handlers if getattr(h, "_mindvis", False)]:
         root.removeHandler(h)
+
+
+@pytest.fixture
+def load_script():
+    """Import ``scripts/<name>.py`` as a module without running its ``main``."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"mindvis_script_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

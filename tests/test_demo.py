@@ -142,3 +142,26 @@ def test_report_says_plainly_whether_the_method_beats_chance():
     assert above_chance_summary(at_chance, "m").startswith("None of the 2")
     mixed = [row("semantic 10-way", 0.3), row("identification 50-way", 0.01, 0.02), row("SSIM, mean", 0.9)]
     assert "1 of 2 figures: semantic 10-way." in above_chance_summary(mixed, "m")
+
+
+def test_label_budget_script_on_a_smoke_run(tmp_path, load_script):
+    """``scripts/label_budget.py`` runs every encoder on a demo run folder and continues an interrupted table."""
+    import numpy as np
+
+    from mindvis.data.formats.registry import load_dataset
+    from mindvis.utils.io import read_json
+
+    run = run_demo(get_preset("smoke"), tmp_path / "run", progress=False).run_dir
+    labels = np.asarray(load_dataset("synthetic", run / "sim", split="train").labels)
+    k = len(np.unique(labels))
+    lb = load_script("label_budget")
+    out = tmp_path / "budget.json"
+    argv = [str(run), "--budgets", str(k), "--steps", "2", "--out", str(out), "--threads", "1"]
+    assert lb.main([*argv, "--encoders", "pretrained,ridge"]) == 0
+    first = read_json(out)
+    assert [r["encoder"] for r in first] == ["pretrained", "ridge"] and all(r["budget"] == k for r in first)
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in first)
+    assert lb.main(argv) == 0  # finished rows are kept, the missing encoders are added
+    rows = read_json(out)
+    assert rows[:2] == first and sorted(r["encoder"] for r in rows[2:]) == ["frozen", "random"]
+    assert "| labelled trials |" in lb.table(rows, k)
