@@ -73,7 +73,8 @@ def ridge_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
     )
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+    """Run the missing rows; returns all rows of ``args.out`` and the prior's class count."""
     from mindvis.data.formats.registry import load_dataset
     from mindvis.data.preprocess import load_preprocessor
     from mindvis.train.ldm import (
@@ -95,9 +96,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if train.labels is None or test.labels is None:
         raise SystemExit(f"{args.data_dir}: the warm start needs class labels of both splits")
     prior = load_prior(args.prior)
-    table = prior_class_table(prior, source=args.prior)
+    class_table = prior_class_table(prior, source=args.prior)
     found = find_preprocessing(args.mbm)
     pre = None if found is None else load_preprocessor(found, subject=train.subject)
+    shape = build_encoder(args.mbm, StageBConfig()).config  # every encoder here has the stage A input width
+    x_tr, x_te, _ = prepare_voxels(train, test, shape.num_voxels, shape.patch_size, pre)
     rows: list[dict[str, Any]] = read_json(args.out) if args.out.is_file() else []
     done = {(r["budget"], r["encoder"], r["seed"], r["steps"]) for r in rows}
     for seed in args.seeds:
@@ -107,6 +110,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if (len(idx), kind, seed, args.steps) in done:
                     continue
                 t0 = time.perf_counter()
+                torch.manual_seed(
+                    seed
+                )  # the conditioner's initialisation: the same for a row run alone or resumed
                 config = StageBConfig(
                     encoder_init="random" if kind == "random" else "pretrained",
                     standardize_tokens=True,
@@ -114,16 +120,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     batch_size=args.batch_size,
                     seed=seed,
                 )
-                encoder = build_encoder(args.mbm, config)
-                x_tr, x_te, _ = prepare_voxels(
-                    train, test, encoder.config.num_voxels, encoder.config.patch_size, pre
-                )
                 y_tr = np.asarray(train.labels)[idx]
                 row: dict[str, Any] = {"budget": len(idx), "encoder": kind, "seed": seed, "steps": args.steps}
                 if kind == "ridge":
                     row["test_accuracy"] = ridge_accuracy(x_tr[idx], y_tr, x_te, np.asarray(test.labels))
                 else:
-                    model = build_stage_b_model(prior, encoder, config)
+                    model = build_stage_b_model(prior, build_encoder(args.mbm, config), config)
                     fit_token_stats(model, x_tr[idx], prior_context_std(prior))
                     if kind == "frozen":
                         model.fmri_encoder = _Frozen(model.fmri_encoder)
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         model,
                         x_tr[idx],
                         y_tr,
-                        table,
+                        class_table,
                         epochs,
                         lr=args.lr,
                         batch_size=args.batch_size,
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     + f" ({row['seconds']:.0f} s)",
                     flush=True,
                 )
-    return rows
+    return rows, int(class_table.shape[0])
 
 
 def table(rows: list[dict[str, Any]], n_classes: int | None = None) -> str:
@@ -210,10 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     from mindvis.commands._options import set_threads
 
     set_threads(args.threads)
-    rows = run(args)
-    from mindvis.train.ldm import load_prior, prior_class_table
-
-    print(table(rows, int(prior_class_table(load_prior(args.prior)).shape[0])))
+    rows, n_classes = run(args)
+    print(table(rows, n_classes))
     return 0
 
 
