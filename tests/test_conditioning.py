@@ -140,6 +140,51 @@ def test_token_standardisation():
         std.fit_token_stats(tokens, context_std=0.0)
 
 
+def test_context_basis_confines_every_token_to_a_mixture_of_the_rows():
+    torch.manual_seed(0)
+    k = 5
+    cond = DCConditioner(_cfg(basis_size=k))
+    assert tuple(cond.basis.shape) == (k, 32) and cond.dim_mapper.out_features == k
+    basis = torch.randn(k, 32)
+    cond.set_basis(basis)
+    tokens = torch.randn(6, 16, 24)
+    out = cond(tokens)
+    assert out.context.shape == (6, 77, 32) and out.time_cond.shape == (6, 40)
+    weights = out.weights
+    assert weights.shape == (6, 77, k) and DCConditioner(_cfg())(tokens).weights is None
+    assert torch.allclose(weights.sum(-1), torch.ones(6, 77)) and (weights >= 0).all()
+    assert torch.allclose(out.context, weights @ basis, atol=1e-6)
+    logits = cond.dim_mapper(cond.channel_mapper(tokens))
+    assert torch.allclose(weights, torch.softmax(logits, -1), atol=1e-6)
+    # a saturated mixture is exactly one row
+    with torch.no_grad():
+        cond.dim_mapper.weight.zero_()
+        cond.dim_mapper.bias.copy_(torch.tensor([0.0, 0.0, 80.0, 0.0, 0.0]))
+    assert torch.allclose(cond(tokens).context, basis[2].expand(6, 77, 32), atol=1e-5)
+    # the basis is saved with the weights
+    again = DCConditioner(_cfg(basis_size=k))
+    again.load_state_dict(cond.state_dict())
+    assert torch.equal(again.basis, basis)
+    # guidance's null context: zeros until set, then the given row in every token
+    assert torch.equal(cond.null_conditioning(2, tokens).context, torch.zeros(2, 77, 32))
+    null = torch.randn(32)
+    cond.set_basis(basis, null=null)
+    nc = cond.null_conditioning(2, tokens)
+    assert torch.equal(nc.context, null.expand(2, 77, 32)) and torch.equal(nc.time_cond, torch.zeros(2, 40))
+    with pytest.raises(DataError):
+        cond.set_basis(torch.randn(k + 1, 32))
+    with pytest.raises(DataError):
+        cond.set_basis(basis, null=torch.randn(31))
+    with pytest.raises(ConfigError):
+        DCConditioner(_cfg()).set_basis(basis)
+    for bad in (1, -1, True):
+        with pytest.raises(ConfigError) as e:
+            _cfg(basis_size=bad)
+        assert e.value.field == "basis_size"
+    with pytest.raises(ConfigError, match="basis"):
+        DCConditioner(_cfg(basis_size=k, standardize_tokens=True)).fit_token_stats(tokens, context_std=1.0)
+
+
 def test_config_round_trip():
     c = _cfg(global_pool=True, num_tokens=1, use_cross_attn=False)
     assert DCConditionerConfig.from_dict(c.to_dict()) == c

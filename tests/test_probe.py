@@ -179,3 +179,81 @@ def test_conditioning_use_sees_whether_the_denoiser_reads_the_fmri():
     blind = conditioning_use(model, voxels, images, draws=2)
     assert blind["gap_percent"] == pytest.approx(0.0, abs=1e-6)
     assert use["loss_shuffled"] != pytest.approx(use["loss_true"], rel=1e-9)
+
+
+def test_prior_class_signal_measures_how_the_loss_names_the_class():
+    from mindvis.errors import ConfigError, DataError
+    from mindvis.eval.probe import prior_class_signal
+    from mindvis.train.prior import PriorTrainConfig, build_class_prior
+
+    torch.manual_seed(0)
+    k, n, draws = 3, 9, 5
+    prior = build_class_prior(PriorTrainConfig(preset="tiny", resolution=32).ldm_config(k), k).eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(n) % k
+    plain = prior_class_signal(prior, images, labels, draws=draws)
+    assert plain["items"] == n and plain["chance"] == pytest.approx(1 / k)
+    assert set(plain["accuracy"]) == {1, 4, draws} and 0 <= plain["pairwise_win"] <= 1
+    assert np.isfinite(plain["gap_percent"]) and plain["loss_own"] > 0
+
+    table = prior.conditioner.embedding.weight[:-1].detach()
+    truth = torch.as_tensor(labels)
+
+    def rigged(x0):
+        """A denoiser that predicts the noise exactly under the image's own class, and zero otherwise."""
+
+        def eps(x_t, t, cond):
+            a = prior.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+            s = prior.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+            own = torch.isclose(cond.context[:, 0], table[truth]).all(dim=1)
+            return torch.where(own[:, None, None, None], (x_t - a * x0) / s, torch.zeros_like(x_t))
+
+        return eps
+
+    from mindvis.data.paired import images_to_tensor
+
+    with torch.no_grad():
+        x0 = prior.encode_images(images_to_tensor(images))
+    prior.eps = rigged(x0)
+    sharp = prior_class_signal(prior, images, labels, draws=draws)
+    assert all(v == 1.0 for v in sharp["accuracy"].values()) and sharp["pairwise_win"] == 1.0
+    assert sharp["loss_own"] == pytest.approx(0.0, abs=1e-4) and sharp["loss_other"] > 0.5
+    # a denoiser blind to the class: no gap, and the own class never strictly wins
+    prior.eps = lambda x_t, t, cond: torch.zeros_like(x_t)
+    blind = prior_class_signal(prior, images, labels, draws=draws)
+    assert blind["gap_percent"] == pytest.approx(0.0, abs=1e-9) and blind["pairwise_win"] == 0.0
+    del prior.eps
+
+    with pytest.raises(DataError, match="class label"):
+        prior_class_signal(prior, images, labels + k, draws=1)
+    from mindvis.models.ldm import DCLDM, ldm_preset
+    from mindvis.models.mbm import FMRIEncoder
+
+    fmri_model = DCLDM.for_fmri(ldm_preset("tiny"), FMRIEncoder(mbm_tiny(VOXELS)))
+    with pytest.raises(ConfigError, match="class signal"):
+        prior_class_signal(fmri_model, images, labels, draws=1)
+
+
+def test_probe_cli_reports_the_prior_class_signal(tmp_path, monkeypatch, quiet_cli_logging):
+    from mindvis.train.prior import PriorTrainConfig, build_class_prior, save_prior_pipeline
+
+    torch.manual_seed(0)
+    prior = tmp_path / "prior"
+    ldm = PriorTrainConfig(preset="tiny", resolution=32).ldm_config(CLASSES)
+    save_prior_pipeline(build_class_prior(ldm, CLASSES), prior, [f"c{i}" for i in range(CLASSES)])
+    tr, te = _split(24, 0, "train", True), _split(8, 1, "test", True)
+    unlabelled = FMRIDataset(voxels=tr.voxels, subject="sbj_1", split="train", source="mem/train")
+    splits = {"train": tr, "test": te}
+    monkeypatch.setattr(
+        "mindvis.data.formats.registry.load_dataset", lambda kind, d, subj, split, **kw: splits[split]
+    )
+    out = tmp_path / "probe"
+    args = ["probe", "--dataset", "synthetic", "--data-dir", str(tmp_path), "--prior", str(prior)]
+    assert main([*args, "--prior-items", "6", "--prior-draws", "2", "--out", str(out)]) == 0
+    signal = json.loads((out / "probe.json").read_text())["prior_class_signal"]
+    assert signal["items"] == 6 and signal["draws"] == 2 and set(signal["accuracy"]) == {"1", "2"}
+    assert signal["chance"] == pytest.approx(1 / CLASSES) and signal["prior"] == str(prior)
+    assert "0.5: no signal" in (out / "probe.md").read_text()
+    splits["train"] = unlabelled
+    assert main(args) != 0  # no labels: a one-line error before any probing

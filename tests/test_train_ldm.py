@@ -248,6 +248,92 @@ def test_stage_b_run_with_warm_start_records_it(prior_dir, mbm_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["config"]["align_epochs"] == 2
 
 
+def test_prior_classes_context_basis(prior_dir, mbm_dir, tmp_path):
+    from mindvis.pipeline import MindVisPipeline
+    from mindvis.train.ldm import load_prior, prior_class_table
+
+    prior = load_prior(prior_dir)
+    table = prior_class_table(prior)
+    model, _ = _model(prior_dir, mbm_dir, context_basis="prior-classes", standardize_tokens=True)
+    assert torch.equal(model.conditioner.basis, table)
+    # guidance compares against the prior's own null condition
+    null_ctx = model.conditioner.null_conditioning(2, table).context
+    assert torch.allclose(null_ctx[:, :1], prior.conditioner.null_conditioning(2, table).context)
+    with torch.no_grad():
+        ctx = model.condition(torch.randn(3, 128)).context
+    # every token lies in the convex hull of the class embeddings: its weights are recoverable and sum to 1
+    w = torch.linalg.lstsq(
+        torch.cat([table.T, torch.ones(1, len(table))]),
+        torch.cat([ctx.reshape(-1, ctx.shape[-1]).T, torch.ones(1, ctx.shape[0] * ctx.shape[1])]),
+    ).solution
+    assert float(w.min()) > -1e-4
+    assert torch.allclose(table.T @ w, ctx.reshape(-1, ctx.shape[-1]).T, atol=1e-4)
+
+    tr, te = _datasets()
+    out = tmp_path / "basis"
+    train_stage_b(
+        prior_dir,
+        mbm_dir,
+        tr,
+        te,
+        out,
+        _config(context_basis="prior-classes", standardize_tokens=True),
+        _trainer(),
+    )
+    saved = MindVisPipeline.from_pretrained(out / "model").model.conditioner
+    assert saved.config.basis_size == len(table) and torch.equal(saved.basis, table)
+    assert not (out / "align.json").exists()  # no labels needed
+
+    with pytest.raises(ConfigError) as e:
+        StageBConfig(context_basis="classes")
+    assert e.value.field == "context_basis"
+    for bad in (dict(basis_balance=-0.1, context_basis="prior-classes"), dict(basis_balance=0.1)):
+        with pytest.raises(ConfigError) as e:
+            StageBConfig(**bad)
+        assert e.value.field == "basis_balance"
+    fmri_prior = MindVisPipeline.from_pretrained(out / "model").model  # not class-conditional
+    with pytest.raises(ConfigError, match="prior-classes context") as e:
+        build_stage_b_model(fmri_prior, model.fmri_encoder, StageBConfig(context_basis="prior-classes"))
+    assert e.value.field == "context_basis"
+
+
+def test_mixture_entropy():
+    from mindvis.train.ldm import mixture_entropy
+
+    k = 6
+    uniform = torch.full((4, 3, k), 1.0 / k)
+    assert float(mixture_entropy(uniform)) == pytest.approx(np.log(k), rel=1e-6)
+    same_row = torch.zeros(4, 3, k)
+    same_row[..., 2] = 1.0
+    assert float(mixture_entropy(same_row)) == pytest.approx(0.0, abs=1e-6)
+    # confident samples spread evenly over the rows have the uniform batch mean
+    spread = torch.eye(k)[torch.arange(2 * k) % k][:, None, :]
+    assert float(mixture_entropy(spread)) == pytest.approx(np.log(k), rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_basis_balance_subtracts_the_weighted_mixture_entropy(prior_dir, mbm_dir):
+    from mindvis.train.ldm import mixture_entropy
+
+    kw = dict(context_basis="prior-classes", standardize_tokens=True, trainable="cond-only")
+    torch.manual_seed(0)
+    model, plain_cfg = _model(prior_dir, mbm_dir, **kw)
+    batch = {"fmri": torch.randn(4, 128), "image": torch.rand(4, 3, RES, RES) * 2 - 1}
+    losses = {}
+    for weight in (0.0, 0.5):
+        module = StageBModule(model, StageBConfig(**kw, basis_balance=weight))
+        torch.manual_seed(1)
+        losses[weight] = module.training_step(batch, 0)
+    with torch.no_grad():
+        entropy = mixture_entropy(model.condition(batch["fmri"]).weights)
+    assert float(losses[0.5]) == pytest.approx(float(losses[0.0]) - 0.5 * float(entropy), rel=1e-5)
+    # the term reaches the conditioner
+    model.zero_grad()
+    losses[0.5].backward()
+    assert model.conditioner.dim_mapper.weight.grad is not None
+    assert plain_cfg.basis_balance == 0.0
+
+
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")
 def test_validate_now_gives_the_figures_lightning_validation_logs(prior_dir, mbm_dir):
     import lightning.pytorch as pl

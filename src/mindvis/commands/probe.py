@@ -33,6 +33,35 @@ def probe_table(rows: list[dict[str, Any]], use: dict[str, dict[str, float]] | N
     return head + body + tail
 
 
+def _prior_signal(prior: Path, train: Any, items: int, draws: int) -> dict[str, Any]:
+    """:func:`~mindvis.eval.probe.prior_class_signal` on a seeded subset of the labelled training images."""
+    import numpy as np
+
+    from mindvis.errors import DataError
+    from mindvis.eval.probe import prior_class_signal
+    from mindvis.train.ldm import load_prior
+
+    if train.labels is None or not train.paired:
+        raise DataError("--prior needs labelled, paired training images", path=train.source, field="labels")
+    labels = np.asarray(train.labels)
+    known = np.flatnonzero(labels >= 0)
+    idx = np.sort(np.random.default_rng(0).permutation(known)[:items])
+    signal = prior_class_signal(load_prior(prior), train.sample_images()[idx], labels[idx], draws=draws)
+    return {"prior": str(prior), "draws": draws, **signal}
+
+
+def prior_signal_text(signal: dict[str, Any]) -> str:
+    """One paragraph on a prior's class signal (:func:`~mindvis.eval.probe.prior_class_signal`)."""
+    acc = ", ".join(f"{n} draw{'s' * (int(n) > 1)} {v:.3f}" for n, v in signal["accuracy"].items())
+    return (
+        f"prior {signal['prior']} on {signal['items']} training images: denoising loss under the image's own "
+        f"class {signal['loss_own']:.5f}, under the other classes {signal['loss_other']:.5f} "
+        f"({signal['gap_percent']:+.2f} %); in a single draw the own class beats a random other one "
+        f"{signal['pairwise_win']:.3f} of the time (0.5: no signal); the lowest loss names the class "
+        f"({acc}; chance {signal['chance']:.3f})"
+    )
+
+
 def plot_probes(rows: list[dict[str, Any]], path: Path) -> None:
     """Horizontal bars of class accuracy and pixel identification per level, chance marked."""
     import matplotlib
@@ -80,6 +109,19 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(
             None, "--out", "-o", help="Folder for probe.json, probe.md and probe.png (default: print only)."
         ),
+        prior: Path | None = typer.Option(
+            None,
+            "--prior",
+            help="A class-conditional prior (train-prior --out/pipeline): also measure how well its denoising "
+            "loss names the class of training images, the signal stage B learns from when the diffusion loss "
+            "is its only teacher.",
+        ),
+        prior_items: int = typer.Option(
+            200, "--prior-items", min=2, help="Training images (a seeded random subset) for --prior."
+        ),
+        prior_draws: int = typer.Option(
+            16, "--prior-draws", min=1, help="Noise draws per image and class for --prior."
+        ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
         threads: int | None = typer.Option(
             None, "--threads", help="torch CPU threads (default: one per core)."
@@ -106,6 +148,7 @@ def register(app: typer.Typer) -> None:
         options: dict[str, Any] = {} if roi is None else {"roi": roi}
         train = load_dataset(dataset, data_dir, subject, "train", **options)
         test = load_dataset(dataset, data_dir, subject or train.subject, "test", **options)
+        signal = None if prior is None else _prior_signal(prior, train, prior_items, prior_draws)
         report = run_probes(train, test, list(models or []))
         results = [r.to_dict() for r in report.levels]
         table = Table(title=f"linear probes: {train.subject}, {len(train)} train -> {len(test)} test samples")
@@ -127,6 +170,8 @@ def register(app: typer.Typer) -> None:
                 f"{name}: denoising loss with its own fMRI {use['loss_true']:.5f}, with another sample's "
                 f"{use['loss_shuffled']:.5f} ({use['gap_percent']:+.2f} %; near 0: the model ignores the fMRI)"
             )
+        if signal is not None:
+            console.print(prior_signal_text(signal))
         if out is None:
             return
         with atomic_dir(out, overwrite=True) as tmp:
@@ -142,10 +187,13 @@ def register(app: typer.Typer) -> None:
                         "test": len(test),
                     },  # fmt: skip
                     **report.to_dict(),
+                    **({} if signal is None else {"prior_class_signal": signal}),
                     **provenance(),
                 },
             )
             with atomic_write(tmp / "probe.md", mode="w") as f:
                 f.write(probe_table(results, report.conditioning))
+                if signal is not None:
+                    f.write(f"\n{prior_signal_text(signal)}\n")
             plot_probes(results, tmp / "probe.png")
         console.print(f"wrote {out / 'probe.json'}, probe.md and probe.png")

@@ -101,6 +101,20 @@ def register(app: typer.Typer) -> None:
             help="Z-score the encoder tokens with training statistics before the conditioner (not in the "
             "original; helps small encoders whose tokens vary little between samples).",
         ),
+        context_basis: str = typer.Option(
+            "free",
+            "--context-basis",
+            help="free (the original) or prior-classes (not in the original): every context token is a "
+            "softmax mixture of the class-conditional prior's class embeddings, so the UNet reads the fMRI "
+            "from the start and stage B learns from the diffusion loss alone, without class labels.",
+        ),
+        basis_balance: float = typer.Option(
+            0.0,
+            "--basis-balance",
+            help="With --context-basis prior-classes: weight of the reward for using all classes across a "
+            "batch (the entropy of its mean mixture); keeps label-free training from sending every fMRI to "
+            "one class. 0: off.",
+        ),
         align_epochs: int = typer.Option(
             0,
             "--align-epochs",
@@ -169,6 +183,8 @@ def register(app: typer.Typer) -> None:
             use_time_cond=time_cond,
             use_cross_attn=cross_attn,
             standardize_tokens=standardize_tokens,
+            context_basis=context_basis,
+            basis_balance=basis_balance,
             align_epochs=align_epochs,
             align_lr=align_lr,
             validate_start=validate_start,

@@ -239,6 +239,27 @@ def model_levels(
 
 
 @torch.no_grad()
+def _denoising_losses(model: Any, x0: torch.Tensor, conds: list[Any], draws: int, seed: int) -> torch.Tensor:
+    """Per-item denoising losses ``[draws, N, len(conds)]`` of latents ``x0 [N, ...]`` under each conditioning,
+    with the same noise and timesteps for every conditioning within a draw."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(draws, len(x0), len(conds))
+    for d in range(draws):
+        t = torch.randint(0, model.num_timesteps, (len(x0),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = model.q_sample(x0, t, noise)
+        for j, c in enumerate(conds):
+            out[d, :, j] = ((model.eps(x_t, t, c) - noise) ** 2).float().flatten(1).mean(1)
+    return out
+
+
+def _latents(model: Any, images: np.ndarray) -> torch.Tensor:
+    from mindvis.data.paired import images_to_tensor, resize_images
+
+    return model.encode_images(resize_images(images_to_tensor(images), int(model.vq_config.resolution)))
+
+
+@torch.no_grad()
 def conditioning_use(
     model: Any, voxels: np.ndarray, images: np.ndarray, draws: int = 4, seed: int = 0
 ) -> dict[str, float]:
@@ -250,23 +271,65 @@ def conditioning_use(
         ``loss_true``, ``loss_shuffled`` and ``gap_percent`` (``100 * (shuffled / true - 1)``): near 0 when the
         model ignores the fMRI; the class prior's own labels give a few percent on the benchmark.
     """
-    from mindvis.data.paired import images_to_tensor, resize_images
-
-    x0 = model.encode_images(resize_images(images_to_tensor(images), int(model.vq_config.resolution)))
+    x0 = _latents(model, images)
     cond = model.condition(torch.as_tensor(np.asarray(voxels, np.float32)))
     other = cond.index(torch.roll(torch.arange(len(x0)), 1))
-    g = torch.Generator().manual_seed(seed)
-    sums = {"true": 0.0, "shuffled": 0.0}
-    for _ in range(draws):
-        t = torch.randint(0, model.num_timesteps, (len(x0),), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        x_t = model.q_sample(x0, t, noise)
-        for name, c in (("true", cond), ("shuffled", other)):
-            sums[name] += float(((model.eps(x_t, t, c) - noise) ** 2).mean()) / draws
+    true, shuffled = _denoising_losses(model, x0, [cond, other], draws, seed).mean(dim=(0, 1)).tolist()
+    return {"loss_true": true, "loss_shuffled": shuffled, "gap_percent": 100.0 * (shuffled / true - 1.0)}
+
+
+@torch.no_grad()
+def prior_class_signal(
+    prior: Any, images: np.ndarray, labels: np.ndarray, draws: int = 16, seed: int = 0
+) -> dict[str, Any]:
+    """How much a class-conditional prior's denoising loss says about an image's class: the signal that stage B
+    learns the class from when the diffusion loss is its only teacher (the original's setting).
+
+    Every image ``[N, H, W, 3]`` uint8 with a label in ``[0, K)`` is noised ``draws`` times; each time the loss
+    is computed under every one of the prior's K classes (same noise and timestep).
+
+    Returns:
+        ``loss_own`` (mean loss under the image's class), ``loss_other`` (mean under the other classes),
+        ``gap_percent`` (``100 * (other / own - 1)``), ``pairwise_win`` (share of single draws in which the own
+        class beats a random other class: 0.5 is no signal), ``accuracy`` (``{draws: share of images whose
+        lowest mean loss over that many draws is their own class}``, a diffusion classifier), ``chance``
+        (1 / K), ``items``.
+
+    Raises:
+        ConfigError: the prior is not class-conditional; DataError: labels outside its classes.
+    """
+    from mindvis.train.ldm import prior_class_table
+
+    k = int(prior_class_table(prior, field="prior").shape[0])
+    y = torch.as_tensor(np.asarray(labels).astype(np.int64))
+    if y.shape != (len(images),) or (len(y) and (int(y.min()) < 0 or int(y.max()) >= k)):
+        raise DataError(
+            f"expected one class label in [0, {k}) per image ({len(images)}), got {tuple(y.shape)} "
+            f"in [{int(y.min()) if len(y) else '-'}, {int(y.max()) if len(y) else '-'}]",
+            field="labels",
+        )
+    x0 = _latents(prior, images)
+    conds = [prior.conditioner(torch.full((len(x0),), c, dtype=torch.long)) for c in range(k)]
+    losses = _denoising_losses(prior, x0, conds, draws, seed)  # [draws, N, K]
+    rows = torch.arange(len(x0))
+    own = losses[:, rows, y]  # [draws, N]
+    other_mask = torch.ones(len(x0), k, dtype=torch.bool)
+    other_mask[rows, y] = False
+    other = losses[:, other_mask].view(draws, len(x0), k - 1)
+    g = torch.Generator().manual_seed(seed + 1)
+    pick = torch.randint(0, k - 1, (draws, len(x0)), generator=g)
+    rival = other.gather(2, pick[..., None]).squeeze(2)
+    counts = sorted({1, *(n for n in (4, 16, 64) if n < draws), draws})
+    accuracy = {n: float((losses[:n].mean(0).argmin(1) == y).float().mean()) for n in counts}
+    loss_own, loss_other = float(own.mean()), float(other.mean())
     return {
-        "loss_true": sums["true"],
-        "loss_shuffled": sums["shuffled"],
-        "gap_percent": 100.0 * (sums["shuffled"] / sums["true"] - 1.0),
+        "loss_own": loss_own,
+        "loss_other": loss_other,
+        "gap_percent": 100.0 * (loss_other / loss_own - 1.0),
+        "pairwise_win": float((own < rival).float().mean()),
+        "accuracy": accuracy,
+        "chance": 1.0 / k,
+        "items": len(x0),
     }
 
 
@@ -331,6 +394,7 @@ __all__ = [
     "ProbeResult",
     "conditioning_use",
     "model_levels",
+    "prior_class_signal",
     "probe_level",
     "run_probes",
     "source_name",

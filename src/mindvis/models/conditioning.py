@@ -17,6 +17,12 @@ final LayerNorm); the prior's cross-attention was trained on class embeddings th
 classes, so without this the fMRI context looks nearly constant to the UNet, and stage B learns to ignore it. Either path can be switched off, as in the paper's
 ablation (cross-attention only, or time conditioning only, where the attention then sees a zero context).
 
+With ``basis_size`` K > 0 (not in the original; off by default) the context is confined to the prior's own
+conditions: ``dim_mapper`` gives K logits per context token instead of C channels, and each token is the
+softmax-weighted mixture of the K rows of the fixed buffer ``basis [K, C]`` (the class embeddings of a
+class-conditional prior). The UNet then sees only contexts between conditions it was trained on, and stage B can
+learn from the diffusion loss alone, without class labels.
+
 :class:`ClassEmbedder` is the label-conditional counterpart (the CompVis label2img prior): labels ``[N]``
 -> ``[N, 1, C]``.
 """
@@ -45,10 +51,13 @@ class Conditioning:
     Attributes:
         context: ``[N, T, C]`` cross-attention context.
         time_cond: ``[N, E]`` vector added to the time embedding, or ``None``.
+        weights: with a context basis, the mixture weights ``[N, T, K]`` that gave the context (stage B's
+            balance term reads them); the helpers below do not carry them.
     """
 
     context: Tensor
     time_cond: Tensor | None = None
+    weights: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.context.shape[0])
@@ -89,6 +98,8 @@ class DCConditionerConfig(_ConfigMixin):
         use_time_cond: compute the time-embedding vector.
         standardize_tokens: z-score the tokens with fixed training statistics (buffers ``token_mean`` and
             ``token_std`` ``[L, D]``) before the mappers.
+        basis_size: K > 0 confines every context token to a softmax mixture of the K rows of the buffer
+            ``basis [K, C]`` (set it with :meth:`DCConditioner.set_basis`); 0 is the original's free context.
     """
 
     num_tokens: int
@@ -100,10 +111,15 @@ class DCConditionerConfig(_ConfigMixin):
     use_cross_attn: bool = True
     use_time_cond: bool = True
     standardize_tokens: bool = False
+    basis_size: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_tokens", "token_dim", "context_dim", "time_embed_dim", "cond_tokens"):
             _int(name, getattr(self, name))
+        if isinstance(self.basis_size, bool) or not isinstance(self.basis_size, int) or self.basis_size < 0:
+            raise ConfigError(f"expected an integer >= 0, got {self.basis_size!r}", field="basis_size")
+        if self.basis_size == 1:
+            raise ConfigError("a context basis needs at least 2 rows (0 switches it off)", field="basis_size")
         for name in ("global_pool", "use_cross_attn", "use_time_cond", "standardize_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"expected true or false, got {getattr(self, name)!r}", field=name)
@@ -134,7 +150,7 @@ class DCConditioner(nn.Module):
     Parameters (converted from the original): ``channel_mapper.{0,1}`` (``cond_stage_model.channel_mapper``),
     ``dim_mapper`` (``cond_stage_model.dim_mapper``), ``time_mapper.{0,1,2}`` or ``time_mapper`` (a single
     Linear with ``global_pool``) (``model.diffusion_model.time_embed_condtion``). With ``standardize_tokens``
-    also the buffers ``token_mean`` and ``token_std`` (ours).
+    also the buffers ``token_mean`` and ``token_std``, and with ``basis_size`` the buffer ``basis`` (ours).
     """
 
     def __init__(self, config: DCConditionerConfig):
@@ -152,7 +168,10 @@ class DCConditioner(nn.Module):
             )
         else:
             self.channel_mapper = None
-        self.dim_mapper = nn.Linear(c.token_dim, c.context_dim, bias=True)
+        if c.basis_size:
+            self.register_buffer("basis", torch.zeros(c.basis_size, c.context_dim))
+            self.register_buffer("basis_null", torch.zeros(c.context_dim))
+        self.dim_mapper = nn.Linear(c.token_dim, c.basis_size or c.context_dim, bias=True)
         if c.use_time_cond:
             if c.global_pool:
                 self.time_mapper: nn.Module | None = nn.Linear(c.context_dim, c.time_embed_dim)
@@ -172,6 +191,10 @@ class DCConditioner(nn.Module):
 
     def context_from_tokens(self, tokens: Tensor) -> Tensor:
         """``tokens: [N, L, D]`` -> context ``[N, T, C]`` (``[N, 1, C]`` with ``global_pool``)."""
+        return self._context_and_weights(tokens)[0]
+
+    def _context_and_weights(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The context and, with a basis, its mixture weights ``[N, T, K]``."""
         c = self.config
         if tokens.ndim != 3 or tokens.shape[1] != c.num_tokens or tokens.shape[2] != c.token_dim:
             raise DataError(
@@ -181,7 +204,35 @@ class DCConditioner(nn.Module):
         if c.standardize_tokens:
             tokens = (tokens - self.token_mean) / self.token_std
         h = tokens if self.channel_mapper is None else self.channel_mapper(tokens)  # [N, T, D]
-        return self.dim_mapper(h)  # [N, T, C]
+        if not c.basis_size:
+            return self.dim_mapper(h), None  # [N, T, C]
+        weights = torch.softmax(self.dim_mapper(h).float(), dim=-1).to(h.dtype)  # [N, T, K]
+        return weights @ self.basis, weights
+
+    @torch.no_grad()
+    def set_basis(self, basis: Tensor, null: Tensor | None = None) -> None:
+        """Fix the context basis ``[K, C]`` (e.g. a class-conditional prior's class embeddings, null row left out)
+        and, optionally, the null context ``[C]`` that classifier-free guidance compares against (e.g. the
+        prior's null row; default: zeros, as without a basis).
+
+        Raises:
+            ConfigError: this conditioner has no basis; DataError: the basis has the wrong shape.
+        """
+        c = self.config
+        if not c.basis_size:
+            raise ConfigError("this conditioner has no context basis", field="basis_size")
+        if tuple(basis.shape) != (c.basis_size, c.context_dim) or not torch.isfinite(basis).all():
+            raise DataError(
+                f"expected a finite context basis [{c.basis_size}, {c.context_dim}], got {list(basis.shape)}",
+                field="basis",
+            )
+        self.basis.copy_(basis.to(self.basis.dtype))
+        if null is not None:
+            if tuple(null.shape) != (c.context_dim,) or not torch.isfinite(null).all():
+                raise DataError(
+                    f"expected a finite null context [{c.context_dim}], got {list(null.shape)}", field="null"
+                )
+            self.basis_null.copy_(null.to(self.basis_null.dtype))
 
     @torch.no_grad()
     def fit_token_stats(self, tokens: Tensor, floor: float = 0.1, context_std: float | None = None) -> None:
@@ -207,6 +258,11 @@ class DCConditioner(nn.Module):
             std.clamp_min(floor * float(std.mean())).clamp_min(1e-8).to(self.token_std.dtype)
         )
         if context_std is not None:
+            if c.basis_size:
+                raise ConfigError(
+                    "a context confined to a basis has the basis's spread; give no context std",
+                    field="context_std",
+                )
             if not context_std > 0:
                 raise ConfigError(f"expected a positive context std, got {context_std}", field="context_std")
             spread = float(
@@ -223,16 +279,19 @@ class DCConditioner(nn.Module):
 
     def forward(self, tokens: Tensor) -> Conditioning:
         """``tokens: [N, L, D]`` -> :class:`Conditioning` (context ``[N, T, C]``, time vector ``[N, E]``)."""
-        context = self.context_from_tokens(tokens)
+        context, weights = self._context_and_weights(tokens)
         time_cond = self.time_from_context(context)
         if not self.config.use_cross_attn:
             context = context.new_zeros(context.shape[0], 1, context.shape[2])
-        return Conditioning(context, time_cond)
+        return Conditioning(context, time_cond, weights)
 
     def null_conditioning(self, n: int, like: Tensor) -> Conditioning:
-        """The unconditional input for classifier-free guidance: a zero context ``[n, T, C]`` and zero time vector."""
+        """The unconditional input for classifier-free guidance: a zero context ``[n, T, C]`` (with a basis: its
+        null context in every token) and a zero time vector."""
         c = self.config
         ctx = like.new_zeros(n, c.context_tokens if c.use_cross_attn else 1, c.context_dim)
+        if c.basis_size and c.use_cross_attn:
+            ctx = ctx + self.basis_null.to(ctx.dtype)
         tc = None if self.time_mapper is None else like.new_zeros(n, c.time_embed_dim)
         return Conditioning(ctx, tc)
 

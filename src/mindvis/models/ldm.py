@@ -578,6 +578,7 @@ class DCLDM(nn.Module):
         use_cross_attn: bool = True,
         cond_tokens: int | None = None,
         standardize_tokens: bool = False,
+        basis_size: int = 0,
         schedule: NoiseSchedule | None = None,
         unet: UNet2DConditionModel | None = None,
         vq: VQModel | None = None,
@@ -585,7 +586,8 @@ class DCLDM(nn.Module):
         """A model around an fMRI encoder (e.g. ``FMRIEncoder.from_mbm(...)``) with a fresh conditioner.
 
         The encoder must expose ``embed_dim``, ``num_patches`` and ``global_pool``. ``unet`` / ``vq`` (e.g. from
-        a class-conditional prior) are used when given, else built fresh.
+        a class-conditional prior) are used when given, else built fresh. ``basis_size`` > 0 confines the context
+        to a basis that the caller then sets (:meth:`DCConditioner.set_basis`).
         """
         from mindvis.models.conditioning import COND_TOKENS, DCConditioner, DCConditionerConfig
 
@@ -602,6 +604,7 @@ class DCLDM(nn.Module):
                 use_cross_attn=use_cross_attn,
                 use_time_cond=use_time_cond,
                 standardize_tokens=bool(standardize_tokens),
+                basis_size=int(basis_size),
             )
         )
         return cls(unet_config, ldm.vq, cond, schedule, fmri_encoder=fmri_encoder, unet=unet, vq=vq)

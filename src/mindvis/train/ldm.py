@@ -58,6 +58,8 @@ PREPROCESSING_NAME = "preprocessing.json"
 #: What `mindvis reconstruct` reads from a model folder.
 PIPELINE_PREPROCESS_NAME = "preprocess.json"
 SAMPLES_DIR = "samples"
+#: What the fMRI context may be (:attr:`StageBConfig.context_basis`).
+CONTEXT_BASES = ("free", "prior-classes")
 #: The context warm start's record in a stage B run folder.
 ALIGN_NAME = "align.json"
 #: The validations before training (``StageBConfig.validate_start``) in a stage B run folder.
@@ -86,6 +88,15 @@ class StageBConfig:
         use_time_cond, use_cross_attn: the two conditioning paths (the paper's ablation switches one off).
         standardize_tokens: z-score the encoder tokens with fixed statistics of the training fMRI before the
             conditioner (not in the original; see :mod:`mindvis.models.conditioning`).
+        context_basis: ``free`` (the original: the conditioner's context is any vector) or ``prior-classes``
+            (not in the original: every context token is a softmax mixture of the class-conditional prior's class
+            embeddings, so the UNet only sees contexts between conditions it knows; stage B then needs no class
+            labels and no warm start; guidance compares against the prior's own null condition; see
+            :class:`~mindvis.models.conditioning.DCConditioner`).
+        basis_balance: with ``prior-classes``, the weight of a term that rewards the entropy of the batch's
+            mean mixture over the classes (0: off). Without labels, the diffusion loss alone first drives every
+            context to the one class that fits all images best; this keeps the classes in use (as in
+            information-maximising clustering) and leaves each sample's own mixture free.
         align_epochs: epochs of the context warm start before the diffusion finetune (0: none, as the original;
             see :func:`align_context`). Needs a class-conditional prior and class labels of the training images.
         align_lr: Adam learning rate of the warm start.
@@ -123,6 +134,8 @@ class StageBConfig:
     use_time_cond: bool = True
     use_cross_attn: bool = True
     standardize_tokens: bool = False
+    context_basis: Literal["free", "prior-classes"] = "free"
+    basis_balance: float = 0.0
     align_epochs: int = 0
     align_lr: float = 1e-3
     validate_start: bool = False
@@ -188,6 +201,20 @@ class StageBConfig:
         if not (self.use_time_cond or self.use_cross_attn):
             raise ConfigError(
                 "at least one of the time and cross-attention conditioning must be on", field="use_time_cond"
+            )
+        if self.context_basis not in CONTEXT_BASES:
+            raise ConfigError(
+                f"expected one of {', '.join(CONTEXT_BASES)}, got {self.context_basis!r}",
+                field="context_basis",
+            )
+        if isinstance(self.basis_balance, bool) or not (
+            isinstance(self.basis_balance, int | float) and self.basis_balance >= 0
+        ):
+            raise ConfigError(f"expected a number >= 0, got {self.basis_balance!r}", field="basis_balance")
+        if self.basis_balance and self.context_basis == "free":
+            raise ConfigError(
+                "the balance term needs a context basis: give context_basis prior-classes as well",
+                field="basis_balance",
             )
         if self.encoder_init not in ("pretrained", "random"):
             raise ConfigError(
@@ -267,9 +294,14 @@ def check_image_size(prior: Any, image_size: int | None, source: Any = None) -> 
     return size
 
 
-def build_stage_b_model(prior: Any, encoder: nn.Module, config: StageBConfig) -> Any:
+def build_stage_b_model(prior: Any, encoder: nn.Module, config: StageBConfig, source: Any = None) -> Any:
     """The fMRI-conditioned DCLDM: the prior's UNet (rebuilt with the time-conditioning input when it is used,
-    same weights) and autoencoder, the given encoder, and a fresh :class:`DCConditioner`."""
+    same weights) and autoencoder, the given encoder, and a fresh :class:`DCConditioner` (with
+    ``context_basis="prior-classes"``, confined to the prior's class embeddings).
+
+    Raises:
+        ConfigError: ``prior-classes`` with a prior that is not class-conditional.
+    """
     from mindvis.models.ldm import DCLDM, LDMConfig, build_unet
 
     ucfg = replace(prior.unet_config, time_cond=config.use_time_cond)
@@ -279,16 +311,25 @@ def build_stage_b_model(prior: Any, encoder: nn.Module, config: StageBConfig) ->
         raise CheckpointError(
             f"the prior's UNet does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}", field="unet"
         )
-    return DCLDM.for_fmri(
+    basis = (
+        prior_class_table(prior, source=source, field="context_basis")
+        if config.context_basis == "prior-classes"
+        else None
+    )
+    model = DCLDM.for_fmri(
         LDMConfig(unet=ucfg, vq=prior.vq_config),
         encoder,
         use_time_cond=config.use_time_cond,
         use_cross_attn=config.use_cross_attn,
         standardize_tokens=config.standardize_tokens,
+        basis_size=0 if basis is None else int(basis.shape[0]),
         schedule=prior.schedule,
         unet=unet,
         vq=prior.vq,
     )
+    if basis is not None:
+        model.conditioner.set_basis(basis, null=prior.conditioner.embedding.weight[-1].detach().float())
+    return model
 
 
 def prior_context_std(prior: Any) -> float | None:
@@ -332,8 +373,9 @@ def fit_token_stats(
     )
 
 
-def prior_class_table(prior: Any, source: Any = None) -> torch.Tensor:
-    """The prior's class embeddings ``[K, C]`` (the null row left out), the targets of :func:`align_context`.
+def prior_class_table(prior: Any, source: Any = None, field: str = "align_epochs") -> torch.Tensor:
+    """The prior's class embeddings ``[K, C]`` (the null row left out): the targets of :func:`align_context`
+    and the basis of a ``prior-classes`` context.
 
     Raises:
         ConfigError: the prior is not class-conditional.
@@ -342,13 +384,23 @@ def prior_class_table(prior: Any, source: Any = None) -> torch.Tensor:
 
     cond = getattr(prior, "conditioner", None)
     if not isinstance(cond, ClassEmbedder):
+        what = {"context_basis": "a prior-classes context", "prior": "the prior's class signal"}.get(
+            field, "the context warm start"
+        )
         raise ConfigError(
-            "the context warm start needs a class-conditional prior (mindvis train-prior or a converted "
+            f"{what} needs a class-conditional prior (mindvis train-prior or a converted "
             f"label2img), but this one is conditioned by {type(cond).__name__}",
             path=source,
-            field="align_epochs",
+            field=field,
         )
     return cond.embedding.weight[:-1].detach().float().clone()
+
+
+def mixture_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the mean of mixture weights ``[N, T, K]`` over samples and tokens: ``log K`` when the
+    batch uses every basis row equally, 0 when every context is the same row."""
+    mean = weights.float().mean(dim=tuple(range(weights.ndim - 1)))
+    return -(mean * mean.clamp_min(1e-12).log()).sum()
 
 
 def _nearest_class_accuracy(context: torch.Tensor, labels: torch.Tensor, table: torch.Tensor) -> float:
@@ -662,7 +714,7 @@ class StageBModule(pl.LightningModule):
         null = self.model.conditioner.null_conditioning(fmri.shape[0], cond.context)
         ctx = torch.where(mask[:, None, None], null.context, cond.context)
         tc = None if cond.time_cond is None else torch.where(mask[:, None], null.time_cond, cond.time_cond)
-        return Conditioning(ctx, tc)
+        return Conditioning(ctx, tc, cond.weights)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         m = self.model
@@ -679,7 +731,13 @@ class StageBModule(pl.LightningModule):
             on_epoch=True,
             batch_size=x0.shape[0],
         )
-        return out.loss
+        if cond.weights is None or not self.config.basis_balance:
+            return out.loss
+        balance = mixture_entropy(cond.weights)
+        self.log(
+            "train/basis_entropy", balance.detach(), on_step=False, on_epoch=True, batch_size=x0.shape[0]
+        )
+        return out.loss - self.config.basis_balance * balance
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         from mindvis.train.common import make_adamw
@@ -975,9 +1033,12 @@ def train_stage_b(
     x_train, x_test, preprocessor = prepare_voxels(
         train, test, encoder.config.num_voxels, encoder.config.patch_size, preprocessor
     )
-    model = build_stage_b_model(prior_model, encoder, config)
+    prior_source = prior if isinstance(prior, str | Path) else None
+    model = build_stage_b_model(prior_model, encoder, config, source=prior_source)
     if config.standardize_tokens:  # from the initial encoder; a resumed run then loads the saved buffers
-        fit_token_stats(model, x_train, prior_context_std(prior_model))
+        fit_token_stats(
+            model, x_train, None if config.context_basis != "free" else prior_context_std(prior_model)
+        )
     train_set = PairedFMRIDataset.from_fmri_dataset(
         train, image_size, voxels=x_train, train=True, augment=config.augment
     )
@@ -1013,7 +1074,7 @@ def train_stage_b(
             model,
             x_train,
             train.labels if train.labels is not None else np.full(len(x_train), -1),
-            prior_class_table(prior_model, source=prior if isinstance(prior, str | Path) else None),
+            prior_class_table(prior_model, source=prior_source),
             config.align_epochs,
             lr=config.align_lr,
             batch_size=config.batch_size,
