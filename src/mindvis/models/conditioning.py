@@ -150,7 +150,8 @@ class DCConditioner(nn.Module):
     Parameters (converted from the original): ``channel_mapper.{0,1}`` (``cond_stage_model.channel_mapper``),
     ``dim_mapper`` (``cond_stage_model.dim_mapper``), ``time_mapper.{0,1,2}`` or ``time_mapper`` (a single
     Linear with ``global_pool``) (``model.diffusion_model.time_embed_condtion``). With ``standardize_tokens``
-    also the buffers ``token_mean`` and ``token_std``, and with ``basis_size`` the buffer ``basis`` (ours).
+    also the buffers ``token_mean`` and ``token_std``, and with ``basis_size`` the buffers ``basis`` and
+    ``basis_null`` (ours).
     """
 
     def __init__(self, config: DCConditionerConfig):
