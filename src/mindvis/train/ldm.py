@@ -328,7 +328,8 @@ def build_stage_b_model(prior: Any, encoder: nn.Module, config: StageBConfig, so
         vq=prior.vq,
     )
     if basis is not None:
-        model.conditioner.set_basis(basis, null=prior.conditioner.embedding.weight[-1].detach().float())
+        null = prior.conditioner.null_conditioning(1, basis).context  # [1, 1, C]: the prior's own null row
+        model.conditioner.set_basis(basis, null=null[0, 0].detach().float())
     return model
 
 
