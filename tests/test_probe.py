@@ -218,11 +218,15 @@ def test_prior_class_signal_measures_how_the_loss_names_the_class():
     prior.eps = rigged(x0)
     sharp = prior_class_signal(prior, images, labels, draws=draws)
     assert all(v == 1.0 for v in sharp["accuracy"].values()) and sharp["pairwise_win"] == 1.0
+    by_t = sharp["pairwise_win_by_timestep"]
+    assert by_t and all(v == 1.0 for v in by_t.values())
+    assert set(by_t) <= {"0-250", "250-500", "500-750", "750-1000"}
     assert sharp["loss_own"] == pytest.approx(0.0, abs=1e-4) and sharp["loss_other"] > 0.5
     # a denoiser blind to the class: no gap, and the own class never strictly wins
     prior.eps = lambda x_t, t, cond: torch.zeros_like(x_t)
     blind = prior_class_signal(prior, images, labels, draws=draws)
     assert blind["gap_percent"] == pytest.approx(0.0, abs=1e-9) and blind["pairwise_win"] == 0.0
+    assert all(v == 0.0 for v in blind["pairwise_win_by_timestep"].values())
     del prior.eps
 
     with pytest.raises(DataError, match="class label"):

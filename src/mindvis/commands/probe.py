@@ -57,7 +57,9 @@ def prior_signal_text(signal: dict[str, Any]) -> str:
         f"prior {signal['prior']} on {signal['items']} training images: denoising loss under the image's own "
         f"class {signal['loss_own']:.5f}, under the other classes {signal['loss_other']:.5f} "
         f"({signal['gap_percent']:+.2f} %); in a single draw the own class beats a random other one "
-        f"{signal['pairwise_win']:.3f} of the time (0.5: no signal); the lowest loss names the class "
+        f"{signal['pairwise_win']:.3f} of the time (0.5: no signal; by timestep "
+        + ", ".join(f"{k} {v:.3f}" for k, v in signal["pairwise_win_by_timestep"].items())
+        + "); the lowest loss names the class "
         f"({acc}; chance {signal['chance']:.3f})"
     )
 

@@ -239,18 +239,21 @@ def model_levels(
 
 
 @torch.no_grad()
-def _denoising_losses(model: Any, x0: torch.Tensor, conds: list[Any], draws: int, seed: int) -> torch.Tensor:
+def _denoising_losses(
+    model: Any, x0: torch.Tensor, conds: list[Any], draws: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-item denoising losses ``[draws, N, len(conds)]`` of latents ``x0 [N, ...]`` under each conditioning,
-    with the same noise and timesteps for every conditioning within a draw."""
+    with the same noise and timesteps for every conditioning within a draw, and those timesteps ``[draws, N]``."""
     g = torch.Generator().manual_seed(seed)
     out = torch.zeros(draws, len(x0), len(conds))
+    steps = torch.zeros(draws, len(x0), dtype=torch.long)
     for d in range(draws):
-        t = torch.randint(0, model.num_timesteps, (len(x0),), generator=g)
+        t = steps[d] = torch.randint(0, model.num_timesteps, (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         x_t = model.q_sample(x0, t, noise)
         for j, c in enumerate(conds):
             out[d, :, j] = ((model.eps(x_t, t, c) - noise) ** 2).float().flatten(1).mean(1)
-    return out
+    return out, steps
 
 
 def _latents(model: Any, images: np.ndarray) -> torch.Tensor:
@@ -274,7 +277,7 @@ def conditioning_use(
     x0 = _latents(model, images)
     cond = model.condition(torch.as_tensor(np.asarray(voxels, np.float32)))
     other = cond.index(torch.roll(torch.arange(len(x0)), 1))
-    true, shuffled = _denoising_losses(model, x0, [cond, other], draws, seed).mean(dim=(0, 1)).tolist()
+    true, shuffled = _denoising_losses(model, x0, [cond, other], draws, seed)[0].mean(dim=(0, 1)).tolist()
     return {"loss_true": true, "loss_shuffled": shuffled, "gap_percent": 100.0 * (shuffled / true - 1.0)}
 
 
@@ -291,7 +294,9 @@ def prior_class_signal(
     Returns:
         ``loss_own`` (mean loss under the image's class), ``loss_other`` (mean under the other classes),
         ``gap_percent`` (``100 * (other / own - 1)``), ``pairwise_win`` (share of single draws in which the own
-        class beats a random other class: 0.5 is no signal), ``accuracy`` (``{draws: share of images whose
+        class beats a random other class: 0.5 is no signal), ``pairwise_win_by_timestep`` (the same by quarter of
+        the timestep range, ``{"0-250": ...}``: where in the noise schedule the class is told apart),
+        ``accuracy`` (``{draws: share of images whose
         lowest mean loss over that many draws is their own class}``, a diffusion classifier), ``chance``
         (1 / K), ``items``.
 
@@ -310,7 +315,7 @@ def prior_class_signal(
         )
     x0 = _latents(prior, images)
     conds = [prior.conditioner(torch.full((len(x0),), c, dtype=torch.long)) for c in range(k)]
-    losses = _denoising_losses(prior, x0, conds, draws, seed)  # [draws, N, K]
+    losses, steps = _denoising_losses(prior, x0, conds, draws, seed)  # [draws, N, K], [draws, N]
     rows = torch.arange(len(x0))
     own = losses[:, rows, y]  # [draws, N]
     other_mask = torch.ones(len(x0), k, dtype=torch.bool)
@@ -322,11 +327,21 @@ def prior_class_signal(
     counts = sorted({1, *(n for n in (4, 16, 64) if n < draws), draws})
     accuracy = {n: float((losses[:n].mean(0).argmin(1) == y).float().mean()) for n in counts}
     loss_own, loss_other = float(own.mean()), float(other.mean())
+    wins = own < rival
+    quarter = (steps * 4) // prior.num_timesteps  # 0..3
+    by_t = {
+        f"{q * prior.num_timesteps // 4}-{(q + 1) * prior.num_timesteps // 4}": float(
+            wins[quarter == q].float().mean()
+        )
+        for q in range(4)
+        if bool((quarter == q).any())
+    }
     return {
         "loss_own": loss_own,
         "loss_other": loss_other,
         "gap_percent": 100.0 * (loss_other / loss_own - 1.0),
-        "pairwise_win": float((own < rival).float().mean()),
+        "pairwise_win": float(wins.float().mean()),
+        "pairwise_win_by_timestep": by_t,
         "accuracy": accuracy,
         "chance": 1.0 / k,
         "items": len(x0),
