@@ -296,16 +296,15 @@ def prior_class_signal(
         ``gap_percent`` (``100 * (other / own - 1)``), ``pairwise_win`` (share of single draws in which the own
         class beats a random other class: 0.5 is no signal), ``pairwise_win_by_timestep`` (the same by quarter of
         the timestep range, ``{"0-250": ...}``: where in the noise schedule the class is told apart),
-        ``accuracy`` (``{draws: share of images whose
-        lowest mean loss over that many draws is their own class}``, a diffusion classifier), ``chance``
-        (1 / K), ``items``.
+        ``accuracy`` (``{draws: share of images whose lowest mean loss over that many draws is their own
+        class}``, a diffusion classifier), ``chance`` (1 / K), ``items``.
 
     Raises:
         ConfigError: the prior is not class-conditional; DataError: labels outside its classes.
     """
     from mindvis.train.ldm import prior_class_table
 
-    k = int(prior_class_table(prior, field="prior").shape[0])
+    k = int(prior_class_table(prior, field="prior", purpose="the prior's class signal").shape[0])
     y = torch.as_tensor(np.asarray(labels).astype(np.int64))
     if y.shape != (len(images),) or (len(y) and (int(y.min()) < 0 or int(y.max()) >= k)):
         raise DataError(

@@ -312,7 +312,7 @@ def build_stage_b_model(prior: Any, encoder: nn.Module, config: StageBConfig, so
             f"the prior's UNet does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}", field="unet"
         )
     basis = (
-        prior_class_table(prior, source=source, field="context_basis")
+        prior_class_table(prior, source=source, field="context_basis", purpose="a prior-classes context")
         if config.context_basis == "prior-classes"
         else None
     )
@@ -374,7 +374,9 @@ def fit_token_stats(
     )
 
 
-def prior_class_table(prior: Any, source: Any = None, field: str = "align_epochs") -> torch.Tensor:
+def prior_class_table(
+    prior: Any, source: Any = None, field: str = "align_epochs", purpose: str = "the context warm start"
+) -> torch.Tensor:
     """The prior's class embeddings ``[K, C]`` (the null row left out): the targets of :func:`align_context`
     and the basis of a ``prior-classes`` context.
 
@@ -385,11 +387,8 @@ def prior_class_table(prior: Any, source: Any = None, field: str = "align_epochs
 
     cond = getattr(prior, "conditioner", None)
     if not isinstance(cond, ClassEmbedder):
-        what = {"context_basis": "a prior-classes context", "prior": "the prior's class signal"}.get(
-            field, "the context warm start"
-        )
         raise ConfigError(
-            f"{what} needs a class-conditional prior (mindvis train-prior or a converted "
+            f"{purpose} needs a class-conditional prior (mindvis train-prior or a converted "
             f"label2img), but this one is conditioned by {type(cond).__name__}",
             path=source,
             field=field,
