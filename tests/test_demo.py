@@ -165,3 +165,59 @@ def test_label_budget_script_on_a_smoke_run(tmp_path, load_script):
     rows = read_json(out)
     assert rows[:2] == first and sorted(r["encoder"] for r in rows[2:]) == ["frozen", "random"]
     assert "| labelled trials |" in lb.table(rows, k)
+
+
+def test_set_overrides_one_option_of_one_step_and_is_recorded(tmp_path):
+    import yaml
+
+    from mindvis.demo import _args, _variants, apply_overrides, write_run_yaml
+
+    base = get_preset("default")
+    key = next(iter(base.train))  # an option the preset sets, whatever it is
+    p = apply_overrides(
+        base,
+        ["pretrain.variant=small", "train.align-epochs=7", "reconstruct.steps=null", f"train.{key}=null"],
+    )
+    assert p.pretrain["variant"] == "small" and p.train["align-epochs"] == 7
+    assert "steps" not in p.reconstruct and key not in p.train
+    assert _args({"align-epochs": p.train["align-epochs"]}) == ["--align-epochs", "7"]
+    # train.* reaches the ablations too, unless ablation_train sets the same key
+    ablation = next(t for k, _, t, _ in _variants(p) if k == "no_pretrain")
+    assert ablation["align-epochs"] == 7 and ablation["random-encoder"] is True
+    assert get_preset("default").pretrain == base.pretrain  # the preset itself is untouched
+    assert p.overrides[0] == "pretrain.variant=small" and base.overrides == []
+
+    write_run_yaml(tmp_path, p, {}, {})
+    doc = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert doc["mindvis_demo"]["overrides"] == p.overrides
+    assert doc["mindvis_demo"]["settings"]["pretrain"]["variant"] == "small"
+    assert "overrides" not in doc["mindvis_demo"]["settings"]
+    assert "--set pretrain.variant=small" in doc["reproduce"]
+    assert "--set train.align-epochs=7" in doc["reproduce"]
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        ("pretrain.variant", "SECTION.KEY=VALUE"),
+        ("variant=small", "SECTION.KEY=VALUE"),
+        ("stage_b.epochs=3", "unknown section 'stage_b'"),
+        ("train.epochs=[1, 2", "not valid YAML"),
+    ],
+)
+def test_set_rejects_what_it_cannot_apply(item, match):
+    from mindvis.demo import apply_overrides
+
+    with pytest.raises(ConfigError, match=match) as err:
+        apply_overrides(get_preset("smoke"), [item])
+    assert err.value.field == "--set"
+
+
+def test_demo_cli_set_error_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from mindvis.cli import main
+
+    run = tmp_path / "run"
+    rc = main(["demo", "--preset", "smoke", "--run-dir", str(run), "--set", "nosuch.key=1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--set" in err and "nosuch" in err
+    assert not run.exists()

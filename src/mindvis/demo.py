@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -61,9 +62,14 @@ class DemoPreset:
     ablations: Ablations = "fast"
     evaluate: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    #: the ``--set`` items applied to the named preset, in order (see :func:`apply_overrides`)
+    overrides: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self.__dict__)
+        """The effective settings (the ``--set`` items already applied; they are listed apart)."""
+        out = copy.deepcopy(self.__dict__)
+        out.pop("overrides")
+        return out
 
 
 #: The tiny prior's 32-channel layers with 32 GroupNorm groups normalise each channel alone, which erases the
@@ -236,6 +242,61 @@ def get_preset(name: str) -> DemoPreset:
     return copy.deepcopy(PRESETS[name])
 
 
+#: The preset sections that ``--set SECTION.KEY=VALUE`` may change: each holds the options of one command.
+OVERRIDABLE = (
+    "simulate",
+    "classifier",
+    "pretrain",
+    "finetune",
+    "prior",
+    "train",
+    "ablation_train",
+    "reconstruct",
+    "evaluate",
+)
+
+
+def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
+    """A copy of ``preset`` with ``SECTION.KEY=VALUE`` items applied (``mindvis demo --set``).
+
+    ``KEY`` is the command's option without its dashes (``pretrain.variant=small`` becomes ``mindvis pretrain
+    --variant small``; ``train.align-epochs=40``). ``VALUE`` is read as YAML: ``40`` is a number, ``true`` /
+    ``false`` a flag, ``[a, b]`` a repeated option, and ``null`` removes the option so the command's default
+    applies. ``train`` also sets what the ablations train with, unless ``ablation_train`` sets it too.
+
+    Raises:
+        ConfigError: an item is not ``SECTION.KEY=VALUE``, names another section, or has a value that is not
+            valid YAML.
+    """
+    import yaml
+
+    out = copy.deepcopy(preset)
+    for item in items:
+        target, sep, raw = item.partition("=")
+        section, dot, key = target.strip().partition(".")
+        key = key.strip().lstrip("-")
+        if not sep or not dot or not key:
+            raise ConfigError(
+                f"expected SECTION.KEY=VALUE (e.g. pretrain.variant=small), got {item!r}", field="--set"
+            )
+        if section not in OVERRIDABLE:
+            raise ConfigError(
+                f"unknown section {section!r} in {item!r}; expected one of {', '.join(OVERRIDABLE)}",
+                field="--set",
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"the value of {target!r} is not valid YAML ({exc})", field="--set") from None
+        options: dict[str, Any] = getattr(out, section)
+        if value is None:
+            options.pop(key, None)
+        else:
+            options[key] = value
+        out.overrides.append(item)
+    return out
+
+
 def _args(options: dict[str, Any]) -> list[str]:
     """``{"n-train": 10, "progress": False}`` -> ``["--n-train", "10", "--no-progress"]``."""
     out: list[str] = []
@@ -287,9 +348,14 @@ def write_run_yaml(
 ) -> None:
     import yaml
 
+    overrides = list(preset.overrides)
+    sets = "".join(f" --set {shlex.quote(item)}" for item in overrides)
+    info = {"preset": preset.name, "note": preset.note, "settings": preset.to_dict()}
+    if overrides:
+        info["overrides"] = overrides
     doc = {
-        "mindvis_demo": {"preset": preset.name, "note": preset.note, "settings": preset.to_dict()},
-        "reproduce": f"mindvis demo --preset {preset.name} --run-dir {run_dir}",
+        "mindvis_demo": info,
+        "reproduce": f"mindvis demo --preset {preset.name}{sets} --run-dir {run_dir}",
         "commands": {k: "mindvis " + " ".join(v) for k, v in commands.items()},
         **provenance(),
         **extra,

@@ -332,6 +332,13 @@ def write_demo_report(
         grid_b64 = base64.b64encode((Path(first_eval) / "grid.png").read_bytes()).decode()
     esc = html.escape
     head = "".join(f"<th>{esc(lab)}</th>" for lab in labels)
+    changed = (
+        " Changed from the preset with <code>--set</code>: "
+        + ", ".join(f"<code>{esc(item)}</code>" for item in preset.overrides)
+        + "."
+        if preset.overrides
+        else ""
+    )
     body = ""
     for row in table:
         chance = row["chance"]
@@ -359,7 +366,7 @@ def write_demo_report(
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
 th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
 <h1>mindvis demo — preset <code>{esc(preset.name)}</code></h1>
-<p>{esc(preset.note)}. Values are percentages where they are fractions.</p>
+<p>{esc(preset.note)}.{changed} Values are percentages where they are fractions.</p>
 <h2>Method against baseline and ablations (same test set)</h2>
 <table><tr><th>metric</th><th>chance</th>{head}</tr>
 {body}</table>

@@ -101,6 +101,14 @@ def demo(
         False, "--train-prior", help="Train the image prior instead of using the shipped one."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars of each step."),
+    settings: list[str] = typer.Option(
+        None,
+        "--set",
+        metavar="SECTION.KEY=VALUE",
+        help="Change one option of one step's command, e.g. pretrain.variant=small or train.align-epochs=40 "
+        "(repeatable; VALUE is YAML, null drops the option). Sections: simulate, classifier, pretrain, "
+        "finetune, prior, train, ablation_train, reconstruct, evaluate. Recorded in config.yaml and the report.",
+    ),
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
@@ -111,15 +119,16 @@ def demo(
 
     Steps: simulate -> benchmark classifier -> stage A1 pretrain -> stage A2 finetune -> image prior ->
     stage B finetune -> reconstruct the test set -> baseline and ablations -> evaluate and report.
-    Rerunning with the same --run-dir (or --resume) skips the steps that already finished.
+    Rerunning with the same --run-dir (or --resume) skips the steps that already finished; a step whose
+    settings changed (e.g. through --set) is redone, and so is every step after it.
     """
     from rich.console import Console
     from rich.table import Table
 
-    from mindvis.demo import get_preset, run_demo
+    from mindvis.demo import apply_overrides, get_preset, run_demo
 
     console = Console(stderr=True)
-    p = get_preset(preset)
+    p = apply_overrides(get_preset(preset), list(settings or []))
     if ablations is not None:
         if ablations not in ("none", "fast", "all"):
             raise ConfigError(f"expected none, fast or all, got {ablations!r}", field="--ablations")
