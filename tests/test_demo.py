@@ -176,9 +176,9 @@ def test_set_overrides_one_option_of_one_step_and_is_recorded(tmp_path):
     key = next(iter(base.train))  # an option the preset sets, whatever it is
     p = apply_overrides(
         base,
-        ["pretrain.variant=small", "train.align-epochs=7", "reconstruct.steps=null", f"train.{key}=null"],
+        ["pretrain.variant=small", "train.align_epochs=7", "reconstruct.steps=null", f"train.{key}=null"],
     )
-    assert p.pretrain["variant"] == "small" and p.train["align-epochs"] == 7
+    assert p.pretrain["variant"] == "small" and p.train["align-epochs"] == 7  # underscores read as dashes
     assert "steps" not in p.reconstruct and key not in p.train
     assert _args({"align-epochs": p.train["align-epochs"]}) == ["--align-epochs", "7"]
     # train.* reaches the ablations too, unless ablation_train sets the same key
@@ -193,7 +193,7 @@ def test_set_overrides_one_option_of_one_step_and_is_recorded(tmp_path):
     assert doc["mindvis_demo"]["settings"]["pretrain"]["variant"] == "small"
     assert "overrides" not in doc["mindvis_demo"]["settings"]
     assert "--set pretrain.variant=small" in doc["reproduce"]
-    assert "--set train.align-epochs=7" in doc["reproduce"]
+    assert "--set train.align_epochs=7" in doc["reproduce"]
 
 
 @pytest.mark.parametrize(
@@ -203,6 +203,10 @@ def test_set_overrides_one_option_of_one_step_and_is_recorded(tmp_path):
         ("variant=small", "SECTION.KEY=VALUE"),
         ("stage_b.epochs=3", "unknown section 'stage_b'"),
         ("train.epochs=[1, 2", "not valid YAML"),
+        ("pretrain.no-such-option=1", "has no option --no-such-option"),
+        ("train.random-encoder=false", "cannot be negated"),
+        ("train.random-encoder=3", "is a flag"),
+        ("pretrain.variant=true", "takes a value"),
     ],
 )
 def test_set_rejects_what_it_cannot_apply(item, match):

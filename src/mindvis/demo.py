@@ -242,18 +242,44 @@ def get_preset(name: str) -> DemoPreset:
     return copy.deepcopy(PRESETS[name])
 
 
-#: The preset sections that ``--set SECTION.KEY=VALUE`` may change: each holds the options of one command.
-OVERRIDABLE = (
-    "simulate",
-    "classifier",
-    "pretrain",
-    "finetune",
-    "prior",
-    "train",
-    "ablation_train",
-    "reconstruct",
-    "evaluate",
-)
+#: The preset sections that ``--set SECTION.KEY=VALUE`` may change, and the command each one's options go to.
+OVERRIDABLE = {
+    "simulate": "simulate",
+    "classifier": "train-classifier",
+    "pretrain": "pretrain",
+    "finetune": "finetune",
+    "prior": "train-prior",
+    "train": "train",
+    "ablation_train": "train",
+    "reconstruct": "reconstruct",
+    "evaluate": "evaluate",
+}
+
+
+def _check_option(section: str, key: str, value: Any) -> None:
+    """Raise ConfigError unless ``mindvis <command of section>`` takes the option that ``_args`` makes of it."""
+    import typer
+
+    from mindvis.cli import app
+
+    command = typer.main.get_command(app).commands[OVERRIDABLE[section]]  # type: ignore[attr-defined]
+    flags = {name: p for p in command.params for name in (*p.opts, *p.secondary_opts)}
+    wanted = f"--no-{key}" if value is False else f"--{key}"
+    if wanted not in flags:
+        known = sorted(o[2:] for p in command.params for o in p.opts if o.startswith("--") and o != "--help")
+        hint = f"; `mindvis {command.name}` takes: {', '.join(known)}"
+        if f"--{key}" in flags:
+            hint = f"; {key} is a flag that cannot be negated (use {section}.{key}=null to leave it off)"
+        raise ConfigError(f"`mindvis {command.name}` has no option {wanted}{hint}", field="--set")
+    is_flag = bool(getattr(flags[wanted], "is_flag", False))
+    if isinstance(value, bool) and not is_flag:
+        raise ConfigError(
+            f"{section}.{key}: `mindvis {command.name} --{key}` takes a value, not {value}", field="--set"
+        )
+    if is_flag and not isinstance(value, bool):
+        raise ConfigError(
+            f"{section}.{key}: `mindvis {command.name} --{key}` is a flag; give true or false", field="--set"
+        )
 
 
 def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
@@ -265,8 +291,8 @@ def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
     applies. ``train`` also sets what the ablations train with, unless ``ablation_train`` sets it too.
 
     Raises:
-        ConfigError: an item is not ``SECTION.KEY=VALUE``, names another section, or has a value that is not
-            valid YAML.
+        ConfigError: an item is not ``SECTION.KEY=VALUE``, names another section, has a value that is not
+            valid YAML, or names an option the section's command does not take (checked before anything runs).
     """
     import yaml
 
@@ -274,7 +300,7 @@ def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
     for item in items:
         target, sep, raw = item.partition("=")
         section, dot, key = target.strip().partition(".")
-        key = key.strip().lstrip("-")
+        key = key.strip().lstrip("-").replace("_", "-")
         if not sep or not dot or not key:
             raise ConfigError(
                 f"expected SECTION.KEY=VALUE (e.g. pretrain.variant=small), got {item!r}", field="--set"
@@ -288,6 +314,8 @@ def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"the value of {target!r} is not valid YAML ({exc})", field="--set") from None
+        if value is not None:
+            _check_option(section, key, value)
         options: dict[str, Any] = getattr(out, section)
         if value is None:
             options.pop(key, None)
