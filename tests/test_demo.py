@@ -225,3 +225,23 @@ def test_demo_cli_set_error_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--set" in err and "nosuch" in err
     assert not run.exists()
+
+
+def test_a_rerun_continues_with_the_settings_the_run_was_made_with(tmp_path):
+    from mindvis.commands.demo import continued_overrides
+    from mindvis.demo import apply_overrides, write_run_yaml
+
+    made = ["pretrain.variant=small", "train.align-epochs=7"]
+    write_run_yaml(tmp_path, apply_overrides(get_preset("smoke"), made), {}, {})
+    assert continued_overrides(tmp_path, []) == made  # no --set: the run goes on as it was made
+    assert continued_overrides(tmp_path, made) == made
+    with pytest.raises(ConfigError, match="was made with --set pretrain.variant=small") as err:
+        continued_overrides(tmp_path, ["pretrain.variant=tiny"])
+    assert err.value.field == "--set"
+    assert continued_overrides(tmp_path, ["pretrain.variant=tiny"], overwrite=True) == [
+        "pretrain.variant=tiny"
+    ]
+    assert continued_overrides(tmp_path / "new", ["train.epochs=2"]) == ["train.epochs=2"]
+    write_run_yaml(tmp_path / "plain", get_preset("smoke"), {}, {})
+    with pytest.raises(ConfigError, match="was made with no --set"):
+        continued_overrides(tmp_path / "plain", ["train.epochs=2"])

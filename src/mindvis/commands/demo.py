@@ -29,8 +29,8 @@ def _latest_run(root: Path, preset: str) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def _demo_preset_of(run_dir: Path) -> str | None:
-    """The preset recorded in ``run_dir/config.yaml`` of a demo run, or ``None`` when there is none."""
+def _demo_info_of(run_dir: Path) -> dict | None:
+    """The ``mindvis_demo`` record of ``run_dir/config.yaml``, or ``None`` when the folder holds no demo run."""
     import yaml
 
     try:
@@ -38,7 +38,37 @@ def _demo_preset_of(run_dir: Path) -> str | None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     info = doc.get("mindvis_demo") if isinstance(doc, dict) else None
-    return str(info.get("preset")) if isinstance(info, dict) and info.get("preset") is not None else None
+    return info if isinstance(info, dict) else None
+
+
+def _demo_preset_of(run_dir: Path) -> str | None:
+    """The preset recorded in ``run_dir/config.yaml`` of a demo run, or ``None`` when there is none."""
+    info = _demo_info_of(run_dir)
+    return str(info.get("preset")) if info is not None and info.get("preset") is not None else None
+
+
+def continued_overrides(run_dir: Path, given: list[str], overwrite: bool = False) -> list[str]:
+    """The ``--set`` items to run ``run_dir`` with: those recorded there when none are given (a rerun continues
+    the run as it was made), else ``given``.
+
+    Raises:
+        ConfigError: ``given`` differs from the items the run was made with, and ``overwrite`` is off (the
+            run's finished steps would be redone with other settings).
+    """
+    info = _demo_info_of(run_dir)
+    if info is None or overwrite:
+        return given
+    recorded = [str(item) for item in info.get("overrides") or []]
+    if not given:
+        return recorded
+    if given != recorded:
+        made = " ".join(f"--set {item}" for item in recorded) or "no --set"
+        raise ConfigError(
+            f"{run_dir} was made with {made}; give the same (or none, to continue it as it was made), "
+            "or pass --overwrite to redo its steps with the new settings",
+            field="--set",
+        )
+    return given
 
 
 def check_run_dir(run_dir: Path, preset: str, overwrite: bool = False) -> None:
@@ -128,7 +158,8 @@ def demo(
     from mindvis.demo import apply_overrides, get_preset, run_demo
 
     console = Console(stderr=True)
-    p = apply_overrides(get_preset(preset), list(settings or []))
+    p = get_preset(preset)
+    apply_overrides(p, list(settings or []))  # a bad --set fails here, before any folder is chosen
     if ablations is not None:
         if ablations not in ("none", "fast", "all"):
             raise ConfigError(f"expected none, fast or all, got {ablations!r}", field="--ablations")
@@ -140,6 +171,10 @@ def demo(
     if run_dir is None:
         run_dir = runs_root / time.strftime("%Y%m%d-%H%M%S")
     check_run_dir(run_dir, p.name, overwrite)
+    items = continued_overrides(run_dir, list(settings or []), overwrite)
+    if items and not settings:
+        console.print(f"[bold]with the run's settings[/bold] {' '.join('--set ' + i for i in items)}")
+    p = apply_overrides(p, items)
     t0 = time.perf_counter()
 
     def on_step(i: int, total: int | None, name: str) -> None:
@@ -164,7 +199,7 @@ def demo(
             row["metric"], "–" if ch is None else f"{100 * ch:.1f}", *[row["text"][lab] for lab in labels]
         )
     Console().print(table)
-    skipped = f" ({len(result.skipped)} finished steps skipped)" if result.skipped else ""
+    skipped = f", {len(result.skipped)} finished steps skipped" if result.skipped else ""
     Console().print(
         f"report: {result.report}\nrun folder: {result.run_dir} ({result.seconds / 60:.1f} min{skipped})"
     )
