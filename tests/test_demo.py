@@ -180,7 +180,9 @@ def test_set_overrides_one_option_of_one_step_and_is_recorded(tmp_path):
     )
     assert p.pretrain["variant"] == "small" and p.train["align-epochs"] == 7  # underscores read as dashes
     assert "steps" not in p.reconstruct and key not in p.train
-    assert _args({"align-epochs": p.train["align-epochs"]}) == ["--align-epochs", "7"]
+    assert _args(p.pretrain)[_args(p.pretrain).index("--variant") + 1] == "small"
+    lr = apply_overrides(base, ["prior.vq-lr=5e-4", "prior.vq=[n_embed=256]"]).prior
+    assert lr["vq-lr"] == 0.0005 and lr["vq"] == ["n_embed=256"]  # typed as the option reads it
     # train.* reaches the ablations too, unless ablation_train sets the same key
     ablation = next(t for k, _, t, _ in _variants(p) if k == "no_pretrain")
     assert ablation["align-epochs"] == 7 and ablation["random-encoder"] is True
@@ -202,11 +204,16 @@ def test_set_overrides_one_option_of_one_step_and_is_recorded(tmp_path):
         ("pretrain.variant", "SECTION.KEY=VALUE"),
         ("variant=small", "SECTION.KEY=VALUE"),
         ("stage_b.epochs=3", "unknown section 'stage_b'"),
-        ("train.epochs=[1, 2", "not valid YAML"),
         ("pretrain.no-such-option=1", "has no option --no-such-option"),
         ("train.random-encoder=false", "cannot be negated"),
         ("train.random-encoder=3", "is a flag"),
-        ("pretrain.variant=true", "takes a value"),
+        ("train.epochs=abc", "'abc': Invalid value for '--epochs'"),
+        ("train.epochs=", "give a value"),
+        ("pretrain.epochs=[1, 2]", "takes one value, not a list"),
+        ("prior.vq=[a, [b]]", "expected a list"),
+        ("train.out=elsewhere", "the demo sets --out"),
+        ("reconstruct.split=train", "the demo sets --split"),
+        ("ablation_train.random-encoder=true", "the demo sets --random-encoder"),
     ],
 )
 def test_set_rejects_what_it_cannot_apply(item, match):
@@ -223,7 +230,7 @@ def test_demo_cli_set_error_is_one_line_and_writes_nothing(tmp_path, capsys):
     run = tmp_path / "run"
     rc = main(["demo", "--preset", "smoke", "--run-dir", str(run), "--set", "nosuch.key=1", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--set" in err and "nosuch" in err
+    assert rc == 2 and "--set" in err and "nosuch" in err and len(err.strip().splitlines()) == 1
     assert not run.exists()
 
 
@@ -233,15 +240,30 @@ def test_a_rerun_continues_with_the_settings_the_run_was_made_with(tmp_path):
 
     made = ["pretrain.variant=small", "train.align-epochs=7"]
     write_run_yaml(tmp_path, apply_overrides(get_preset("smoke"), made), {}, {})
-    assert continued_overrides(tmp_path, []) == made  # no --set: the run goes on as it was made
-    assert continued_overrides(tmp_path, made) == made
+    assert continued_overrides(tmp_path, "smoke", []) == made  # no --set: the run goes on as it was made
+    assert continued_overrides(tmp_path, "smoke", made) == made
+    same = ["train.align_epochs=7", "pretrain.variant=small"]  # spelling and order aside, the same settings
+    assert continued_overrides(tmp_path, "smoke", same) == same
     with pytest.raises(ConfigError, match="was made with --set pretrain.variant=small") as err:
-        continued_overrides(tmp_path, ["pretrain.variant=tiny"])
+        continued_overrides(tmp_path, "smoke", ["pretrain.variant=tiny"])
     assert err.value.field == "--set"
-    assert continued_overrides(tmp_path, ["pretrain.variant=tiny"], overwrite=True) == [
-        "pretrain.variant=tiny"
-    ]
-    assert continued_overrides(tmp_path / "new", ["train.epochs=2"]) == ["train.epochs=2"]
+    new = ["pretrain.variant=tiny"]
+    assert continued_overrides(tmp_path, "smoke", new, overwrite=True) == new
+    assert continued_overrides(tmp_path / "new", "smoke", ["train.epochs=2"]) == ["train.epochs=2"]
     write_run_yaml(tmp_path / "plain", get_preset("smoke"), {}, {})
     with pytest.raises(ConfigError, match="was made with no --set"):
-        continued_overrides(tmp_path / "plain", ["train.epochs=2"])
+        continued_overrides(tmp_path / "plain", "smoke", ["train.epochs=2"])
+
+
+def test_resume_with_set_picks_the_run_made_with_the_same_settings(tmp_path):
+    import os
+
+    from mindvis.commands.demo import _latest_run
+    from mindvis.demo import apply_overrides, write_run_yaml
+
+    write_run_yaml(tmp_path / "a", apply_overrides(get_preset("smoke"), ["pretrain.variant=small"]), {}, {})
+    write_run_yaml(tmp_path / "b", get_preset("smoke"), {}, {})
+    os.utime(tmp_path / "a", (1, 1))  # b is the newest
+    assert _latest_run(tmp_path, "smoke") == tmp_path / "b"
+    assert _latest_run(tmp_path, "smoke", ["pretrain.variant=small"]) == tmp_path / "a"
+    assert _latest_run(tmp_path, "smoke", ["pretrain.variant=base"]) is None

@@ -256,46 +256,90 @@ OVERRIDABLE = {
 }
 
 
-def _check_option(section: str, key: str, value: Any) -> None:
-    """Raise ConfigError unless ``mindvis <command of section>`` takes the option that ``_args`` makes of it."""
+#: Options the demo passes itself (folders, the steps' resume logic): ``--set`` may not change them.
+_DEMO_OWNED = {"out", "resume", "overwrite", "progress"}
+_DEMO_OWNED_BY_SECTION = {
+    "classifier": {"corpus", "exclude-test"},
+    "pretrain": {"data-dir"},
+    "finetune": {"init", "data-dir"},
+    "prior": {"corpus", "classifier", "resolution"},
+    "train": {"prior", "mbm", "dataset", "data-dir", "classifier"},
+    "ablation_train": {"prior", "mbm", "dataset", "data-dir", "classifier", "random-encoder"},
+    "reconstruct": {"model", "dataset", "data-dir", "split"},
+    "evaluate": {"classifier", "title"},
+}
+
+
+def _override_value(section: str, key: str, raw: str) -> Any:
+    """The value of ``SECTION.KEY=raw`` as the preset holds it, checked against the option of the section's
+    command (``None``: drop the option). Raises ConfigError with the reason."""
     import typer
+    import yaml
 
     from mindvis.cli import app
 
     command = typer.main.get_command(app).commands[OVERRIDABLE[section]]  # type: ignore[attr-defined]
-    flags = {name: p for p in command.params for name in (*p.opts, *p.secondary_opts)}
-    wanted = f"--no-{key}" if value is False else f"--{key}"
-    if wanted not in flags:
+    name = f"mindvis {command.name}"
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"{section}.{key}: {why}", field="--set")
+
+    param = next((p for p in command.params if f"--{key}" in p.opts), None)
+    if param is None:
         known = sorted(o[2:] for p in command.params for o in p.opts if o.startswith("--") and o != "--help")
-        hint = f"; `mindvis {command.name}` takes: {', '.join(known)}"
-        if f"--{key}" in flags:
-            hint = f"; {key} is a flag that cannot be negated (use {section}.{key}=null to leave it off)"
-        raise ConfigError(f"`mindvis {command.name}` has no option {wanted}{hint}", field="--set")
-    is_flag = bool(getattr(flags[wanted], "is_flag", False))
-    if isinstance(value, bool) and not is_flag:
-        raise ConfigError(
-            f"{section}.{key}: `mindvis {command.name} --{key}` takes a value, not {value}", field="--set"
-        )
-    if is_flag and not isinstance(value, bool):
-        raise ConfigError(
-            f"{section}.{key}: `mindvis {command.name} --{key}` is a flag; give true or false", field="--set"
-        )
+        raise fail(f"`{name}` has no option --{key}; it takes: {', '.join(known)}")
+    if key in _DEMO_OWNED | _DEMO_OWNED_BY_SECTION.get(section, set()):
+        raise fail(f"the demo sets --{key} of `{name}` itself (its folders and steps depend on it)")
+    raw = raw.strip()
+    if raw in ("null", "~"):
+        return None
+    if not raw:
+        raise fail("give a value (or null to leave the option to the command's default)")
+    if getattr(param, "is_flag", False):
+        if raw.lower() not in ("true", "false"):
+            raise fail(f"--{key} is a flag; give true or false, not {raw!r}")
+        if raw.lower() == "false" and not getattr(param, "secondary_opts", None):
+            raise fail(f"--{key} is a flag that cannot be negated; use {section}.{key}=null to leave it off")
+        return raw.lower() == "true"
+
+    def convert(text: str) -> Any:
+        try:
+            value = param.process_value(None, [text] if param.multiple else text)
+        except Exception as exc:  # the option's own parse error
+            why = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            raise fail(f"{text!r}: {why}") from None
+        if param.multiple:
+            value = value[0] if value else text
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else text
+
+    if raw.startswith("["):
+        if not param.multiple:
+            raise fail(f"--{key} takes one value, not a list")
+        try:
+            items = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            items = None
+        if not isinstance(items, list) or any(isinstance(i, (list, dict)) for i in items):
+            raise fail(f"expected a list like [a, b], got {raw!r}")
+        return [convert(str(i)) for i in items]
+    return [convert(raw)] if param.multiple else convert(raw)
 
 
 def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
     """A copy of ``preset`` with ``SECTION.KEY=VALUE`` items applied (``mindvis demo --set``).
 
     ``KEY`` is the command's option without its dashes (``pretrain.variant=small`` becomes ``mindvis pretrain
-    --variant small``; ``train.align-epochs=40``). ``VALUE`` is read as YAML: ``40`` is a number, ``true`` /
-    ``false`` a flag, ``[a, b]`` a repeated option, and ``null`` removes the option so the command's default
-    applies. ``train`` also sets what the ablations train with, unless ``ablation_train`` sets it too.
+    --variant small``; ``train.align-epochs=40``; underscores are read as dashes). ``VALUE`` is checked against
+    the option's type before anything runs: ``true`` / ``false`` for a flag, ``[a, b]`` for a repeatable option
+    (a single value replaces the whole list), and ``null`` drops the option so the command's default applies
+    (in ``ablation_train``, the ``train`` value applies). ``train`` also sets what the ablations train with,
+    unless ``ablation_train`` sets the same key. Options that the demo passes itself (folders, data, resuming)
+    are refused.
 
     Raises:
-        ConfigError: an item is not ``SECTION.KEY=VALUE``, names another section, has a value that is not
-            valid YAML, or names an option the section's command does not take (checked before anything runs).
+        ConfigError: an item is not ``SECTION.KEY=VALUE``, names another section or an option the section's
+            command does not take or the demo owns, or has a value of the wrong type.
     """
-    import yaml
-
     out = copy.deepcopy(preset)
     for item in items:
         target, sep, raw = item.partition("=")
@@ -310,12 +354,7 @@ def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
                 f"unknown section {section!r} in {item!r}; expected one of {', '.join(OVERRIDABLE)}",
                 field="--set",
             )
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"the value of {target!r} is not valid YAML ({exc})", field="--set") from None
-        if value is not None:
-            _check_option(section, key, value)
+        value = _override_value(section, key, raw)
         options: dict[str, Any] = getattr(out, section)
         if value is None:
             options.pop(key, None)
@@ -497,7 +536,11 @@ def run_demo(
     )
     # 5. image prior
     prior = run_dir / "prior"
-    use_shipped = not train_prior and _shipped_prior_fits(res, sim / "stimuli" / "corpus.npz")
+    # a --set prior.* item asks for a prior trained with it, so the shipped one does not stand in for it
+    prior_changed = any(item.partition(".")[0].strip() == "prior" for item in preset.overrides)
+    use_shipped = (
+        not train_prior and not prior_changed and _shipped_prior_fits(res, sim / "stimuli" / "corpus.npz")
+    )
     if use_shipped:
 
         def copy_prior() -> dict[str, Any]:

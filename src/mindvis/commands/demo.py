@@ -14,19 +14,37 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
-def _latest_run(root: Path, preset: str) -> Path | None:
-    """The newest run folder under ``root`` made with ``preset`` (for ``--resume``)."""
-    import yaml
-
+def _latest_run(root: Path, preset: str, settings: list[str] | None = None) -> Path | None:
+    """The newest run folder under ``root`` made with ``preset`` (for ``--resume``), and, when ``settings`` are
+    given, with ``--set`` items of the same effect."""
     found = []
     for cfg in root.glob("*/config.yaml"):
-        try:
-            doc = yaml.safe_load(cfg.read_text()) or {}
-        except (OSError, yaml.YAMLError):
+        info = _demo_info_of(cfg.parent)
+        if info is None or info.get("preset") != preset:
             continue
-        if (doc.get("mindvis_demo") or {}).get("preset") == preset:
-            found.append(cfg.parent)
+        if settings and not _same_settings(preset, settings, _recorded(info)):
+            continue
+        found.append(cfg.parent)
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _recorded(info: dict) -> list[str]:
+    return [str(item) for item in info.get("overrides") or []]
+
+
+def _same_settings(preset: str, a: list[str], b: list[str]) -> bool:
+    """Whether two lists of ``--set`` items give ``preset`` the same settings (spelling and order aside)."""
+    from mindvis.demo import apply_overrides, get_preset
+
+    if a == b:
+        return True
+    try:
+        return (
+            apply_overrides(get_preset(preset), a).to_dict()
+            == apply_overrides(get_preset(preset), b).to_dict()
+        )
+    except ConfigError:
+        return False
 
 
 def _demo_info_of(run_dir: Path) -> dict | None:
@@ -47,21 +65,21 @@ def _demo_preset_of(run_dir: Path) -> str | None:
     return str(info.get("preset")) if info is not None and info.get("preset") is not None else None
 
 
-def continued_overrides(run_dir: Path, given: list[str], overwrite: bool = False) -> list[str]:
+def continued_overrides(run_dir: Path, preset: str, given: list[str], overwrite: bool = False) -> list[str]:
     """The ``--set`` items to run ``run_dir`` with: those recorded there when none are given (a rerun continues
-    the run as it was made), else ``given``.
+    the run as it was made), else ``given``. With ``overwrite``, ``given`` (even none) replaces them.
 
     Raises:
-        ConfigError: ``given`` differs from the items the run was made with, and ``overwrite`` is off (the
-            run's finished steps would be redone with other settings).
+        ConfigError: ``given`` has another effect than the items the run was made with, and ``overwrite`` is
+            off (the run's finished steps would be redone with other settings).
     """
     info = _demo_info_of(run_dir)
     if info is None or overwrite:
         return given
-    recorded = [str(item) for item in info.get("overrides") or []]
+    recorded = _recorded(info)
     if not given:
         return recorded
-    if given != recorded:
+    if not _same_settings(preset, given, recorded):
         made = " ".join(f"--set {item}" for item in recorded) or "no --set"
         raise ConfigError(
             f"{run_dir} was made with {made}; give the same (or none, to continue it as it was made), "
@@ -136,13 +154,15 @@ def demo(
         "--set",
         metavar="SECTION.KEY=VALUE",
         help="Change one option of one step's command, e.g. pretrain.variant=small or train.align-epochs=40 "
-        "(repeatable; VALUE is YAML, null drops the option). Sections: simulate, classifier, pretrain, "
+        "(repeatable; VALUE is checked against the option: true/false for a flag, [a, b] for a repeatable one, "
+        "null drops it). Sections: simulate, classifier, pretrain, "
         "finetune, prior, train, ablation_train, reconstruct, evaluate. Recorded in config.yaml and the report.",
     ),
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
-        help="Use a --run-dir that holds something other than a run of this preset (its steps are redone).",
+        help="Use a --run-dir that holds something other than a run of this preset, or change the --set items "
+        "of a run (the steps whose settings change are redone).",
     ),
 ) -> None:
     """Run every step of MinD-Vis on SynthCortex and write a report.
@@ -165,13 +185,13 @@ def demo(
             raise ConfigError(f"expected none, fast or all, got {ablations!r}", field="--ablations")
         p.ablations = ablations  # type: ignore[assignment]
     if run_dir is None and resume:
-        run_dir = _latest_run(runs_root, p.name)
+        run_dir = _latest_run(runs_root, p.name, list(settings or []))
         if run_dir is not None:
             console.print(f"[bold]continuing[/bold] {run_dir}")
     if run_dir is None:
         run_dir = runs_root / time.strftime("%Y%m%d-%H%M%S")
     check_run_dir(run_dir, p.name, overwrite)
-    items = continued_overrides(run_dir, list(settings or []), overwrite)
+    items = continued_overrides(run_dir, p.name, list(settings or []), overwrite)
     if items and not settings:
         console.print(f"[bold]with the run's settings[/bold] {' '.join('--set ' + i for i in items)}")
     p = apply_overrides(p, items)
