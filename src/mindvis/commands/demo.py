@@ -179,20 +179,21 @@ def demo(
 
     console = Console(stderr=True)
     p = get_preset(preset)
-    apply_overrides(p, list(settings or []))  # a bad --set fails here, before any folder is chosen
+    given = list(settings or [])
+    apply_overrides(p, given)  # a bad --set fails here, before any folder is chosen
     if ablations is not None:
         if ablations not in ("none", "fast", "all"):
             raise ConfigError(f"expected none, fast or all, got {ablations!r}", field="--ablations")
         p.ablations = ablations  # type: ignore[assignment]
     if run_dir is None and resume:
-        run_dir = _latest_run(runs_root, p.name, list(settings or []))
+        run_dir = _latest_run(runs_root, p.name, given)
         if run_dir is not None:
             console.print(f"[bold]continuing[/bold] {run_dir}")
     if run_dir is None:
         run_dir = runs_root / time.strftime("%Y%m%d-%H%M%S")
     check_run_dir(run_dir, p.name, overwrite)
-    items = continued_overrides(run_dir, p.name, list(settings or []), overwrite)
-    if items and not settings:
+    items = continued_overrides(run_dir, p.name, given, overwrite)
+    if items and not given:
         console.print(f"[bold]with the run's settings[/bold] {' '.join('--set ' + i for i in items)}")
     p = apply_overrides(p, items)
     t0 = time.perf_counter()
