@@ -295,7 +295,7 @@ def test_convert_other_combinations(fx, tmp_path, capsys):
         (["--finetuned", fx.dir / "finetuned.pth"], "--label2img-dir"),
         (["--finetuned", fx.dir / "finetuned.pth", "--label2img-dir", fx.dir / "label2img"], "head count"),
         (["--finetuned", tmp_path / "none.pth", "--label2img-dir", fx.dir / "label2img"], "not found"),
-        (["--label2img-dir", tmp_path], "config.yaml"),
+        (["--label2img-dir", fin / "unet"], "config.yaml"),
     ):
         rc = _run("convert", *args, "--out", tmp_path / "bad")
         err = capsys.readouterr().err

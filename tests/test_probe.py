@@ -134,7 +134,8 @@ def test_probe_cli_writes_json_table_and_plot(tmp_path, monkeypatch, quiet_cli_l
 
     monkeypatch.setattr("mindvis.data.formats.registry.load_dataset", fake_load)
     out = tmp_path / "probe out"
-    code = main(["probe", str(run), "--dataset", "synthetic", "--data-dir", str(tmp_path), "--out", str(out)])
+    data_dir = str(tmp_path / "data")  # read through the patched loader
+    code = main(["probe", str(run), "--dataset", "synthetic", "--data-dir", data_dir, "--out", str(out)])
     assert code == 0
     data = json.loads((out / "probe.json").read_text())
     assert data["format"] == "mindvis-probe/1" and len(data["results"]) == 5
@@ -142,7 +143,7 @@ def test_probe_cli_writes_json_table_and_plot(tmp_path, monkeypatch, quiet_cli_l
     assert (out / "probe.md").read_text().count("\n") == 2 + 5
     assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # an existing non-empty folder is not replaced without --overwrite
-    again = main(["probe", "--dataset", "synthetic", "--data-dir", str(tmp_path), "--out", str(out)])
+    again = main(["probe", "--dataset", "synthetic", "--data-dir", data_dir, "--out", str(out)])
     assert again == 2 and len(json.loads((out / "probe.json").read_text())["results"]) == 5
 
 
@@ -253,7 +254,7 @@ def test_probe_cli_reports_the_prior_class_signal(tmp_path, monkeypatch, quiet_c
         "mindvis.data.formats.registry.load_dataset", lambda kind, d, subj, split, **kw: splits[split]
     )
     out = tmp_path / "probe"
-    args = ["probe", "--dataset", "synthetic", "--data-dir", str(tmp_path), "--prior", str(prior)]
+    args = ["probe", "--dataset", "synthetic", "--data-dir", str(tmp_path / "data"), "--prior", str(prior)]
     assert main([*args, "--prior-items", "6", "--prior-draws", "2", "--out", str(out)]) == 0
     signal = json.loads((out / "probe.json").read_text())["prior_class_signal"]
     assert signal["items"] == 6 and signal["draws"] == 2 and set(signal["accuracy"]) == {"1", "2"}

@@ -312,26 +312,27 @@ def test_cli_resume_errors_change_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("problem", ["nan", "few_voxels", "inconsistent", "missing_subject"])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, problem):
-    write_hcp_subject(tmp_path, "100", frames=40)
-    write_hcp_subject(tmp_path, "101", frames=40, seed=1)
-    write_god_subject(tmp_path, "sbj_1")
+    data = tmp_path / "data"  # the output may not lie inside the data folder
+    write_hcp_subject(data, "100", frames=40)
+    write_hcp_subject(data, "101", frames=40, seed=1)
+    write_god_subject(data, "sbj_1")
     extra: list[str] = []
     if problem == "nan":
-        v1 = np.load(tmp_path / "HCP/npz/101/HCP_visual_voxel.npz")["V1"].copy()
+        v1 = np.load(data / "HCP/npz/101/HCP_visual_voxel.npz")["V1"].copy()
         v1[5, 0] = np.nan
-        write_hcp_subject(tmp_path, "101", frames=40, seed=1, V1=v1)
+        write_hcp_subject(data, "101", frames=40, seed=1, V1=v1)
         expect = "non-finite"
     elif problem == "few_voxels":
-        write_god_subject(tmp_path, "sbj_2", n_vc=10)
+        write_god_subject(data, "sbj_2", n_vc=10)
         expect = "fewer than one patch"
     elif problem == "inconsistent":
-        write_hcp_subject(tmp_path, "101", frames=40, V3=np.zeros((41, 6), np.float32))
+        write_hcp_subject(data, "101", frames=40, V3=np.zeros((41, 6), np.float32))
         expect = "different numbers of TRs"
     else:
         extra = ["--god-subjects", "sbj_7"]
         expect = "sbj_7"
     out = tmp_path / "run"
-    code = main(["pretrain", "--data-dir", str(tmp_path), "--out", str(out), "--variant", "tiny", "--epochs", "1",
+    code = main(["pretrain", "--data-dir", str(data), "--out", str(out), "--variant", "tiny", "--epochs", "1",
                  "--accelerator", "cpu", "--no-progress", *extra])  # fmt: skip
     (err,) = error_lines(capsys.readouterr().err)
     assert code == 2 and expect in err
@@ -342,8 +343,8 @@ def test_finetune_from_pretrained(tmp_path, capsys):
     hcp = write_lowrank_hcp(tmp_path, samples=32, voxels=48)
     pre_dir = tmp_path / "pre"
     run_mbm_stage(tiny_config(hcp, epochs=1), pre_dir)
-    write_god_subject(tmp_path, "sbj_1", n_train=30, v_all=70, n_vc=52)
-    common = ["finetune", "--init", str(pre_dir), "--data-dir", str(tmp_path), "--subject", "1", "--epochs", "2",
+    write_god_subject(tmp_path / "data", "sbj_1", n_train=30, v_all=70, n_vc=52)
+    common = ["finetune", "--init", str(pre_dir), "--data-dir", str(tmp_path / "data"), "--subject", "1", "--epochs", "2",
               "--batch-size", "8", "--accelerator", "cpu", "--devices", "1", "--no-progress"]  # fmt: skip
     assert main([*common, "--out", str(tmp_path / "ft")]) == 0
     ft = tmp_path / "ft"

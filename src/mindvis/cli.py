@@ -97,7 +97,9 @@ for _name in COMMAND_MODULES:
 
 
 #: errno values of environment failures that are reported like expected errors (one line, exit code 2).
-_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES})
+_ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+)
 
 
 def _crash_log(exc: BaseException, argv: list[str] | None = None) -> str | None:

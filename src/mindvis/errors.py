@@ -51,5 +51,13 @@ class OutputExistsError(MindVisError):
     """An output path exists and overwriting was not asked for."""
 
 
+class OutputOverlapError(MindVisError):
+    """An output path equals, contains or lies inside one of the command's inputs."""
+
+
+class OutputNotWritableError(MindVisError):
+    """An output path cannot be created where it lies (permission denied, read-only file system)."""
+
+
 class WeightsUnavailable(MindVisError):
     """Pretrained network weights needed by a metric or model are not present locally."""

@@ -26,6 +26,10 @@ from mindvis.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: Bounds of every ``--seed``: numpy's and Lightning's seed range (Lightning would silently replace a seed
+#: outside it by 0), so a seed beyond it is a one-line usage error rather than a different run.
+SEED_RANGE: dict[str, int] = {"min": 0, "max": 2**32 - 1}
+
 
 @dataclasses.dataclass(frozen=True)
 class OptionSpec:
@@ -38,6 +42,7 @@ class OptionSpec:
         decls: the option's flags, e.g. ``("--num-nodes",)`` or ``("--progress/--no-progress",)``.
         help: the ``--help`` text; ``None`` when each command must give its own (see :func:`with_help`).
         key: the dotted run-configuration key it sets (``"data.nan_policy"``), for stage A options.
+        limits: ``min`` / ``max`` of a number option (see :data:`SEED_RANGE`).
     """
 
     name: str
@@ -46,6 +51,7 @@ class OptionSpec:
     decls: tuple[str, ...]
     help: str | None = None
     key: str | None = None
+    limits: tuple[tuple[str, int], ...] = ()
 
     def parameter(self) -> inspect.Parameter:
         """The keyword-only parameter typer reads this option from."""
@@ -54,7 +60,7 @@ class OptionSpec:
         return inspect.Parameter(
             self.name,
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(self.default, *self.decls, help=self.help),
+            default=typer.Option(self.default, *self.decls, help=self.help, **dict(self.limits)),
             annotation=self.annotation,
         )
 
@@ -107,13 +113,19 @@ _COMPILE_HELP = (
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _stage_a(name: str, kind: type, help: str | None = None, key: str | None = None) -> OptionSpec:
+def _stage_a(
+    name: str,
+    kind: type,
+    help: str | None = None,
+    key: str | None = None,
+    limits: dict[str, int] | None = None,
+) -> OptionSpec:
     """A stage A option: type ``kind | None``, default ``None``, flag ``--name-with-dashes`` (``--x/--no-x`` for
     a bool), configuration key ``key`` (default ``name``). Help ``None``: each command says its own default."""
     flag = "--" + name.replace("_", "-")
     if kind is bool:
         flag = f"{flag}/--no-{flag[2:]}"
-    return OptionSpec(name, kind | None, None, (flag,), help, key or name)
+    return OptionSpec(name, kind | None, None, (flag,), help, key or name, tuple((limits or {}).items()))
 
 
 MBM_RUN_OPTIONS: tuple[OptionSpec, ...] = (
@@ -150,7 +162,7 @@ MBM_RUN_OPTIONS: tuple[OptionSpec, ...] = (
     _stage_a("compile", bool, _COMPILE_HELP + " Default: off.", key="trainer.compile"),
     _stage_a("num_workers", int, "Data-loader workers (default: 0)."),
     OptionSpec("threads", int | None, None, ("--threads",), "CPU threads of torch (default: one per core)."),
-    _stage_a("seed", int, "Random seed (default: 2022)."),
+    _stage_a("seed", int, "Random seed (default: 2022).", limits=SEED_RANGE),
     _stage_a("logger", str, "csv (default), tensorboard or wandb (both add the CSV).", key="trainer.logger"),
     _stage_a("progress", bool, "Show the progress bar.", key="trainer.progress_bar"),
     OptionSpec("resume", bool, False, ("--resume",), "Continue the run in --out from checkpoints/last.ckpt."),
@@ -296,7 +308,7 @@ def trainer_options(
     """The hardware, logging and run-folder options of ``train`` and ``train-prior``, with the command's
     defaults and help texts where they differ."""
     return [
-        OptionSpec("seed", int, seed, ("--seed",), "Random seed."),
+        OptionSpec("seed", int, seed, ("--seed",), "Random seed.", limits=tuple(SEED_RANGE.items())),
         OptionSpec("num_workers", int, 0, ("--num-workers",), "Data-loader workers."),
         OptionSpec("threads", int, 0, ("--threads",), "CPU threads of torch (0: its default, one per core)."),
         OptionSpec("accelerator", str, "auto", ("--accelerator",), "auto, cpu, gpu..."),

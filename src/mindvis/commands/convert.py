@@ -14,6 +14,8 @@ from pathlib import Path
 
 import typer
 
+from mindvis.commands._options import SEED_RANGE
+
 
 def register(app: typer.Typer) -> None:
     app.command("convert")(convert)
@@ -39,15 +41,18 @@ def convert(
     time_cond: bool = typer.Option(
         True, "--time-cond/--no-time-cond", help="Starting point only: build the time-conditioning path."
     ),
-    seed: int = typer.Option(0, "--seed", help="Starting point only: seed of the fresh mapper weights."),
+    seed: int = typer.Option(
+        0, "--seed", help="Starting point only: seed of the fresh mapper weights.", **SEED_RANGE
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
 ) -> None:
     """Convert original checkpoints (finetuned.pth, label2img model.ckpt, stage-A .pth) to a mindvis folder."""
     from rich.console import Console
 
     from mindvis.convert.ldm import convert as run_convert
-    from mindvis.utils.io import read_json
+    from mindvis.utils.io import check_output_apart, read_json
 
+    check_output_apart(out, {"--finetuned": finetuned, "--label2img-dir": label2img_dir, "--mbm": mbm})
     for opt, p in (("--finetuned", finetuned), ("--mbm", mbm)):
         if p is not None and not p.exists():
             from mindvis.errors import CheckpointError

@@ -41,7 +41,12 @@ def info(
 ) -> None:
     """Detect the format of PATH and print its subjects, splits, voxel counts, ROIs, images and problems."""
     from mindvis.data.formats.detect import describe
+    from mindvis.errors import DataError
 
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise DataError(
+            "not a regular file or folder (a FIFO, socket or device cannot be read as data)", path=path
+        )
     report = describe(path, check_images=check_images)
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
@@ -50,13 +55,17 @@ def info(
 
 
 def _print_report(report: dict) -> None:
+    """The report as text; every value from the data is escaped, so that ``[field]`` prints as written."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{report['path']}[/bold]: format [cyan]{report['format']}[/cyan]")
+    console.print(
+        f"[bold]{escape(str(report['path']))}[/bold]: format [cyan]{escape(str(report['format']))}[/cyan]"
+    )
     for line in report.get("notes", []):
-        console.print(f"  {line}")
+        console.print(f"  {escape(str(line))}")
     subjects = report.get("subjects", [])
     if subjects:
         table = Table(show_header=True, header_style="bold")
@@ -64,22 +73,23 @@ def _print_report(report: dict) -> None:
             table.add_column(col)
         for s in subjects:
             for sp in s.get("splits", []):
-                table.add_row(
-                    str(s["subject"]),
-                    str(sp.get("split", "")),
-                    str(sp.get("samples", "")),
-                    str(sp.get("voxels", "")),
-                    ", ".join(s.get("rois", [])),
-                    str(sp.get("images", "")),
+                cells = (
+                    s["subject"],
+                    sp.get("split", ""),
+                    sp.get("samples", ""),
+                    sp.get("voxels", ""),
+                    ", ".join(map(str, s.get("rois", []))),
+                    sp.get("images", ""),
                     "x".join(str(v) for v in sp.get("image_size", [])),
-                    str(sp.get("repeats", "")),
+                    sp.get("repeats", ""),
                 )
+                table.add_row(*(escape(str(c)) for c in cells))
         console.print(table)
     problems = report.get("problems", [])
     if problems:
         console.print(f"[bold red]{len(problems)} problem(s):[/bold red]")
         for p in problems:
-            console.print(f"  - {p}")
+            console.print(f"  - {escape(str(p))}")
     else:
         console.print("[green]no problems found[/green]")
 
@@ -102,7 +112,9 @@ def convert_god_h5_cmd(
 ) -> None:
     """Convert GOD BData .h5 files to the MinD-Vis npz layout (identical datasets through both readers)."""
     from mindvis.data.formats.god_h5 import convert_god_h5
+    from mindvis.utils.io import check_output_apart
 
+    check_output_apart(out, {"SRC": src, "--stimulus-dir": stimulus_dir, "--images": images})
     written = convert_god_h5(
         src,
         out,
@@ -130,7 +142,9 @@ def prepare_hcp_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mindvis.data.formats.hcp_cifti import find_hcp_runs, prepare_hcp
+    from mindvis.utils.io import check_output_apart
 
+    check_output_apart(out, {"SRC": src, "--parcellation": parcellation})
     n = len(find_hcp_runs(src, run))
     with Progress(
         TextColumn("{task.description}"),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from mindvis.commands._options import SEED_RANGE
+
 
 def _parse_ints(text: str, option: str) -> list[int]:
     from mindvis.errors import ConfigError
@@ -58,7 +60,7 @@ def register(app: typer.Typer) -> None:
         ),
         top_k: int = typer.Option(1, help="k of the semantic n-way top-k accuracy."),
         trials: int = typer.Option(1000, help="Random trials per reconstruction for the n-way metrics."),
-        seed: int = typer.Option(0, help="Seed of every random choice (trials, bootstrap)."),
+        seed: int = typer.Option(0, help="Seed of every random choice (trials, bootstrap).", **SEED_RANGE),
         bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the 95% intervals (0: none)."),
         fid_bootstrap: int = typer.Option(200, help="Bootstrap resamples for the FID intervals."),
         gray_to_rgb: bool = typer.Option(
@@ -78,9 +80,23 @@ def register(app: typer.Typer) -> None:
         from mindvis.eval.networks import MetricWeights
         from mindvis.eval.report import load_results, print_summary, write_report
         from mindvis.eval.suite import METRIC_GROUPS, evaluate_reconstructions
-        from mindvis.utils.io import atomic_dir, prepare_output_dir
+        from mindvis.utils.io import atomic_dir, check_output_apart, prepare_output_dir
 
         console = Console()
+        check_output_apart(
+            out,
+            {
+                "INPUTS": list(inputs),
+                "--classifier": classifier if classifier and Path(classifier).exists() else None,
+                "--classifier-weights": classifier_weights,
+                "--inception-weights": inception_weights,
+                "--alexnet-weights": alexnet_weights,
+                "--inception-v3-weights": inception_v3_weights,
+                "--efficientnet-b1-weights": efficientnet_b1_weights,
+                "--swav-weights": swav_weights,
+                "--weights-dir": weights_dir,
+            },
+        )
         prepare_output_dir(out, overwrite=overwrite)
         groups = (
             list(METRIC_GROUPS)

@@ -52,7 +52,10 @@ def register(app: typer.Typer) -> None:
         **shared: Any,
     ) -> None:
         """Stage A2: tune the pretrained masked brain model on the target subject's fMRI."""
+        from mindvis.utils.io import check_output_apart
+
         resume = shared["resume"]
+        check_output_apart(out, {"--init": init, "--data-dir": data_dir})
         given = given_run_options(shared)
         if roi is not None:
             given["data.god_roi"] = roi
@@ -66,6 +69,7 @@ def register(app: typer.Typer) -> None:
             god_dir = _god_folder(data_dir)
             given["data.god_dir"] = str(god_dir)
             given["data.god_subjects"] = [_pick_subject(god_dir, subject)]
+            check_output_apart(out, {"--data-dir": god_dir})  # the folder found
         run_mbm("finetune", out, given, resume, shared["overwrite"], shared["threads"])
 
 

@@ -13,6 +13,7 @@ import typer
 
 from mindvis.commands._options import add_options, given_run_options, mbm_run_options, run_mbm
 from mindvis.errors import ConfigError
+from mindvis.utils.io import check_output_apart
 
 #: Help texts of the options whose default depends on the stage.
 _STAGE_HELP = {
@@ -135,7 +136,10 @@ def register(app: typer.Typer) -> None:
         }
         given.update({k: v for k, v in extra.items() if v is not None})
         resume = shared["resume"]
+        inputs = {"--data-dir": data_dir, "--hcp-dir": hcp_dir, "--god-dir": god_dir}
+        check_output_apart(out, inputs)
         if not resume or any(x is not None for x in (data_dir, hcp_dir, god_dir, use_hcp, use_god)):
             hcp, god = _find_sources(data_dir, hcp_dir, god_dir, use_hcp, use_god)
             given["data.hcp_dir"], given["data.god_dir"] = hcp, god
+            check_output_apart(out, {"--hcp-dir": hcp, "--god-dir": god})  # the folders found
         run_mbm("pretrain", out, given, resume, shared["overwrite"], shared["threads"])

@@ -141,10 +141,17 @@ def register(app: typer.Typer) -> None:
         from mindvis.commands._options import set_threads
         from mindvis.data.formats.registry import load_dataset
         from mindvis.eval.probe import run_probes
-        from mindvis.utils.io import atomic_dir, atomic_write, prepare_output_dir, write_json
+        from mindvis.utils.io import (
+            atomic_dir,
+            atomic_write,
+            check_output_apart,
+            prepare_output_dir,
+            write_json,
+        )
         from mindvis.utils.steps import provenance
 
         if out is not None:
+            check_output_apart(out, {"MODELS": list(models or []), "--data-dir": data_dir, "--prior": prior})
             prepare_output_dir(out, overwrite=overwrite)
         set_threads(threads or 0)
         options: dict[str, Any] = {} if roi is None else {"roi": roi}

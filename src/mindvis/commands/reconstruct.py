@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from mindvis.commands._options import SEED_RANGE
 from mindvis.errors import ConfigError, DataError
 
 _logger = logging.getLogger(__name__)
@@ -172,6 +173,50 @@ def fit_to_model(voxels: np.ndarray, num_voxels: int, pad: bool, source: str) ->
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: The largest classifier-free guidance scale accepted (the original samples at 1; papers use up to about 10).
+MAX_GUIDANCE = 1000.0
+
+
+def check_finite_voxels(voxels: np.ndarray, source: str) -> None:
+    """Refuse voxels (after preprocessing) that hold NaN or infinity: the samples would be NaN."""
+    bad = ~np.isfinite(voxels)
+    if bad.any():
+        items = np.flatnonzero(bad.any(axis=1))
+        raise DataError(
+            f"{int(bad.sum())} voxel values are NaN or infinite after preprocessing (items "
+            f"{_list(items)}); expected finite fMRI values",
+            path=source,
+            field="--fmri",
+        )
+
+
+def finite_images_uint8(images: Any, source: str, voxels: np.ndarray) -> np.ndarray:
+    """The pipeline's float images ``[N, S, 3, H, W]`` as uint8 ``[N, S, H, W, 3]``, refusing NaN or infinite
+    samples, which would otherwise be written as black images that look like results."""
+    import torch
+
+    from mindvis.models.ldm import images_to_uint8
+
+    x = torch.as_tensor(images)
+    bad = ~torch.isfinite(x).flatten(2).all(dim=2)  # [N, S]
+    if bad.any():
+        items = np.flatnonzero(bad.any(dim=1).numpy())
+        raise DataError(
+            f"the samples of items {_list(items)} are NaN or infinite, so nothing was written: the fMRI values "
+            f"(largest magnitude {float(np.abs(voxels).max()):.3g}) or the guidance scale are beyond what the "
+            "model can take; check the preprocessing (z-scored voxels are of order 1)",
+            path=source,
+            field="--fmri",
+        )
+    n, s = x.shape[:2]
+    return images_to_uint8(x.flatten(0, 1)).reshape(n, s, x.shape[3], x.shape[4], 3).numpy()
+
+
+def _list(items: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(int(i)) for i in items[:limit])
+    return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "")
+
+
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
@@ -280,7 +325,7 @@ def reconstruct(
         help="Classifier-free guidance (1: off). Default: the model's; a model trained with --cond-dropout "
         "records the scale it was validated with, any other model 1.",
     ),
-    seed: int = typer.Option(0, "--seed", help="Item i uses seed + i."),
+    seed: int = typer.Option(0, "--seed", help="Item i uses seed + i.", **SEED_RANGE),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Latents per UNet call."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
@@ -295,7 +340,7 @@ def reconstruct(
 
     from mindvis.pipeline import MindVisPipeline
     from mindvis.sampling import SAMPLERS
-    from mindvis.utils.io import prepare_output_dir
+    from mindvis.utils.io import check_output_apart, prepare_output_dir
     from mindvis.utils.steps import provenance
 
     if sampler not in SAMPLERS:
@@ -305,6 +350,22 @@ def reconstruct(
         raise ConfigError(f"unknown dtype {dtype!r}; choose {', '.join(dtypes)}", field="--dtype")
     if (fmri is None) == (dataset is None):
         raise ConfigError("give exactly one of --fmri FILE and --dataset NAME", field="--fmri")
+    if guidance_scale is not None and not abs(guidance_scale) <= MAX_GUIDANCE:
+        raise ConfigError(
+            f"{guidance_scale!r} is not a usable guidance scale: expected a finite number within "
+            f"+-{MAX_GUIDANCE:g} (1: off; larger scales overflow the latents)",
+            field="--guidance-scale",
+        )
+    check_output_apart(
+        out,
+        {
+            "--model": model,
+            "--fmri": fmri,
+            "--images": images,
+            "--data-dir": data_dir,
+            "--preprocess": preprocess,
+        },
+    )
     prepare_output_dir(out, overwrite=overwrite)
     dev = _device(device)
 
@@ -340,6 +401,7 @@ def reconstruct(
         voxels = np.asarray(pre.transform(voxels, source=source), dtype=np.float32)
         _logger.info("applied the preprocessing in %s", pre_path)
     voxels = fit_to_model(voxels, pipe.num_voxels, pad_to_model, source)
+    check_finite_voxels(voxels, source)
     pipe.to(dev, dtypes[dtype] if dtype != "float32" else None)
     if guidance_scale is None:
         guidance_scale = pipe.default_guidance_scale
@@ -357,9 +419,10 @@ def reconstruct(
         batch_size=batch_size,
         guidance_scale=guidance_scale,
         progress=progress,
+        output_type="pt",
     )
     elapsed = time.perf_counter() - t0
-    imgs = np.asarray(result.images)
+    imgs = finite_images_uint8(result.images, source, voxels)
     run_info = {
         "model": str(model),
         "fmri": source,

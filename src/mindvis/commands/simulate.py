@@ -7,6 +7,8 @@ from typing import Any
 
 import typer
 
+from mindvis.commands._options import SEED_RANGE
+
 
 def register(app: typer.Typer) -> None:
     app.command("simulate", help=simulate.__doc__)(simulate)
@@ -15,7 +17,9 @@ def register(app: typer.Typer) -> None:
 def simulate(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     preset: str = typer.Option("realistic", "--preset", help="Noise preset: easy, realistic or hard."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives identical files."),
+    seed: int = typer.Option(
+        0, "--seed", help="Random seed; the same seed gives identical files.", **SEED_RANGE
+    ),
     subjects: int | None = typer.Option(None, "--subjects", help="GOD-like target subjects [1]."),
     rest_subjects: int | None = typer.Option(
         None, "--rest-subjects", help="HCP-like resting-state subjects [50]."
@@ -64,6 +68,10 @@ def simulate(
         "corpus_size": corpus_size,
     }
     config = SynthConfig.preset(preset, **{k: v for k, v in overrides.items() if v is not None})
+    from mindvis.utils.io import check_output_apart
+
+    folder = config.source.partition("folder:")[2] if config.source.startswith("folder:") else None
+    check_output_apart(out, {"--source": folder})
     err = Console(stderr=True)
     start = time.perf_counter()
     with Progress(

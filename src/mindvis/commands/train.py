@@ -198,6 +198,18 @@ def register(app: typer.Typer) -> None:
             seed=shared["seed"],
             num_workers=shared["num_workers"],
         )
+        from mindvis.utils.io import check_output_apart
+
+        check_output_apart(
+            out,
+            {
+                "--prior": prior,
+                "--mbm": mbm,
+                "--data-dir": data_dir,
+                "--preprocess": preprocess,
+                "--classifier": classifier,
+            },
+        )
         options: dict[str, Any] = {}
         if roi is not None:
             options["roi"] = roi

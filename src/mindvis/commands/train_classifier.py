@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from mindvis.commands._options import SEED_RANGE
+
 
 def register(app: typer.Typer) -> None:
     @app.command("train-classifier")
@@ -25,7 +27,7 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(10, help="Training epochs."),
         input_size: int = typer.Option(32, help="Network input size (images are resized to it)."),
         holdout: float = typer.Option(0.15, help="Share of the corpus held out to measure accuracy."),
-        seed: int = typer.Option(0, help="Seed of the split, initialisation and augmentation."),
+        seed: int = typer.Option(0, help="Seed of the split, initialisation and augmentation.", **SEED_RANGE),
         force: bool = typer.Option(False, "--force", help="Retrain even when the cached hash matches."),
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Replace an --out folder that holds something other than a classifier."
@@ -44,8 +46,10 @@ def register(app: typer.Typer) -> None:
             load_training_corpus,
             train_benchmark_classifier,
         )
+        from mindvis.utils.io import check_output_apart
 
         console = Console()
+        check_output_apart(out, {"--corpus": corpus, "--exclude-test": exclude_test})
         check_classifier_output(out, overwrite)  # before reading the corpus
         set_threads(threads or 0)
         images, labels, names, desc = load_training_corpus(corpus, exclude=exclude_test)

@@ -200,6 +200,11 @@ def register(app: typer.Typer) -> None:
             vq_model=parse_assignments(vq_model, "--vq"),
             unet_model=parse_assignments(unet_model, "--unet"),
         )
+        from mindvis.utils.io import check_output_apart
+
+        check_output_apart(
+            out, {"--corpus": corpus, "--lpips-weights": lpips_weights, "--classifier": classifier}
+        )
         images = load_image_corpus(
             resolve_corpus_path(corpus), config.ldm_config(2).vq.resolution, resize_mixed=resize_mixed
         )

@@ -30,7 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from mindvis.errors import DataError, MindVisError, OutputExistsError
+from mindvis.errors import (
+    DataError,
+    MindVisError,
+    OutputExistsError,
+    OutputNotWritableError,
+    OutputOverlapError,
+)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -160,6 +166,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError("file not found", path=path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"not valid JSON ({exc})", path=path) from None
+    except RecursionError:
+        raise DataError("not usable JSON: nested too deeply", path=path) from None
+    except IsADirectoryError:
+        raise DataError("is a folder, expected a JSON file", path=path) from None
 
 
 def _json_default(obj: Any) -> Any:
@@ -188,7 +198,15 @@ def save_npz_atomic(path: str | os.PathLike, compressed: bool = False, **arrays:
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that an output folder may be written: it must not exist, or be empty, or ``overwrite`` is set."""
+    """Check that an output folder may be written: it must not exist, or be empty, or ``overwrite`` is set.
+
+    The folder that will receive it (``path`` itself or its nearest existing parent) must also accept new
+    entries, so that a folder the process may not write fails here, before any work, not after it.
+
+    Raises:
+        OutputExistsError: ``path`` is a file, or a non-empty folder without ``overwrite``.
+        OutputNotWritableError: the parent folder refuses new entries (permission, read-only file system).
+    """
     path = Path(path)
     if path.exists():
         if not path.is_dir():
@@ -197,7 +215,77 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path
             raise OutputExistsError(
                 "output folder exists and is not empty (pass --overwrite to replace it)", path=path
             )
+    check_writable(path)
     return path
+
+
+#: errno values of a folder that refuses to be written (reported as :class:`OutputNotWritableError`).
+NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Check that an output ``path`` can be created (or replaced) where it lies, by making and removing an
+    empty temporary folder in its nearest existing parent.
+
+    Raises:
+        OutputExistsError: a parent of ``path`` is a file.
+        OutputNotWritableError: the parent refuses new entries (EACCES, EPERM, EROFS).
+        DiskFullError: the device or a quota is full.
+    """
+    path = Path(os.path.abspath(path))
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputExistsError(f"cannot create the output: {parent} is not a folder", path=path)
+    try:
+        probe = tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".partial", dir=parent)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(exc, path) from None
+        if exc.errno in NOT_WRITABLE_ERRNOS:
+            reason = exc.strerror or os.strerror(exc.errno)
+            raise OutputNotWritableError(
+                f"cannot write the output in {parent} ({reason})", path=path
+            ) from None
+        raise
+    os.rmdir(probe)
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def check_output_apart(out: str | os.PathLike, inputs: Mapping[str, Any]) -> None:
+    """Refuse an output that equals, contains or lies inside any input (after resolving symlinks).
+
+    ``inputs`` maps an option name (``"--model"``) to a path, ``None`` (not given) or a list of paths. A command
+    calls this before anything else, with or without ``--overwrite``: replacing ``out`` must never delete or
+    change what the command reads.
+
+    Raises:
+        OutputOverlapError: naming the output, the input and its option.
+    """
+    target = _resolved(out)
+    for option, value in inputs.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        for item in values:
+            if item is None or os.fspath(item) == "":
+                continue
+            source = _resolved(item)
+            if source == target:
+                how = "is"
+            elif target in source.parents:
+                how = "contains"
+            elif source in target.parents:
+                how = "lies inside"
+            else:
+                continue
+            raise OutputOverlapError(
+                f"the output {how} the input {option} {item}; choose an output folder apart from what the "
+                "command reads (it is never replaced, even with --overwrite)",
+                path=out,
+            )
 
 
 _RENAME_EXCHANGE = 2
