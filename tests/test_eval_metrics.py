@@ -164,6 +164,48 @@ def test_pairwise_metrics_perfect_and_swapped():
     assert (M.two_way_identification(-M.mse_matrix(swapped, gt)) <= 0.75).all()
 
 
+def test_mse_uint8_original_wraps_modulo_256_like_numpy_uint8():
+    """The original's np.square(pred - gt).mean() on uint8: difference and square both wrap modulo 256."""
+    px = lambda *v: np.array(v, dtype=np.uint8).reshape(1, 1, len(v) // 3, 3)  # noqa: E731
+    pred, gt = px(0, 10, 0), px(255, 20, 16)
+    # (0 - 255) % 256 = 1 -> 1; (10 - 20) % 256 = 246 -> 246**2 % 256 = 100; (0 - 16) % 256 = 240 -> 0
+    assert (pred - gt).ravel().tolist() == [1, 246, 240]
+    assert np.square(pred - gt).dtype == np.uint8 and np.square(pred - gt).ravel().tolist() == [1, 100, 0]
+    assert M.mse_uint8_original(pred, gt) == 101 / 3
+    assert M.mse_uint8_original(px(0, 0, 0), px(255, 255, 255)) == 1.0
+    assert M.mse_uint8_original(px(10, 10, 10), px(20, 20, 20)) == 100.0
+    assert M.mse_uint8_original(px(20, 20, 20), px(10, 10, 10)) == 100.0  # (-246)^2 = 246^2 mod 256
+    mat = M.mse_uint8_original_matrix(pred[None], gt)
+    assert mat.shape == (1, 1, 1) and mat[0, 0, 0] == 101 / 3
+    # the true MSE on [0, 1] values is unchanged: (255/255)^2, (10/255)^2, (16/255)^2
+    want = np.mean([1.0, (10 / 255) ** 2, (16 / 255) ** 2])
+    assert M.mse_matrix(pred[None], gt)[0, 0, 0] == pytest.approx(want, abs=1e-12)
+    with pytest.raises(ConfigError, match="uint8"):
+        M.mse_uint8_original_matrix(pred[None].astype(np.int16), gt)
+    with pytest.raises(ConfigError, match="uint8"):
+        M.mse_uint8_original(pred.astype(float), gt)
+
+
+def test_mse_uint8_original_matrix_equals_the_original_per_pair():
+    rec, gt = _images(n=4, s=3, h=9, w=7)
+    for block in (1, 200, 1 << 22):  # one reconstruction per block, a few, all at once
+        mat = M.mse_uint8_original_matrix(rec, gt, block_bytes=block)
+        for i in range(4):
+            for s in range(3):
+                for j in range(4):
+                    assert mat[i, s, j] == np.square(rec[i, s] - gt[j]).mean()  # bit-identical
+
+
+def test_mse_uint8_original_identification_differs_from_true_mse():
+    """16 apart wraps to 0 in uint8, so the original's pairwise MSE cannot tell the true image from it."""
+    gt = np.stack([np.full((8, 8, 3), 0, np.uint8), np.full((8, 8, 3), 16, np.uint8)])
+    rec = gt[:, None].copy()
+    true = M.two_way_identification(-M.mse_matrix(rec, gt))
+    wrapped = M.mse_uint8_original_matrix(rec, gt)
+    assert wrapped.ravel().tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert true.min() == 1.0 and M.two_way_identification(-wrapped).max() == 0.0
+
+
 def test_nsd_pixcorr_and_ssim_match_reference_formulas():
     rec, gt = _images(n=3, s=1, h=32, w=32)
     out = M.nsd_pixel_metrics(rec, gt, chance_pairing=np.array([1, 2, 0]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from mindvis.commands import evaluate as evaluate_cmd
@@ -123,6 +125,44 @@ def test_perfect_versus_random_reconstructions():
     assert lo <= 0.5 <= hi
 
 
+def test_true_and_original_uint8_mse_are_reported_apart(tmp_path):
+    rec, gt = _images(n=5, s=2)
+    res = evaluate_reconstructions(rec, gt, metrics=["pixel", "identification"], **_small())
+    by_key = {e["key"]: e for e in res["metrics"]}
+    # the true MSE keeps its keys and values, under a label that no longer claims to be the original's
+    mse = by_key["pixel_mse"]
+    assert mse["label"] == "MSE ([0, 1] floats)"
+    want = np.mean([[np.mean((rec[i, k] / 255.0 - gt[i] / 255.0) ** 2) for k in range(2)] for i in range(5)])
+    assert mse["aggregates"]["mean"]["value"] == pytest.approx(want, abs=1e-12)
+    assert "not the MinD-Vis published 'pairwise MSE'" in by_key["ident_mse_2way"]["definition"]
+    # the original's uint8 MSE, wrapping modulo 256, under its own keys
+    orig = by_key["pixel_mse_uint8_original"]
+    assert "wraps mod 256" in orig["label"] and "only for comparison with published numbers" in orig["label"]
+    assert orig["higher_is_better"] is False
+    want = np.mean([[np.square(rec[i, k] - gt[i]).mean() for k in range(2)] for i in range(5)])
+    assert orig["aggregates"]["mean"]["value"] == pytest.approx(want, abs=1e-12)
+    ident = by_key["ident_mse_uint8_original_2way"]
+    assert (
+        "wrapping mod 256" in ident["label"] and "MinD-Vis 'pairwise MSE' as published" in ident["definition"]
+    )
+    assert ident["higher_is_better"] is True and ident["chance"] == 0.5
+    assert "ident_mse_uint8_original_3way" in by_key
+    assert any("uint8-wrapped MSE is computed here at 24x24" in n for n in res["notes"])
+    written = write_report(res, tmp_path / "rep")
+    assert {e["key"] for e in load_results(tmp_path / "rep")["metrics"]} >= {
+        "pixel_mse",
+        "ident_mse_2way",
+        "pixel_mse_uint8_original",
+        "ident_mse_uint8_original_2way",
+    }
+    page = written["html"].read_text()
+    assert "MSE uint8, wraps mod 256 (MinD-Vis original; only for comparison with published numbers)" in page
+    assert "MSE ([0, 1] floats)" in page
+    console = Console(record=True, width=400, file=io.StringIO())
+    console.print(summary_table(res))
+    assert "MSE uint8, wraps mod 256 (MinD-Vis original" in console.export_text()
+
+
 def test_report_files_are_self_contained(tmp_path):
     rec, gt = _images()
     res = evaluate_reconstructions(rec, gt, classifier=StubClassifier(), title="run A", **_small())
@@ -212,7 +252,7 @@ def test_commands_end_to_end(tmp_path):
         "--n-way",
         "2,4,50",
         "--weights-dir",
-        str(tmp_path),
+        str(tmp_path / "weights"),  # none there: FID is reported unavailable
     ]
     r = runner.invoke(app, args + ["--out", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output

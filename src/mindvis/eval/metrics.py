@@ -16,13 +16,22 @@ expectation over all possible trials is also available (:func:`n_way_top_k_expec
 
 **Identification.** ``2-way``: for each reconstruction, the fraction of the other ``N - 1`` ground truths
 whose similarity is strictly lower than the true pair's (the NSD papers' 2-way identification; the original
-MinD-Vis "pairwise" MSE/PCC/SSIM metrics are this with MSE, pixel correlation or SSIM). ``n-way``: in one
-trial ``n - 1`` distractor ground truths are drawn; success when the true one is strictly the most similar.
+MinD-Vis "pairwise" PCC/SSIM metrics are this with pixel correlation or SSIM, and its "pairwise MSE" is this
+with the uint8-wrapped MSE below, not with a true MSE). ``n-way``: in one trial ``n - 1`` distractor ground
+truths are drawn; success when the true one is strictly the most similar.
 
-**Pixel metrics** (ground truth resolution; reconstructions are resized to it): MSE on [0, 1] values over
-all pixels and channels; PCC, the Pearson correlation of the flattened RGB images; SSIM as scikit-image's
-``structural_similarity(channel_axis=-1, data_range=255)`` (7x7 uniform window, sample covariance, per-channel
-mean, border of 3 px excluded).
+**Pixel metrics** (ground truth resolution; reconstructions are resized to it): MSE, a true mean squared
+error of [0, 1] values over all pixels and channels (:func:`mse_matrix`); PCC, the Pearson correlation of the
+flattened RGB images; SSIM as scikit-image's ``structural_similarity(channel_axis=-1, data_range=255)`` (7x7
+uniform window, sample covariance, per-channel mean, border of 3 px excluded).
+
+**The MinD-Vis original's MSE** (:func:`mse_uint8_original_matrix`, for comparison with published numbers
+only). The original (``eval_metrics.py``, ``mse_metric``) computes ``np.square(pred - gt).mean()`` on uint8
+arrays: the difference wraps modulo 256 and so does its square (numpy keeps both in uint8), so each pixel
+contributes ``((pred - gt) mod 256)^2 mod 256``, a value in 0..255, and the mean is of those. It is not a
+squared error (0 vs 255 scores 1, 10 vs 20 scores 100, 0 vs 16 scores 0). We reproduce it exactly, on the
+uint8 images at the ground truth's resolution like the other pixel metrics; the original compared 256x256
+ground truth with 256x256 samples.
 
 **NSD-style** (MindEye / Brain-Diffuser convention): both images resized to 425x425 (antialiased bilinear),
 values in [0, 1]. PixCorr: Pearson correlation of the flattened RGB images. SSIM: on grayscale
@@ -250,9 +259,11 @@ def pcc_matrix(recons: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def mse_matrix(recons: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Mean squared error on [0, 1] values, ``[N, S, N]`` (lower = more similar).
+    """True mean squared error on [0, 1] values, ``[N, S, N]`` (lower = more similar).
 
-    Off-diagonal entries use ``|a|^2 + |b|^2 - 2 a.b`` in float64; the true pairs are computed directly.
+    This is a real MSE and differs from the MinD-Vis original's uint8-wrapped "MSE"
+    (:func:`mse_uint8_original_matrix`). Off-diagonal entries use ``|a|^2 + |b|^2 - 2 a.b`` in float64; the
+    true pairs are computed directly.
     """
     n, s = recons.shape[:2]
     r, g = _flat(recons, gt, np.float64)
@@ -262,6 +273,49 @@ def mse_matrix(recons: np.ndarray, gt: np.ndarray) -> np.ndarray:
     idx = np.arange(n)
     out[idx, :, idx] = np.mean((r.reshape(n, s, d) - g[:, None, :]) ** 2, axis=2)
     return out
+
+
+def mse_uint8_original(pred: np.ndarray, gt: np.ndarray) -> float:
+    """The MinD-Vis original's ``mse_metric`` of one pair: ``np.square(pred - gt).mean()`` on uint8 arrays.
+
+    Both the difference and the square wrap modulo 256 (uint8 arithmetic), so this is not a squared error:
+    0 vs 255 gives 1 and 10 vs 20 gives ``246^2 mod 256 = 100``. Kept only to compare with published numbers.
+    """
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.dtype != np.uint8 or gt.dtype != np.uint8:
+        raise ConfigError(f"the original's MSE is defined on uint8 images, got {pred.dtype} and {gt.dtype}")
+    return float(np.square(pred - gt).mean())
+
+
+def mse_uint8_original_matrix(recons: np.ndarray, gt: np.ndarray, block_bytes: int = 1 << 22) -> np.ndarray:
+    """The MinD-Vis original's uint8-wrapped "MSE" of every reconstruction and ground truth, ``[N, S, N]``.
+
+    Entry ``[i, s, j]`` equals :func:`mse_uint8_original` ``(recons[i, s], gt[j])`` exactly: the per-pixel
+    ``((a - b) mod 256)^2 mod 256`` is summed in integers (exact, as the original's float64 mean of integers
+    is) and divided by the number of values. Lower = more similar, as the original ranks it. Computed in
+    blocks of reconstructions with preallocated uint8 buffers (no float copy of the images).
+    """
+    recons, gt = np.asarray(recons), np.asarray(gt)
+    if recons.dtype != np.uint8 or gt.dtype != np.uint8:
+        raise ConfigError(f"the original's MSE is defined on uint8 images, got {recons.dtype} and {gt.dtype}")
+    n, s = recons.shape[:2]
+    if recons.shape[2:] != gt.shape[1:]:
+        raise ConfigError(f"recons {recons.shape} and gt {gt.shape} must share H, W, C here")
+    r = recons.reshape(n * s, -1)
+    g = gt.reshape(gt.shape[0], -1)
+    d = r.shape[1]
+    acc = np.uint32 if 255 * d < 2**32 else np.uint64  # a uint32 sum is much faster and cannot overflow here
+    out = np.empty((n * s, g.shape[0]))
+    block = max(1, block_bytes // max(d, 1))
+    buf = np.empty((min(block, n * s), d), dtype=np.uint8)
+    for a in range(0, n * s, block):
+        xb = r[a : a + block]
+        b = buf[: len(xb)]
+        for j in range(g.shape[0]):
+            np.subtract(xb, g[j], out=b)  # wraps modulo 256
+            np.multiply(b, b, out=b)  # np.square in uint8: wraps modulo 256
+            out[a : a + len(xb), j] = b.sum(axis=1, dtype=acc) / d
+    return out.reshape(n, s, g.shape[0])
 
 
 def _gaussian_kernel(sigma: float, truncate: float = 3.5) -> np.ndarray:

@@ -2,10 +2,12 @@
 
 Metric groups (``metrics=``):
 
-- ``pixel``: MSE, PCC and SSIM of each reconstruction with its ground truth, at the ground truth's resolution.
+- ``pixel``: MSE, PCC and SSIM of each reconstruction with its ground truth, at the ground truth's resolution,
+  and the MinD-Vis original's uint8-wrapped "MSE" (for comparison with published numbers only).
 - ``identification``: 2-way identification against all other test images, and n-way by random trials, by
-  pixel correlation, SSIM, MSE (the original MinD-Vis "pairwise" metrics are the 2-way ones) and by the
-  classifier's penultimate features.
+  pixel correlation, SSIM, MSE, the original's uint8-wrapped MSE (the original MinD-Vis "pairwise" PCC, SSIM
+  and MSE are the 2-way ones by PCC, SSIM and the uint8-wrapped MSE) and by the classifier's penultimate
+  features.
 - ``semantic``: the MinD-Vis n-way top-k classification protocol (needs a classifier).
 - ``nsd``: PixCorr and SSIM at 425 px; AlexNet(2)/(5), Inception, EffNet-B, SwAV with local weights.
 - ``lpips``: LPIPS (AlexNet) distance and its 2-way identification, with local AlexNet weights.
@@ -16,6 +18,12 @@ Every scored metric gets its per-image values, aggregates (mean over samples; be
 "max"; best sample per image), a bootstrap 95% interval over test images for each aggregate, and a chance
 level. A metric that cannot be computed (missing weights, too few classes or images) is listed under
 ``unavailable`` with the reason, and never given a number.
+
+MSE keys: ``pixel_mse`` and ``ident_mse_<n>way`` are, as before, a true MSE of [0, 1] values (only their
+labels changed: they were presented as the MinD-Vis "pairwise MSE", which they are not). The original's
+figure, ``np.square(pred - gt).mean()`` on uint8 arrays (wrapping modulo 256), is the added
+``pixel_mse_uint8_original`` and ``ident_mse_uint8_original_<n>way``; ``ident_mse_uint8_original_2way`` is
+the number to set beside a published MinD-Vis "pairwise MSE" (see :mod:`mindvis.eval.metrics`).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 METRIC_GROUPS = ("pixel", "identification", "semantic", "nsd", "lpips", "fid")
 RESULTS_FORMAT = "mindvis-eval/1"
+ORIGINAL_EVAL_SIZE = (256, 256)  # the resolution at which the original MinD-Vis compared images
 
 
 class _Collector:
@@ -245,19 +254,51 @@ def evaluate_reconstructions(
             "pcc": M.pcc_matrix(recons_gt, gt),
             "ssim": M.ssim_matrix(recons_gt, gt),
             "mse": M.mse_matrix(recons_gt, gt),
+            "mse_uint8_original": M.mse_uint8_original_matrix(recons_gt, gt),
         }
         timings["pixel_matrices"] = time.perf_counter() - t0
+        if tuple(gt.shape[1:3]) != ORIGINAL_EVAL_SIZE:
+            notes.append(
+                f"the MinD-Vis original's uint8-wrapped MSE is computed here at {gt.shape[1]}x{gt.shape[2]}; "
+                "published MinD-Vis figures compare 256x256 images, so it matches them only at 256x256"
+            )
+        # key -> (label, definition, higher is better, what identification ranks by, alias for identification)
         defs = {
-            "mse": ("MSE", "mean squared error of [0, 1] RGB values", False),
-            "pcc": ("PCC", "Pearson correlation of the flattened RGB images", True),
+            "mse": (
+                "MSE ([0, 1] floats)",
+                "true mean squared error of [0, 1] RGB values; not the MinD-Vis published 'MSE', which wraps "
+                "modulo 256 (see the uint8 MSE row)",
+                False,
+                "pixel MSE ([0, 1] floats)",
+                "; a true MSE, not the MinD-Vis published 'pairwise MSE' (that is the uint8-wrapped MSE's)",
+            ),
+            "mse_uint8_original": (
+                "MSE uint8, wraps mod 256 (MinD-Vis original; only for comparison with published numbers)",
+                "the original MinD-Vis mse_metric: np.square(pred - gt).mean() on uint8 arrays, so the "
+                "difference and its square both wrap modulo 256 (each pixel scores 0..255; 0 vs 255 scores "
+                "1). Not a squared error: kept only to compare with published numbers; use 'MSE ([0, 1] "
+                "floats)' otherwise",
+                False,
+                "uint8 MSE wrapping mod 256 (MinD-Vis original; only for comparison with published numbers)",
+                " (= the MinD-Vis 'pairwise MSE' as published; the MSE wraps modulo 256)",
+            ),
+            "pcc": (
+                "PCC",
+                "Pearson correlation of the flattened RGB images",
+                True,
+                "pixel PCC",
+                " (= the MinD-Vis 'pairwise PCC')",
+            ),
             "ssim": (
                 "SSIM",
                 "SSIM, 7x7 uniform window, per-channel mean, data range 255 (scikit-image default)",
                 True,
+                "SSIM",
+                " (= the MinD-Vis 'pairwise SSIM')",
             ),
         }
         if "pixel" in groups:
-            for key, (label, definition, hib) in defs.items():
+            for key, (label, definition, hib, _what, _alias) in defs.items():
                 col.add(
                     f"pixel_{key}",
                     label,
@@ -270,21 +311,16 @@ def evaluate_reconstructions(
                     resolution=gt_res,
                 )
         if "identification" in groups:
-            aliases = {
-                "pcc": "MinD-Vis 'pairwise PCC'",
-                "ssim": "MinD-Vis 'pairwise SSIM'",
-                "mse": "MinD-Vis 'pairwise MSE'",
-            }
-            for key, (label, _d, hib) in defs.items():
+            for key, (_label, _d, hib, what, alias) in defs.items():
                 _identification(
                     col,
                     key,
-                    f"pixel {label}" if key != "ssim" else "SSIM",
+                    what,
                     mats[key],
                     n_way,
                     trials,
                     gt_res,
-                    alias=f" (= the {aliases[key]})",
+                    alias=alias,
                     higher_is_better_sim=hib,
                 )
         timings["pixel"] = time.perf_counter() - t0
