@@ -318,6 +318,106 @@ def test_cli_full_disk_is_one_line_and_keeps_the_checkpoint(tmp_path, one_thread
     assert all(len(r) == len(rows[0]) for r in rows)
 
 
+# a kill -9 from inside, right after ``checkpoints/last.ckpt`` of epoch ``argv[1]`` is in place
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from mindvis.train import common
+epoch = int(sys.argv.pop(1))
+save = common.AtomicCheckpointIO.save_checkpoint
+def save_then_die(self, checkpoint, path, storage_options=None):
+    save(self, checkpoint, path, storage_options)
+    if os.path.basename(str(path)) == "last.ckpt" and checkpoint["epoch"] == epoch:
+        os.kill(os.getpid(), signal.SIGKILL)
+common.AtomicCheckpointIO.save_checkpoint = save_then_die
+from mindvis.cli import main
+sys.exit(main())
+"""
+
+
+def test_cli_kill_right_after_a_checkpoint_keeps_the_log(tmp_path, one_thread, quiet_cli_logging):
+    """Killed (SIGKILL) just after the checkpoint of an epoch: its rows, the epoch-end row included, are already
+    in ``metrics.csv``, and ``--resume`` ends with the log of an uninterrupted run, row for row."""
+    from mindvis.cli import main
+    from mindvis.train.common import read_checkpoint_progress
+    from test_train_mbm import write_lowrank_hcp
+
+    hcp = write_lowrank_hcp(tmp_path / "data", samples=32)
+    env = subprocess_env(tmp_path)
+    args = ["pretrain", "--hcp-dir", str(hcp), "--variant", "tiny", "--epochs", "3", "--batch-size", "16",
+            "--patch-size", "8", "--window-trs", "1", "--accelerator", "cpu", "--devices", "1",
+            "--threads", "1", "--no-progress"]  # fmt: skip
+    straight, run = tmp_path / "straight", tmp_path / "killed"
+    assert (
+        main([*args, "--out", str(straight)]) == 0
+    )  # in this process (quicker); only the kill needs a child
+    expected = csv_rows(straight / "metrics.csv")
+
+    res = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, "1", *args, "--out", str(run)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    assert read_checkpoint_progress(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    epoch = expected[0].index("epoch")  # every row of epochs 0 and 1 is on disk with the checkpoint
+    assert csv_rows(run / "metrics.csv") == expected[:1] + [r for r in expected[1:] if int(r[epoch]) <= 1]
+
+    assert main([*args, "--out", str(run), "--resume"]) == 0
+    assert csv_rows(run / "metrics.csv") == expected
+    assert temp_leftovers(tmp_path) == []
+
+
+class _Killed(Exception):
+    """Stands for a kill: raised inside training, nothing in the code under test catches it."""
+
+
+@pytest.mark.parametrize(
+    ("val_every", "when"),
+    [(1, "after-checkpoint"), (2, "after-checkpoint"), (1, "mid-epoch")],
+)
+def test_resumed_log_equals_an_uninterrupted_one(tmp_path, one_thread, monkeypatch, val_every, when):
+    """Every row logged (each step, learning rates, validation, epoch ends) comes out once and the same after
+    a resume: killed just after the checkpoint of epoch 1 (saved at the end of the training epoch, or at the
+    end of its validation when validation runs every other epoch), or in the middle of epoch 2."""
+    from lightning.pytorch.callbacks import Callback
+
+    from mindvis.train import common
+    from mindvis.train.mbm import run_mbm_stage
+    from test_train_mbm import tiny_config, write_lowrank_hcp
+
+    hcp = write_lowrank_hcp(tmp_path, samples=32)
+
+    def config():
+        return tiny_config(hcp, epochs=4, trainer={"val_every_n_epochs": val_every, "log_every_n_steps": 1})
+
+    run_mbm_stage(config(), tmp_path / "straight")
+    expected = csv_rows(tmp_path / "straight" / "metrics.csv")
+
+    class KillMidEpoch(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.current_epoch == 2 and args[-1] == 1:
+                raise _Killed
+
+    save = common.AtomicCheckpointIO.save_checkpoint
+
+    def save_then_die(self, checkpoint, path, storage_options=None):
+        save(self, checkpoint, path, storage_options)
+        if Path(path).name == "last.ckpt" and checkpoint["epoch"] == 1:
+            raise _Killed
+
+    run = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        if when == "after-checkpoint":
+            m.setattr(common.AtomicCheckpointIO, "save_checkpoint", save_then_die)
+        with pytest.raises(_Killed):
+            run_mbm_stage(config(), run, callbacks=[KillMidEpoch()] if when == "mid-epoch" else [])
+    assert len(csv_rows(run / "metrics.csv")) < len(expected)
+    run_mbm_stage(config(), run, resume=True)
+    assert csv_rows(run / "metrics.csv") == expected
+
+
 # ----------------------------------------------------------------------------------------------------------
 # kill loops (slow)
 # ----------------------------------------------------------------------------------------------------------
@@ -468,9 +568,7 @@ def test_kill_loop_pretrain_resumes_to_the_same_weights(tmp_path):
         assert set(a) == set(b)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}/{k} differs after resuming"
-    curve = [r for r in csv_dicts(straight / "metrics.csv") if r.get("val/corr")]
-    again = [r for r in csv_dicts(run / "metrics.csv") if r.get("val/corr")]
-    assert [(r["step"], r["val/corr"]) for r in again] == [(r["step"], r["val/corr"]) for r in curve]
+    assert csv_rows(run / "metrics.csv") == csv_rows(straight / "metrics.csv")  # the whole log, row for row
 
 
 def test_checkpoint_checker_catches_a_cut_file(tmp_path):

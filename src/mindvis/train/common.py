@@ -440,8 +440,9 @@ class CSVMetricsLogger(Logger):
 
     Unlike Lightning's CSVLogger it never deletes an existing file: a resumed run (``resume_step`` given) keeps
     the rows up to the checkpoint's step (rows from after it, lost with the interrupted epoch, are dropped) and
-    continues. Every save rewrites the file atomically (the rows are held in memory anyway), so a kill or a
-    full disk never leaves a half-written row.
+    continues; :class:`CheckpointedMetricsLog` then cuts the file to exactly the rows the checkpoint recorded.
+    Every save rewrites the file atomically (the rows are held in memory anyway), so a kill or a full disk
+    never leaves a half-written row.
     """
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
@@ -450,6 +451,9 @@ class CSVMetricsLogger(Logger):
         self._rows: list[dict[str, Any]] = []
         self._keys: list[str] = []
         self._pending: list[dict[str, Any]] = []
+        self._dirty = False
+        # the epoch-end row written ahead of a checkpoint (see log_epoch_end_early), until Lightning logs it
+        self._early: dict[str, Any] | None = None
         if resume_step is not None and self.path.is_file() and is_primary_process():
             with open(self.path, newline="", encoding="utf-8") as fh:
                 reader = csv.DictReader(fh)
@@ -478,24 +482,68 @@ class CSVMetricsLogger(Logger):
     def save_dir(self) -> str:
         return str(self.path.parent)
 
+    @property
+    def rows_written(self) -> int:
+        """Rows in the file on disk (pending rows not included)."""
+        return len(self._rows)
+
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         return None  # the run's config.json holds them
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        row: dict[str, Any] = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
-        row["step"] = step if step is not None else len(self._rows) + len(self._pending)
+        row = self._row(metrics, step)
+        early = self._early
+        if early is not None:
+            if _same_row(early, row):
+                # Lightning's own epoch-end row, already written ahead of the checkpoint: complete it in place
+                self._early = None
+                if any(k not in early or not _same_value(early[k], v) for k, v in row.items()):
+                    early.update(row)
+                    self._dirty = True
+                return
+            if row["step"] > early["step"]:
+                self._early = None
         self._pending.append(row)
 
     @rank_zero_only
+    def log_epoch_end_early(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Write now the epoch-end row that Lightning will log after the epoch's checkpoint is saved.
+
+        A run resumed from that checkpoint does not log it again, so it must be on disk before the checkpoint;
+        the row that Lightning logs later with the same values is merged into this one instead of added.
+        """
+        row = self._row(metrics, step)
+        if self._early is not None and _same_row(self._early, row):
+            return  # a second checkpoint of the same moment (the best one besides last.ckpt)
+        self._pending.append(row)
+        self.save()
+        self._early = row
+
+    def _row(self, metrics: Mapping[str, Any], step: int | None) -> dict[str, Any]:
+        row: dict[str, Any] = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+        row["step"] = step if step is not None else len(self._rows) + len(self._pending)
+        return row
+
+    @rank_zero_only
+    def keep_rows(self, count: int) -> None:
+        """Cut the log to its first ``count`` rows (those a checkpoint being resumed recorded)."""
+        self._early = None
+        if 0 <= count < len(self._rows):
+            del self._rows[count:]
+            self._dirty = True
+            self.save()
+
+    @rank_zero_only
     def save(self) -> None:
-        if not self._pending:
+        if not self._pending and not self._dirty:
             return
-        new_keys = [k for r in self._pending for k in r if k not in self._keys]
         rows, self._pending = self._pending, []
+        keys = self._keys
+        new_keys = [k for r in rows + (self._rows if self._dirty else []) for k in r if k not in keys]
         if new_keys:
-            seen = dict.fromkeys(self._keys + new_keys)
+            seen = dict.fromkeys(keys + new_keys)
             fixed = [k for k in ("epoch", "step") if k in seen]
             self._keys = fixed + sorted(k for k in seen if k not in fixed)
         self._rows.extend(rows)
@@ -505,7 +553,10 @@ class CSVMetricsLogger(Logger):
             # not on disk: keep the rows pending so that the next save writes them
             del self._rows[len(self._rows) - len(rows) :]
             self._pending[:0] = rows
+            self._keys = keys
+            self._dirty = True
             raise
+        self._dirty = False
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -516,6 +567,77 @@ class CSVMetricsLogger(Logger):
             writer = csv.DictWriter(fh, fieldnames=self._keys)
             writer.writeheader()
             writer.writerows(self._rows)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
+
+
+def _same_row(early: Mapping[str, Any], row: Mapping[str, Any]) -> bool:
+    """Whether ``row`` is the epoch-end row written early as ``early`` (same epoch, same values; the step may
+    differ only if it was predicted wrongly)."""
+    return all(k in row and _same_value(v, row[k]) for k, v in early.items() if k != "step")
+
+
+def _pending_epoch_end_metrics(trainer: pl.Trainer) -> tuple[dict[str, Any], int] | None:
+    """The row (metrics, step) that Lightning will log at the end of the epoch being checkpointed now, or
+    ``None`` when no such row is still to come (not training, not at the end of an epoch, nothing to log).
+
+    Lightning logs it in ``FitLoop.on_advance_end`` after ``on_train_epoch_end``, where checkpoints are saved,
+    with the step ``epoch_loop._batches_that_stepped - 1``; a checkpoint of the end of an epoch (saved in
+    ``on_train_epoch_end``, or in ``on_validation_end``/``on_train_batch_end`` of its last batch) restarts in
+    the next epoch, so a run resumed from it never logs that row.
+    """
+    if trainer.state.fn != "fit" or trainer.sanity_checking or not trainer.loggers:
+        return None
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    progress = fit_loop.epoch_progress.current
+    if progress.completed >= progress.started or not epoch_loop._num_ready_batches_reached():
+        return None
+    metrics = dict(epoch_loop._results.metrics(False)["log"])
+    if not metrics:
+        return None
+    step = epoch_loop._batches_that_stepped - 1
+    if progress.processed < progress.started and not epoch_loop._should_accumulate():
+        step += 1  # still inside the last batch, whose step has not been counted yet
+    if "step" in metrics:
+        step = int(metrics.pop("step"))
+    else:
+        metrics.setdefault("epoch", trainer.current_epoch)
+    return metrics, step
+
+
+class CheckpointedMetricsLog(Callback):
+    """Keep ``metrics.csv`` in step with the checkpoints, so that a resumed run's log equals an uninterrupted one.
+
+    Before a checkpoint is written, every row logged so far is put on disk, with the epoch-end row that
+    Lightning logs only after the checkpoint (see :func:`_pending_epoch_end_metrics`), and the checkpoint
+    records how many rows the log then holds (``mindvis_metrics_rows``). Resuming cuts the log to those rows.
+    """
+
+    CHECKPOINT_KEY = "mindvis_metrics_rows"
+
+    def __init__(self, log: CSVMetricsLogger):
+        self.metrics_log = log
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        pending = _pending_epoch_end_metrics(trainer)  # on every rank: synced metrics are computed together
+        if pending is not None:
+            self.metrics_log.log_epoch_end_early(*pending)
+        self.metrics_log.save()
+        checkpoint[self.CHECKPOINT_KEY] = self.metrics_log.rows_written
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        count = checkpoint.get(self.CHECKPOINT_KEY)
+        if isinstance(count, int) and not isinstance(count, bool):
+            self.metrics_log.keep_rows(count)
 
 
 def make_loggers(
@@ -781,6 +903,8 @@ def build_trainer(
     loggers = make_loggers(config.logger, run_dir, resume_step, config.wandb_project)
     if loggers:
         cbs.append(LearningRateMonitor(logging_interval="step"))
+        if enable_checkpointing:
+            cbs.append(CheckpointedMetricsLog(loggers[0]))
     cbs.append(EpochSummary())
     if config.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 20))
@@ -867,6 +991,7 @@ __all__ = [
     "is_primary_process",
     "AtomicCheckpointIO",
     "CSVMetricsLogger",
+    "CheckpointedMetricsLog",
     "EpochSummary",
     "ExportPretrained",
     "make_adamw",
