@@ -19,6 +19,7 @@ whatever the batch size or the other items in the call.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,84 @@ def _as_fmri(fmri: Any, num_voxels: int, what: str = "fmri") -> Tensor:
         bad = int((~torch.isfinite(arr)).any(dim=1).sum())
         raise DataError(f"{bad} sample(s) contain NaN or infinite values", field=what)
     return arr
+
+
+def _check_index(index: dict[str, Any], path: Path) -> dict[str, str]:
+    """The components of a parsed ``model_index.json``, after checking the types of the keys it is read for.
+
+    Required: ``components`` (an object of class names, with ``conditioner``, ``unet``, ``vq`` and
+    ``scheduler``) and ``scale_factor`` (both written since format version 1). Optional, each checked when
+    present: ``default_sampler`` (a string), ``default_guidance_scale`` (checked by the pipeline),
+    ``default_steps`` (checked against the schedule by the caller) and ``source`` (an object).
+
+    Raises:
+        CheckpointError: naming ``path`` and the field.
+    """
+    comps = index.get("components")
+    if not isinstance(comps, dict):
+        raise CheckpointError(
+            f"expected an object of components, got {type(comps).__name__ if comps is not None else 'nothing'}",
+            path=path,
+            field="components",
+        )
+    for need in ("conditioner", "unet", "vq", "scheduler"):
+        if need not in comps:
+            raise CheckpointError("component missing from the index", path=path, field=need)
+    for name, value in comps.items():
+        if not isinstance(value, str):
+            raise CheckpointError(
+                f"expected a class name (a string), got {value!r:.80}", path=path, field=f"components.{name}"
+            )
+    if "scale_factor" not in index:
+        raise CheckpointError("missing required field", path=path, field="scale_factor")
+    scale = index["scale_factor"]
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise CheckpointError(
+            f"expected a finite number > 0, got {scale!r:.80}", path=path, field="scale_factor"
+        )
+    sampler = index.get("default_sampler", "plms")
+    if not isinstance(sampler, str):
+        raise CheckpointError(
+            f"expected a sampler name, got {sampler!r:.80}", path=path, field="default_sampler"
+        )
+    guidance = index.get("default_guidance_scale", 1.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise CheckpointError(
+            f"expected a number, got {guidance!r:.80}", path=path, field="default_guidance_scale"
+        )
+    if not isinstance(index.get("source", {}), dict):
+        raise CheckpointError(
+            f"expected an object, got {type(index['source']).__name__}", path=path, field="source"
+        )
+    return comps
+
+
+def _check_encoder_fits(encoder: Any, conditioner: Any, path: Path) -> None:
+    """The conditioner must take the encoder's tokens: count, width and pooling (else sampling fails later)."""
+    c = getattr(conditioner, "config", None)
+    if not isinstance(c, DCConditionerConfig):
+        raise CheckpointError(
+            f"an fMRI encoder needs a DCConditioner, got {type(conditioner).__name__}",
+            path=path,
+            field="_class_name",
+        )
+    tokens = 1 if encoder.global_pool else encoder.num_patches
+    for name, want, got in (
+        ("global_pool", encoder.global_pool, c.global_pool),
+        ("num_tokens", tokens, c.num_tokens),
+        ("token_dim", encoder.embed_dim, c.token_dim),
+    ):
+        if want != got:
+            raise CheckpointError(
+                f"{got!r} does not fit the fMRI encoder ({want!r}, from fmri_encoder/config.json)",
+                path=path,
+                field=name,
+            )
 
 
 class MindVisPipeline:
@@ -249,8 +328,13 @@ class MindVisPipeline:
     ) -> MindVisPipeline:
         """Load a folder written by :meth:`save_pretrained` (strict: every key and shape must match).
 
+        Every JSON file is checked before anything is built: wrong types, missing keys and sizes beyond the
+        bounds of :mod:`mindvis.models.ldm` are refused naming the file and the field, and weights are checked
+        for keys, shapes and dtypes (see :func:`~mindvis.models.mbm.load_state_dict_checked`).
+
         Raises:
-            CheckpointError: the folder or a component file is missing, corrupt, or does not fit its config.
+            CheckpointError: the folder or a component file is missing, corrupt, of the wrong type or shape,
+                or does not fit its config.
             ConfigError: a config holds invalid values.
         """
         from mindvis.models.mbm import (
@@ -258,31 +342,17 @@ class MindVisPipeline:
             _read_config_json,
             load_safetensors,
             load_state_dict_checked,
+            read_model_json,
         )
-        from mindvis.utils.io import read_json
 
         d = Path(directory)
         if not d.is_dir():
             raise CheckpointError("model folder not found", path=d)
         if not (d / MODEL_INDEX).is_file():
             raise CheckpointError(f"not a mindvis pipeline folder (missing {MODEL_INDEX})", path=d)
-        try:
-            index = read_json(d / MODEL_INDEX)
-        except DataError as exc:
-            raise CheckpointError(exc.detail, path=d / MODEL_INDEX) from None
-        if not isinstance(index, dict) or not isinstance(index.get("components"), dict):
-            raise CheckpointError("expected a JSON object with 'components'", path=d / MODEL_INDEX)
-        version = index.get("_format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(
-                f"written by a newer mindvis (format {version}, this one reads {FORMAT_VERSION})",
-                path=d / MODEL_INDEX,
-                field="_format_version",
-            )
-        comps = index["components"]
-        for need in ("conditioner", "unet", "vq", "scheduler"):
-            if need not in comps:
-                raise CheckpointError("component missing from the index", path=d / MODEL_INDEX, field=need)
+        index_path = d / MODEL_INDEX
+        index = read_model_json(index_path, newest=FORMAT_VERSION)
+        comps = _check_index(index, index_path)
 
         def load_into(module: torch.nn.Module, sub: str) -> None:
             load_state_dict_checked(
@@ -292,7 +362,7 @@ class MindVisPipeline:
         encoder = FMRIEncoder.from_pretrained(d / "fmri_encoder") if "fmri_encoder" in comps else None
         cmeta = _read_config_json(d / "conditioner")
         cname = cmeta.get("_class_name", comps["conditioner"])
-        if cname not in _COMPONENT_CLASSES["conditioner"]:
+        if not isinstance(cname, str) or cname not in _COMPONENT_CLASSES["conditioner"]:
             raise CheckpointError(
                 f"unknown conditioner class {cname!r}",
                 path=d / "conditioner" / "config.json",
@@ -300,33 +370,44 @@ class MindVisPipeline:
             )
         ccls, ccfg = _COMPONENT_CLASSES["conditioner"][cname]
         conditioner = ccls(ccfg.from_dict(cmeta, source=d / "conditioner" / "config.json"))
+        if encoder is not None:
+            _check_encoder_fits(encoder, conditioner, d / "conditioner" / "config.json")
         load_into(conditioner, "conditioner")
         ucfg = UNetConfig.from_dict(_read_config_json(d / "unet"), source=d / "unet" / "config.json")
         vcfg = VQConfig.from_dict(_read_config_json(d / "vq"), source=d / "vq" / "config.json")
-        try:
-            smeta = read_json(d / "scheduler" / "config.json")
-        except DataError as exc:
-            raise CheckpointError(exc.detail, path=d / "scheduler" / "config.json") from None
+        smeta = read_model_json(d / "scheduler" / "config.json")
         schedule = NoiseSchedule(NoiseScheduleConfig.from_dict(smeta, source=d / "scheduler" / "config.json"))
-        model = DCLDM(
-            ucfg,
-            vcfg,
-            conditioner,
-            schedule,
-            fmri_encoder=encoder,
-            scale_factor=float(index.get("scale_factor", 1.0)),
-        )
+        steps = index.get("default_steps")
+        if steps is not None and (
+            isinstance(steps, bool)
+            or not isinstance(steps, int)
+            or not 1 <= steps < schedule.num_train_timesteps
+        ):
+            raise CheckpointError(
+                f"expected null or an integer in [1, {schedule.num_train_timesteps - 1}], got {steps!r}",
+                path=index_path,
+                field="default_steps",
+            )
+        try:
+            model = DCLDM(
+                ucfg, vcfg, conditioner, schedule, fmri_encoder=encoder, scale_factor=index["scale_factor"]
+            )
+        except ConfigError as exc:  # the components' configs disagree (context width, time vector, latents)
+            where = index_path if exc.field == "conditioner" else d / "unet" / "config.json"
+            raise CheckpointError(
+                f"the components do not fit together: {exc.detail}", path=where, field=exc.field
+            ) from None
         load_into(model.unet, "unet")
         load_into(model.vq, "vq")
         try:
             pipe = cls(
                 model,
                 default_sampler=index.get("default_sampler", "plms"),
-                default_steps=index.get("default_steps"),
+                default_steps=steps,
                 default_guidance_scale=index.get("default_guidance_scale", 1.0),
             )
         except ConfigError as exc:
-            raise CheckpointError(exc.detail, path=d / MODEL_INDEX, field=exc.field) from None
+            raise CheckpointError(exc.detail, path=index_path, field=exc.field) from None
         pipe.source = index.get("source", {})
         return pipe.to(device, dtype)
 

@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,6 +99,9 @@ def load_torch_file(
         mmap: memory-map the tensor data instead of reading it (zip-format files; the legacy format is read
             normally). Tensors then stay backed by the file until they are copied.
 
+    Warnings that ``torch.load`` raises while reading (e.g. about a pickle protocol above 2) are not printed:
+    a refused file gives only the :class:`CheckpointError`, and a loaded file logs them at debug level.
+
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or names a global outside the allow-list.
     """
@@ -112,7 +116,13 @@ def load_torch_file(
     if verify_crc and is_zip:
         _verify_zip_crc(path)
     try:
-        with torch.serialization.safe_globals(list(_STANDINS)):
+        # torch warns about what it reads (a pickle protocol above 2, deprecated storages) through the
+        # warnings module, which prints them before our one-line refusal; they are logged at debug level instead
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            torch.serialization.safe_globals(list(_STANDINS)),
+        ):
+            warnings.simplefilter("always")
             obj = torch.load(path, map_location=map_location, weights_only=True, mmap=bool(mmap and is_zip))
     except pickle.UnpicklingError as exc:
         msg = str(exc)
@@ -151,6 +161,8 @@ def load_torch_file(
         raise CheckpointError(
             f"truncated or corrupt checkpoint ({type(exc).__name__}: {_first_line(str(exc))})", path=path
         ) from None
+    for w in caught:
+        _logger.debug("%s: torch.load: %s: %s", path, w.category.__name__, _first_line(str(w.message)))
     try:
         return _to_namespace(obj)
     except TypeError as exc:  # e.g. a config object whose attribute names are not strings

@@ -282,6 +282,33 @@ def _get(d: dict, dotted: str, path: Path, default: Any = ...) -> Any:
     return cur
 
 
+def _section(d: dict, dotted: str, path: Path) -> dict:
+    """The mapping at ``dotted`` (``ConfigError`` naming it when it is missing or not a mapping)."""
+    value = _get(d, dotted, path)
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected a mapping, got {type(value).__name__}", path=path, field=dotted)
+    return value
+
+
+def _yaml_number(d: dict, key: str, where: str, path: Path, default: Any = ..., kind: type = int) -> Any:
+    """``d[key]`` as an ``int`` (``kind=int``: an integer, not a bool) or ``float`` (any real number).
+
+    Raises:
+        ConfigError: the entry is missing (without a default) or of another type, naming ``where.key``.
+    """
+    field_name = f"{where}.{key}"
+    if key not in d or d[key] is None:
+        if default is ...:
+            raise ConfigError("missing entry", path=path, field=field_name)
+        return default
+    value = d[key]
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"expected {what}, got {value!r:.80}", path=path, field=field_name)
+    return kind(value)
+
+
 def read_label2img_config(path: str | os.PathLike, time_cond: bool | None = None) -> OriginalLDMConfig:
     """Parse a CompVis/MinD-Vis LDM ``config.yaml``.
 
@@ -301,10 +328,12 @@ def read_label2img_config(path: str | os.PathLike, time_cond: bool | None = None
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not valid YAML ({exc})", path=path) from None
+        raise ConfigError(f"not valid YAML ({_one_line(exc)})", path=path) from None
+    except RecursionError:
+        raise ConfigError("not usable YAML: nested too deeply", path=path) from None
     if not isinstance(raw, dict):
         raise ConfigError("expected a mapping at the top level", path=path)
-    p = _get(raw, "model.params", path)
+    p = _section(raw, "model.params", path)
     target = str(_get(raw, "model.target", path, ""))
     if target and not target.endswith("LatentDiffusion"):
         raise ConfigError(f"expected a LatentDiffusion model, got {target}", path=path, field="model.target")
@@ -320,7 +349,8 @@ def read_label2img_config(path: str | os.PathLike, time_cond: bool | None = None
             path=path,
             field="model.params.conditioning_key",
         )
-    u = _get(p, "unet_config.params", path)
+    u = _section(p, "unet_config.params", path)
+    U = "model.params.unet_config.params"
     for k, ok in (
         ("use_scale_shift_norm", False),
         ("resblock_updown", False),
@@ -346,50 +376,60 @@ def read_label2img_config(path: str | os.PathLike, time_cond: bool | None = None
         )
     try:
         unet = UNetConfig(
-            sample_size=int(u.get("image_size", p.get("image_size"))),
-            in_channels=int(u["in_channels"]),
-            out_channels=int(u["out_channels"]),
-            model_channels=int(u["model_channels"]),
-            channel_mult=tuple(u.get("channel_mult", (1, 2, 4, 8))),
-            num_res_blocks=int(u["num_res_blocks"]),
-            attention_resolutions=tuple(u["attention_resolutions"]),
-            num_heads=int(u.get("num_heads", 1)),
-            transformer_depth=int(u.get("transformer_depth", 1)),
-            context_dim=int(u["context_dim"]),
+            sample_size=_yaml_number(
+                u, "image_size", U, path, default=_yaml_number(p, "image_size", "model.params", path, None)
+            ),
+            in_channels=_yaml_number(u, "in_channels", U, path),
+            out_channels=_yaml_number(u, "out_channels", U, path),
+            model_channels=_yaml_number(u, "model_channels", U, path),
+            channel_mult=_yaml_list(u, "channel_mult", U, path, (1, 2, 4, 8)),
+            num_res_blocks=_yaml_number(u, "num_res_blocks", U, path),
+            attention_resolutions=_yaml_list(u, "attention_resolutions", U, path),
+            num_heads=_yaml_number(u, "num_heads", U, path, 1),
+            transformer_depth=_yaml_number(u, "transformer_depth", U, path, 1),
+            context_dim=_yaml_number(u, "context_dim", U, path),
             time_cond=bool(time_cond) if time_cond is not None else False,
         )
-        fs = _get(p, "first_stage_config", path)
+        fs = _section(p, "first_stage_config", path)
         if not str(fs.get("target", "VQModelInterface")).endswith("VQModelInterface"):
             raise ConfigError(
                 f"only the VQ first stage is supported, got {fs.get('target')}",
                 path=path,
                 field="first_stage_config.target",
             )
-        dd = _get(fs, "params.ddconfig", path)
+        fsp = _section(fs, "params", path)
+        dd = _section(fsp, "ddconfig", path)
+        F, D = "model.params.first_stage_config.params", "model.params.first_stage_config.params.ddconfig"
         if dd.get("double_z", False):
             raise ConfigError("double_z is not supported", path=path, field="ddconfig.double_z")
         vq = VQConfig(
-            resolution=int(dd["resolution"]),
-            in_channels=int(dd["in_channels"]),
-            out_ch=int(dd["out_ch"]),
-            ch=int(dd["ch"]),
-            ch_mult=tuple(dd["ch_mult"]),
-            num_res_blocks=int(dd["num_res_blocks"]),
-            z_channels=int(dd["z_channels"]),
-            embed_dim=int(fs["params"]["embed_dim"]),
-            n_embed=int(fs["params"]["n_embed"]),
-            attn_resolutions=tuple(dd.get("attn_resolutions", ())),
+            resolution=_yaml_number(dd, "resolution", D, path),
+            in_channels=_yaml_number(dd, "in_channels", D, path),
+            out_ch=_yaml_number(dd, "out_ch", D, path),
+            ch=_yaml_number(dd, "ch", D, path),
+            ch_mult=_yaml_list(dd, "ch_mult", D, path),
+            num_res_blocks=_yaml_number(dd, "num_res_blocks", D, path),
+            z_channels=_yaml_number(dd, "z_channels", D, path),
+            embed_dim=_yaml_number(fsp, "embed_dim", F, path),
+            n_embed=_yaml_number(fsp, "n_embed", F, path),
+            attn_resolutions=_yaml_list(dd, "attn_resolutions", D, path, ()),
         )
         schedule = NoiseScheduleConfig(
-            num_train_timesteps=int(p.get("timesteps", 1000)),
-            linear_start=float(p.get("linear_start", 1e-4)),
-            linear_end=float(p.get("linear_end", 2e-2)),
+            num_train_timesteps=_yaml_number(p, "timesteps", "model.params", path, 1000),
+            linear_start=_yaml_number(p, "linear_start", "model.params", path, 1e-4, float),
+            linear_end=_yaml_number(p, "linear_end", "model.params", path, 2e-2, float),
             beta_schedule=str(p.get("beta_schedule", "linear")),
         )
-    except KeyError as exc:
-        raise ConfigError("missing entry", path=path, field=str(exc.args[0])) from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad value ({exc})", path=path) from None
+        scale_factor = _yaml_number(p, "scale_factor", "model.params", path, 1.0, float)
+        cs = p.get("cond_stage_config") or {}
+        class_emb = None
+        if isinstance(cs, dict) and str(cs.get("target", "")).endswith("ClassEmbedder"):
+            cp = _section(cs, "params", path)
+            C = "model.params.cond_stage_config.params"
+            class_emb = ClassEmbedderConfig(
+                n_classes=_yaml_number(cp, "n_classes", C, path, 1000),
+                embed_dim=_yaml_number(cp, "embed_dim", C, path),
+            )
     except ConfigError as exc:
         raise ConfigError(exc.detail, path=path, field=exc.field) from None
     if unet.sample_size != vq.latent_size:
@@ -398,21 +438,29 @@ def read_label2img_config(path: str | os.PathLike, time_cond: bool | None = None
             path=path,
             field="unet_config.params.image_size",
         )
-    cs = p.get("cond_stage_config") or {}
-    class_emb = None
-    if isinstance(cs, dict) and str(cs.get("target", "")).endswith("ClassEmbedder"):
-        cp = cs.get("params", {})
-        class_emb = ClassEmbedderConfig(
-            n_classes=int(cp.get("n_classes", 1000)), embed_dim=int(cp["embed_dim"])
+    if not scale_factor > 0:
+        raise ConfigError(
+            f"expected a number > 0, got {scale_factor}", path=path, field="model.params.scale_factor"
         )
     return OriginalLDMConfig(
-        unet=unet,
-        vq=vq,
-        schedule=schedule,
-        class_embedder=class_emb,
-        scale_factor=float(p.get("scale_factor", 1.0)),
-        raw=raw,
+        unet=unet, vq=vq, schedule=schedule, class_embedder=class_emb, scale_factor=scale_factor, raw=raw
     )
+
+
+def _yaml_list(d: dict, key: str, where: str, path: Path, default: Any = ...) -> tuple:
+    """``d[key]`` as a tuple: it must be a YAML list (the entries are checked by the config classes)."""
+    if key not in d:
+        if default is ...:
+            raise ConfigError("missing entry", path=path, field=f"{where}.{key}")
+        return tuple(default)
+    value = d[key]
+    if not isinstance(value, list):
+        raise ConfigError(f"expected a list, got {value!r:.80}", path=path, field=f"{where}.{key}")
+    return tuple(value)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def plain_config(obj: Any) -> Any:

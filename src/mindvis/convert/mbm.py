@@ -126,7 +126,15 @@ def load_original_mbm_checkpoint(
     fc1 = _need(state, "blocks.0.mlp.fc1.weight", 2, path)  # [H, D]
     embed_dim, patch_size = int(proj.shape[0]), int(proj.shape[2])
     hidden = int(fc1.shape[0])
-    mlp_ratio = float(_config_get(cfg, "mlp_ratio", hidden / embed_dim))
+    if embed_dim < 1:
+        raise CheckpointError(
+            "the patch embedding has width 0", path=path, field="model.patch_embed.proj.weight"
+        )
+    mlp_ratio = _config_get(cfg, "mlp_ratio", hidden / embed_dim)
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not math.isfinite(mlp_ratio):
+        raise CheckpointError(
+            f"expected a finite number, got {mlp_ratio!r:.80}", path=path, field="config.mlp_ratio"
+        )
     if int(embed_dim * mlp_ratio) != hidden:
         _logger.warning(
             "%s: config mlp_ratio %s does not give the stored MLP width %d", path, mlp_ratio, hidden

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mindvis.errors import ConfigError, DataError
-from mindvis.models.ldm import _ConfigMixin, _int
+from mindvis.models.ldm import MAX_ROWS, _bool, _check_parameters, _ConfigMixin, _int
 
 _logger = logging.getLogger(__name__)
 
@@ -113,16 +113,17 @@ class DCConditionerConfig(_ConfigMixin):
     standardize_tokens: bool = False
     basis_size: int = 0
 
+    #: Fields added after format version 1; a config file without them is read with the default (off).
+    _OPTIONAL_IN_FILES = frozenset({"standardize_tokens", "basis_size"})
+
     def __post_init__(self) -> None:
         for name in ("num_tokens", "token_dim", "context_dim", "time_embed_dim", "cond_tokens"):
             _int(name, getattr(self, name))
-        if isinstance(self.basis_size, bool) or not isinstance(self.basis_size, int) or self.basis_size < 0:
-            raise ConfigError(f"expected an integer >= 0, got {self.basis_size!r}", field="basis_size")
+        _int("basis_size", self.basis_size, minimum=0, maximum=MAX_ROWS)
         if self.basis_size == 1:
             raise ConfigError("a context basis needs at least 2 rows (0 switches it off)", field="basis_size")
         for name in ("global_pool", "use_cross_attn", "use_time_cond", "standardize_tokens"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"expected true or false, got {getattr(self, name)!r}", field=name)
+            setattr(self, name, _bool(name, getattr(self, name)))
         if not (self.use_cross_attn or self.use_time_cond):
             raise ConfigError(
                 "at least one of use_cross_attn and use_time_cond must be on", field="use_time_cond"
@@ -137,6 +138,17 @@ class DCConditionerConfig(_ConfigMixin):
             )
         if not self.global_pool and self.cond_tokens < 2:
             raise ConfigError("the time mapper needs at least 2 context tokens", field="cond_tokens")
+        L, D, C, T = self.num_tokens, self.token_dim, self.context_dim, self.cond_tokens
+        _check_parameters(
+            "conditioner",
+            {
+                "num_tokens": L * (L // 2) + (L // 2) * T + 2 * L * D,
+                "token_dim": D * (self.basis_size or C),
+                "cond_tokens": T * (T // 2),
+                "time_embed_dim": C * self.time_embed_dim,
+                "basis_size": self.basis_size * C,
+            },
+        )
 
     @property
     def context_tokens(self) -> int:
@@ -305,8 +317,9 @@ class ClassEmbedderConfig(_ConfigMixin):
     embed_dim: int = 512
 
     def __post_init__(self) -> None:
-        _int("n_classes", self.n_classes)
+        _int("n_classes", self.n_classes, maximum=MAX_ROWS)
         _int("embed_dim", self.embed_dim)
+        _check_parameters("class embedding", {"n_classes": self.n_classes * self.embed_dim})
 
 
 class ClassEmbedder(nn.Module):

@@ -22,12 +22,14 @@ GroupNorm eps 1e-6, VQ codebook search by ``|z|^2 + |e|^2 - 2 z.e`` with the leg
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -49,32 +51,108 @@ GROUPNORM_GROUPS = 32
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _int(name: str, value: Any, minimum: int = 1) -> int:
+#: Upper bounds on the sizes a model config may ask for. A config file is read from outside (a model folder, a
+#: converted checkpoint), so absurd values (a width of 10^12, a depth of 10^9) must be refused with the file and
+#: field named before anything is allocated. The bounds sit far above the paper's models (widths up to 1024, 24
+#: blocks, a UNet of about 400 M parameters, 8192 codes, 256 px images).
+MAX_SIZE = 1 << 16  # any single width, channel, head or token count (65536)
+MAX_DEPTH = 1024  # blocks in one stack
+MAX_LEVELS = 16  # resolution levels of a UNet or autoencoder
+MAX_SPATIAL = 8192  # image or latent height / width
+MAX_ROWS = 1 << 20  # table rows: codebook entries, classes, basis rows
+MAX_VOXELS = 1 << 24  # voxels per fMRI sample
+MAX_LIST = 64  # entries of a per-level list
+MAX_PARAMETERS = 1 << 32  # weights of one network (16 GiB in float32; about 10x the label2img UNet)
+
+
+def _int(name: str, value: Any, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+    """``value`` if it is an integer (not a bool) in ``[minimum, maximum]``, else :class:`ConfigError`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"expected an integer >= {minimum}, got {value!r}", field=name)
+    if value > maximum:
+        raise ConfigError(
+            f"{value} is above the limit of {maximum} (a corrupt or hostile config?)", field=name
+        )
     return value
 
 
-def _int_tuple(name: str, value: Any, minimum: int = 1, allow_empty: bool = False) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+def _float(name: str, value: Any, minimum: float = -math.inf, maximum: float = math.inf) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) in ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"expected a finite number, got {value!r}", field=name)
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"expected a number in [{minimum}, {maximum}], got {value!r}", field=name)
+    return float(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (JSON ``true``/``false``; numpy bools too), else :class:`ConfigError`."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"expected true or false, got {value!r}", field=name)
+    return bool(value)
+
+
+def _int_tuple(
+    name: str, value: Any, minimum: int = 1, allow_empty: bool = False, maximum: int = MAX_SIZE
+) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         raise ConfigError(f"expected a list of integers, got {value!r}", field=name)
-    out = tuple(value)
+    out = tuple(itertools.islice(value, MAX_LIST + 1))
+    if len(out) > MAX_LIST:
+        raise ConfigError(f"more than {MAX_LIST} entries (a corrupt or hostile config?)", field=name)
     if not out and not allow_empty:
         raise ConfigError("expected a non-empty list of integers", field=name)
     for v in out:
-        _int(name, v, minimum)
+        _int(name, v, minimum, maximum)
     return out
 
 
+def _check_parameters(what: str, parts: Mapping[str, int]) -> None:
+    """Refuse sizes whose networks would hold more than :data:`MAX_PARAMETERS` weights.
+
+    ``parts`` maps the field most responsible for each part of the network to a lower bound of that part's
+    weight count; the error names the field of the largest part.
+    """
+    total = sum(parts.values())
+    if total > MAX_PARAMETERS:
+        field_name = max(parts, key=lambda k: parts[k])
+        raise ConfigError(
+            f"these sizes give a {what} of at least {total:.3g} weights, above the limit of "
+            f"{MAX_PARAMETERS:.3g} (a corrupt or hostile config?)",
+            field=field_name,
+        )
+
+
 def _from_dict(cls: type, data: Mapping[str, Any], source: Any = None) -> Any:
-    """Build a config dataclass from a JSON dict (keys starting with ``_`` are metadata and ignored)."""
+    """Build a config dataclass from a JSON dict (keys starting with ``_`` are metadata and ignored).
+
+    Fields without a default are always required. When ``source`` names the file the dict was read from,
+    every field is required except those in the class's ``_OPTIONAL_IN_FILES`` (fields added after format
+    version 1, whose default reproduces the older files): the files mindvis writes hold every field, and a
+    missing one would otherwise take a default that fails later with a message naming no file.
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a JSON object, got {type(data).__name__}", path=source)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(k for k in data if k not in names and not str(k).startswith("_"))
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
+    unknown = sorted(str(k) for k in data if k not in names and not str(k).startswith("_"))
     if unknown:
         raise ConfigError(
             f"unknown {cls.__name__} field(s): {', '.join(unknown)}", path=source, field=unknown[0]
+        )
+    optional = getattr(cls, "_OPTIONAL_IN_FILES", frozenset())
+    missing = [
+        f.name
+        for f in fields
+        if f.name not in data
+        and (
+            (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            or (source is not None and f.name not in optional)
+        )
+    ]
+    if missing:
+        raise ConfigError(
+            f"missing required {cls.__name__} field(s): {', '.join(missing)}", path=source, field=missing[0]
         )
     try:
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -137,23 +215,26 @@ class UNetConfig(_ConfigMixin):
 
     def __post_init__(self) -> None:
         for name in (
-            "sample_size",
             "in_channels",
             "out_channels",
             "model_channels",
-            "num_res_blocks",
             "num_heads",
-            "transformer_depth",
             "context_dim",
             "norm_groups",
         ):
             _int(name, getattr(self, name))
+        _int("sample_size", self.sample_size, maximum=MAX_SPATIAL)
+        _int("num_res_blocks", self.num_res_blocks, maximum=MAX_DEPTH)
+        _int("transformer_depth", self.transformer_depth, maximum=MAX_DEPTH)
         self.channel_mult = _int_tuple("channel_mult", self.channel_mult)
+        if len(self.channel_mult) > MAX_LEVELS:
+            raise ConfigError(f"more than {MAX_LEVELS} levels", field="channel_mult")
         self.attention_resolutions = _int_tuple(
-            "attention_resolutions", self.attention_resolutions, allow_empty=True
+            "attention_resolutions", self.attention_resolutions, allow_empty=True, maximum=MAX_SPATIAL
         )
-        self.time_cond = bool(self.time_cond)
+        self.time_cond = _bool("time_cond", self.time_cond)
         for ch in self.block_channels:
+            _int("model_channels", ch)  # every level's width (model_channels x channel_mult) is bounded
             if ch % self.norm_groups:
                 raise ConfigError(
                     f"level width {ch} is not a multiple of the {self.norm_groups} GroupNorm groups",
@@ -176,6 +257,23 @@ class UNetConfig(_ConfigMixin):
                 f"attention_resolutions {bad} match no level (factors {self.level_factors})",
                 field="attention_resolutions",
             )
+        _check_parameters("UNet", self._parameter_lower_bounds())
+
+    def _parameter_lower_bounds(self) -> dict[str, int]:
+        # per level 2 * num_res_blocks + 1 ResBlocks (down and up), each with at least one 3x3 conv w -> w, and
+        # as many transformer blocks (18 w^2 + 2 w C weights each) on the attention levels; the middle block
+        # has two ResBlocks and one transformer at the last width
+        blocks = 2 * self.num_res_blocks + 1
+        res = sum(blocks * 9 * w * w for w in self.block_channels)
+        att = sum(
+            blocks * self.transformer_depth * (18 * w * w + 2 * w * self.context_dim)
+            for w, a in zip(self.block_channels, self.attention_levels, strict=True)
+            if a
+        )
+        w = self.block_channels[-1]
+        res += 2 * 9 * w * w + 9 * (self.in_channels + self.out_channels) * self.model_channels
+        att += self.transformer_depth * (18 * w * w + 2 * w * self.context_dim)
+        return {"model_channels": res + 20 * self.model_channels**2, "transformer_depth": att}
 
     @property
     def time_embed_dim(self) -> int:
@@ -223,28 +321,23 @@ class VQConfig(_ConfigMixin):
     norm_groups: int = GROUPNORM_GROUPS
 
     def __post_init__(self) -> None:
-        for name in (
-            "resolution",
-            "in_channels",
-            "out_ch",
-            "ch",
-            "num_res_blocks",
-            "z_channels",
-            "embed_dim",
-            "n_embed",
-            "norm_groups",
-        ):
+        for name in ("in_channels", "out_ch", "ch", "z_channels", "embed_dim", "norm_groups"):
             _int(name, getattr(self, name))
+        _int("resolution", self.resolution, maximum=MAX_SPATIAL)
+        _int("num_res_blocks", self.num_res_blocks, maximum=MAX_DEPTH)
+        _int("n_embed", self.n_embed, maximum=MAX_ROWS)
         self.ch_mult = _int_tuple("ch_mult", self.ch_mult)
+        if len(self.ch_mult) > MAX_LEVELS:
+            raise ConfigError(f"more than {MAX_LEVELS} levels", field="ch_mult")
+        for m in self.ch_mult:
+            _int("ch", self.ch * m)  # every level's width (ch x ch_mult) is bounded
         self.attn_resolutions = _int_tuple("attn_resolutions", self.attn_resolutions, allow_empty=True)
         if self.attn_resolutions:
             raise ConfigError(
                 "attention inside the autoencoder levels is not supported (label2img uses [])",
                 field="attn_resolutions",
             )
-        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
-            raise ConfigError(f"expected a finite number >= 0, got {self.beta!r}", field="beta")
-        self.beta = float(self.beta)
+        self.beta = _float("beta", self.beta, minimum=0.0)
         for m in self.ch_mult:
             if (self.ch * m) % self.norm_groups:
                 raise ConfigError(
@@ -255,6 +348,11 @@ class VQConfig(_ConfigMixin):
                 f"resolution {self.resolution} must be divisible by {self.downsample_factor}",
                 field="resolution",
             )
+        # encoder num_res_blocks and decoder num_res_blocks + 1 ResBlocks per level, each with at least one
+        # 3x3 conv w -> w; two more in each middle block; the codebook
+        widths = [self.ch * m for m in self.ch_mult]
+        convs = sum((2 * self.num_res_blocks + 1) * 9 * w * w for w in widths) + 4 * 9 * widths[-1] ** 2
+        _check_parameters("VQ autoencoder", {"ch": convs, "n_embed": self.n_embed * self.embed_dim})
 
     @property
     def downsample_factor(self) -> int:

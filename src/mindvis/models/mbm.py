@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mindvis.errors import CheckpointError, ConfigError, DataError
+from mindvis.models.ldm import MAX_DEPTH, MAX_VOXELS, _bool, _check_parameters, _float, _from_dict, _int
 
 _logger = logging.getLogger(__name__)
 
@@ -48,18 +48,8 @@ FORMAT_VERSION = 1
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"expected an integer >= {minimum}, got {value!r}", field=name)
-    if value < minimum:
-        raise ConfigError(f"expected an integer >= {minimum}, got {value}", field=name)
-    return value
-
-
-def _check_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"expected a finite number, got {value!r}", field=name)
-    return float(value)
+#: Largest ``mlp_ratio`` accepted (the paper uses 1.0, ViTs 4.0).
+MAX_MLP_RATIO = 64.0
 
 
 @dataclass
@@ -83,7 +73,9 @@ class MBMConfig:
         focus_rate: the weight of patches inside ``focus_range`` (ignored without a range).
 
     Raises:
-        ConfigError: a value is out of range; the message names the field.
+        ConfigError: a value is out of range (sizes are bounded as in :mod:`mindvis.models.ldm`: widths and
+            head counts <= 65536, depths <= 1024, voxels <= 2^24, ``mlp_ratio`` <= 64, at most 2^32 weights);
+            the message names the field.
     """
 
     num_voxels: int
@@ -100,8 +92,8 @@ class MBMConfig:
     focus_rate: float = 0.6
 
     def __post_init__(self) -> None:
-        _check_int("patch_size", self.patch_size, 1)
-        _check_int("num_voxels", self.num_voxels, 1)
+        _int("patch_size", self.patch_size)
+        _int("num_voxels", self.num_voxels, maximum=MAX_VOXELS)
         if self.num_voxels < self.patch_size:
             raise ConfigError(
                 f"the voxel count ({self.num_voxels}) is smaller than one patch ({self.patch_size} voxels)",
@@ -113,28 +105,29 @@ class MBMConfig:
                 "pad the data first (e.g. wrap padding)",
                 field="num_voxels",
             )
-        for name in ("embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads", "depth"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("decoder_depth", self.decoder_depth, 0)
+        for name in ("embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads"):
+            _int(name, getattr(self, name))
+        _int("depth", self.depth, maximum=MAX_DEPTH)
+        _int("decoder_depth", self.decoder_depth, minimum=0, maximum=MAX_DEPTH)
         for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
             w, h = getattr(self, width), getattr(self, heads)
             if w % h:
                 raise ConfigError(f"{width} ({w}) must be divisible by {heads} ({h})", field=width)
             if w % 2:
                 raise ConfigError(f"{width} ({w}) must be even for the sin-cos position table", field=width)
-        self.mlp_ratio = _check_float("mlp_ratio", self.mlp_ratio)
+        self.mlp_ratio = _float("mlp_ratio", self.mlp_ratio, maximum=MAX_MLP_RATIO)
         if int(min(self.embed_dim, self.decoder_embed_dim) * self.mlp_ratio) < 1:
             raise ConfigError(f"mlp_ratio {self.mlp_ratio} gives an empty MLP", field="mlp_ratio")
-        self.mask_ratio = _check_float("mask_ratio", self.mask_ratio)
+        self.mask_ratio = _float("mask_ratio", self.mask_ratio)
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"expected 0 <= mask_ratio < 1, got {self.mask_ratio}", field="mask_ratio")
-        self.focus_rate = _check_float("focus_rate", self.focus_rate)
+        self.focus_rate = _float("focus_rate", self.focus_rate)
         if self.focus_range is not None:
             if not isinstance(self.focus_range, (list, tuple)) or len(self.focus_range) != 2:
                 raise ConfigError(
                     f"expected a (start, end) voxel range, got {self.focus_range!r}", field="focus_range"
                 )
-            start, end = (_check_float("focus_range", v) for v in self.focus_range)
+            start, end = (_float("focus_range", v) for v in self.focus_range)
             if not 0 <= start < end <= self.num_voxels:
                 raise ConfigError(
                     f"expected 0 <= start < end <= num_voxels ({self.num_voxels}), got ({start}, {end})",
@@ -149,6 +142,18 @@ class MBMConfig:
             self.focus_range = (self.focus_range[0], self.focus_range[1])
             if not 0.0 < self.focus_rate < 1.0:
                 raise ConfigError(f"expected 0 < focus_rate < 1, got {self.focus_rate}", field="focus_rate")
+        # blocks: attention 4 w^2 and MLP 2 w h weights each; position tables (L + 1) x w; patch embedding
+        # and prediction p x w; decoder embedding D x Dd
+        D, Dd, p = self.embed_dim, self.decoder_embed_dim, self.patch_size
+        H, Hd = int(D * self.mlp_ratio), int(Dd * self.mlp_ratio)
+        _check_parameters(
+            "masked brain model",
+            {
+                "embed_dim": self.depth * (4 * D * D + 2 * D * H) + p * D,
+                "decoder_embed_dim": self.decoder_depth * (4 * Dd * Dd + 2 * Dd * Hd) + D * Dd + p * Dd,
+                "num_voxels": (self.num_patches + 1) * (D + Dd),
+            },
+        )
 
     @property
     def num_patches(self) -> int:
@@ -176,28 +181,12 @@ class MBMConfig:
     def from_dict(cls, data: Mapping[str, Any], *, source: str | os.PathLike | None = None) -> MBMConfig:
         """Build from :meth:`to_dict` output. Keys starting with ``_`` (file metadata) are ignored.
 
+        With ``source`` (the file ``data`` was read from) every field is required, as mindvis writes them all.
+
         Raises:
             ConfigError: unknown or missing keys, or invalid values (naming ``source`` if given).
         """
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a JSON object, got {type(data).__name__}", path=source)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in data if k not in names and not str(k).startswith("_"))
-        if unknown:
-            raise ConfigError(
-                f"unknown MBMConfig field(s): {', '.join(unknown)}", path=source, field=unknown[0]
-            )
-        kwargs = {k: v for k, v in data.items() if k in names}
-        if "num_voxels" not in kwargs:
-            raise ConfigError("missing required field", path=source, field="num_voxels")
-        if kwargs.get("focus_range") is not None and isinstance(kwargs["focus_range"], list):
-            kwargs["focus_range"] = tuple(kwargs["focus_range"])
-        try:
-            return cls(**kwargs)
-        except ConfigError as exc:
-            if source is None:
-                raise
-            raise ConfigError(exc.detail, path=source, field=exc.field) from None
+        return _from_dict(cls, data, source)
 
 
 def mbm_tiny(num_voxels: int, **overrides: Any) -> MBMConfig:
@@ -703,13 +692,15 @@ class FMRIEncoder(nn.Module):
                 report.interpolated.append("pos_embed")
                 state["pos_embed"] = resized
         own = self.state_dict()
-        bad = [
-            f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and tuple(v.shape) != tuple(own[k].shape)
-        ]
-        if bad:
-            raise CheckpointError(f"tensor shapes do not fit the encoder: {'; '.join(bad[:5])}", path=source)
+        shapes, dtypes, first = tensor_problems(own, state)
+        if shapes:
+            raise CheckpointError(
+                f"tensor shapes do not fit the encoder: {'; '.join(shapes[:5])}", path=source, field=first
+            )
+        if dtypes:
+            raise CheckpointError(
+                f"tensor dtypes do not fit the encoder: {'; '.join(dtypes[:5])}", path=source, field=first
+            )
         result = self.load_state_dict(state, strict=False)
         report.missing = list(result.missing_keys)
         report.unexpected = list(result.unexpected_keys)
@@ -773,7 +764,17 @@ class FMRIEncoder(nn.Module):
         directory = Path(directory)
         meta = _read_config_json(directory)
         config = MBMConfig.from_dict(meta, source=directory / CONFIG_NAME)
-        model = cls(config, global_pool=bool(meta.get("_global_pool", False)))
+        if "_global_pool" not in meta:
+            raise CheckpointError(
+                "missing required field (an FMRIEncoder folder records it)",
+                path=directory / CONFIG_NAME,
+                field="_global_pool",
+            )
+        try:
+            global_pool = _bool("_global_pool", meta["_global_pool"])
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, path=directory / CONFIG_NAME, field=exc.field) from None
+        model = cls(config, global_pool=global_pool)
         state = load_safetensors(directory / WEIGHTS_NAME, map_location)
         load_state_dict_checked(model, state, source=directory / WEIGHTS_NAME)
         return model
@@ -800,28 +801,51 @@ def _save_pretrained(module: nn.Module, directory: str | os.PathLike, class_name
     return directory
 
 
-def _read_config_json(directory: Path) -> dict[str, Any]:
+def read_model_json(path: Path, newest: int = FORMAT_VERSION) -> dict[str, Any]:
+    """A JSON object from a model folder (``config.json``, ``model_index.json``) of format version <= ``newest``.
+
+    Raises:
+        CheckpointError: the file is missing, not JSON (malformed, nested too deeply, a number too long to
+            read), not an object, or names a format version this mindvis does not read.
+    """
     from mindvis.errors import MindVisError
     from mindvis.utils.io import read_json
 
+    try:
+        meta = read_json(path)
+    except MindVisError as exc:
+        raise CheckpointError(exc.detail, path=path) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise CheckpointError(f"not usable JSON ({_first_line(exc)})", path=path) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"expected a JSON object, got {type(meta).__name__}", path=path)
+    version = meta.get("_format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(
+            f"expected a format version (an integer >= 1), got {version!r}",
+            path=path,
+            field="_format_version",
+        )
+    if version > newest:
+        raise CheckpointError(
+            f"written by a newer mindvis (format version {version}, this one reads {newest})",
+            path=path,
+            field="_format_version",
+        )
+    return meta
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _read_config_json(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise CheckpointError(
             "not a saved model folder (expected config.json and model.safetensors)", path=directory
         )
-    try:
-        meta = read_json(directory / CONFIG_NAME)
-    except MindVisError as exc:
-        raise CheckpointError(exc.detail, path=directory / CONFIG_NAME) from None
-    if not isinstance(meta, dict):
-        raise CheckpointError("expected a JSON object", path=directory / CONFIG_NAME)
-    version = meta.get("_format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"written by a newer mindvis (format version {version}, this one reads {FORMAT_VERSION})",
-            path=directory / CONFIG_NAME,
-            field="_format_version",
-        )
-    return meta
+    return read_model_json(directory / CONFIG_NAME)
 
 
 def load_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
@@ -844,31 +868,80 @@ def load_safetensors(path: str | os.PathLike, map_location: str | torch.device =
         raise CheckpointError(f"truncated or corrupt safetensors file ({exc})", path=path) from None
 
 
+def _dtype_fits(got: torch.dtype, want: torch.dtype) -> bool:
+    """Whether a stored tensor of dtype ``got`` may be loaded where the model holds ``want``.
+
+    Floating point takes any floating-point dtype (cast on load); integers take integers; bools take bools.
+    """
+    if want.is_floating_point:
+        return got.is_floating_point
+    if want == torch.bool or got == torch.bool:
+        return got == want
+    if want.is_complex or got.is_complex:
+        return got == want
+    return not got.is_floating_point
+
+
+def tensor_problems(
+    own: Mapping[str, Tensor], state: Mapping[str, Any]
+) -> tuple[list[str], list[str], str | None]:
+    """Shape and dtype mismatches of the keys ``state`` shares with ``own``.
+
+    Returns:
+        ``(wrong shapes, wrong dtypes, first offending key)``, each entry ``"key [shape] (expected ...)"``.
+    """
+    shapes, dtypes, first = [], [], None
+    for k, v in own.items():
+        if k not in state:
+            continue
+        t = state[k]
+        if not isinstance(t, Tensor):
+            dtypes.append(f"{k} is a {type(t).__name__}, not a tensor")
+        elif tuple(t.shape) != tuple(v.shape):
+            shapes.append(f"{k} {list(t.shape)} (expected {list(v.shape)})")
+        elif not _dtype_fits(t.dtype, v.dtype):
+            dtypes.append(
+                f"{k} {str(t.dtype).removeprefix('torch.')} (expected {str(v.dtype).removeprefix('torch.')})"
+            )
+        else:
+            continue
+        first = first or k
+    return shapes, dtypes, first
+
+
 def load_state_dict_checked(
     module: nn.Module, state: Mapping[str, Tensor], source: str | os.PathLike | None = None
 ) -> None:
-    """``load_state_dict(strict=True)`` that reports missing, unexpected and mis-shaped keys as one error.
+    """``load_state_dict(strict=True)`` that reports missing, unexpected, mis-shaped and mis-typed keys as one
+    error.
+
+    Dtypes: a floating-point tensor of another floating-point dtype (float16, bfloat16, float64, ...) is
+    accepted and cast to the module's dtype on load, deliberately (a half-precision export loads into the
+    float32 model, rounding aside unchanged). An integer, bool or complex tensor where the module holds floating
+    point (or the reverse) is refused: its values would be reinterpreted (int8 codes read as small floats, a
+    bool mask as 0/1 weights) and the model would run silently on garbage, e.g. giving black images.
 
     Raises:
-        CheckpointError: the keys or shapes differ from the module's.
+        CheckpointError: the keys, shapes or dtypes differ from the module's; it names ``source`` and, for a
+            shape or dtype, the first offending tensor key as the field.
     """
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    bad = [
-        f"{k} {list(state[k].shape)} (expected {list(v.shape)})"
-        for k, v in own.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
+    shapes, dtypes, first = tensor_problems(own, state)
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}")
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}")
-    if bad:
-        problems.append(f"wrong shape: {', '.join(bad[:5])}")
+    if shapes:
+        problems.append(f"wrong shape: {', '.join(shapes[:5])}")
+    if dtypes:
+        problems.append(f"wrong dtype: {', '.join(dtypes[:5])}")
     if problems:
-        raise CheckpointError("weights do not fit the model; " + "; ".join(problems), path=source)
+        raise CheckpointError(
+            "weights do not fit the model; " + "; ".join(problems), path=source, field=first
+        )
     module.load_state_dict(dict(state), strict=True)
 
 
@@ -912,6 +985,8 @@ __all__ = [
     "load_mbm_weights",
     "load_safetensors",
     "load_state_dict_checked",
+    "read_model_json",
+    "tensor_problems",
     "mbm_large_patch16",
     "mbm_small",
     "mbm_tiny",

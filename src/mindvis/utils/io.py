@@ -168,6 +168,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"not valid JSON ({exc})", path=path) from None
     except RecursionError:
         raise DataError("not usable JSON: nested too deeply", path=path) from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"not usable JSON ({exc})", path=path) from None
     except IsADirectoryError:
         raise DataError("is a folder, expected a JSON file", path=path) from None
 
