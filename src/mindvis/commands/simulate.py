@@ -29,7 +29,10 @@ def simulate(
     repeats: int | None = typer.Option(None, "--repeats", help="Repeats of each test image [35]."),
     resolution: int | None = typer.Option(None, "--resolution", help="Stimulus size in pixels [64]."),
     source: str | None = typer.Option(
-        None, "--source", help="Stimulus source: fashion-mnist, animal-mnist or folder:PATH [fashion-mnist]."
+        None,
+        "--source",
+        help="Stimulus source: fashion-mnist (10 classes), animal-mnist (10), fashion+animal (both: 20 "
+        "classes, corpus classes balanced by reusing Animal-MNIST objects) or folder:PATH [fashion-mnist].",
     ),
     voxels: int | None = typer.Option(None, "--voxels", help="Mean VC voxels of a target subject [4500]."),
     rest_vertices: int | None = typer.Option(
@@ -37,7 +40,9 @@ def simulate(
     ),
     trs: int | None = typer.Option(None, "--trs", help="Resting-state TRs per subject [1200]."),
     corpus_size: int | None = typer.Option(
-        None, "--corpus-size", help="Images in stimuli/corpus.npz [5000]."
+        None,
+        "--corpus-size",
+        help="Images in stimuli/corpus.npz, streamed to disk in chunks (any size fits in memory) [5000].",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     report: bool = typer.Option(

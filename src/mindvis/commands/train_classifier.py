@@ -24,9 +24,19 @@ def register(app: typer.Typer) -> None:
             "--exclude-test",
             help="npz whose test_images must not be trained on; matching corpus images are dropped.",
         ),
-        epochs: int = typer.Option(10, help="Training epochs."),
-        input_size: int = typer.Option(32, help="Network input size (images are resized to it)."),
-        holdout: float = typer.Option(0.15, help="Share of the corpus held out to measure accuracy."),
+        preset: str = typer.Option(
+            "small",
+            "--preset",
+            help="Training settings: small (the quick demo judge) or judge (the 20-class corpus judge: a "
+            "deeper CNN, minutes on one core). Options given explicitly override the preset.",
+        ),
+        epochs: int | None = typer.Option(None, help="Training epochs [small: 10, judge: 6]."),
+        input_size: int | None = typer.Option(
+            None, help="Network input size (images are resized to it) [32]."
+        ),
+        holdout: float | None = typer.Option(
+            None, help="Share of the corpus held out to measure accuracy [small: 0.15, judge: 0.1]."
+        ),
         seed: int = typer.Option(0, help="Seed of the split, initialisation and augmentation.", **SEED_RANGE),
         force: bool = typer.Option(False, "--force", help="Retrain even when the cached hash matches."),
         overwrite: bool = typer.Option(
@@ -40,7 +50,9 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from mindvis.commands._options import set_threads
+        from mindvis.errors import ConfigError
         from mindvis.eval.classifier import (
+            CLASSIFIER_PRESETS,
             ClassifierConfig,
             check_classifier_output,
             load_training_corpus,
@@ -52,16 +64,24 @@ def register(app: typer.Typer) -> None:
         check_output_apart(out, {"--corpus": corpus, "--exclude-test": exclude_test})
         check_classifier_output(out, overwrite)  # before reading the corpus
         set_threads(threads or 0)
-        images, labels, names, desc = load_training_corpus(corpus, exclude=exclude_test)
-        config = ClassifierConfig(epochs=epochs, input_size=input_size, holdout_fraction=holdout, seed=seed)
+        if preset not in CLASSIFIER_PRESETS:
+            raise ConfigError(
+                f"unknown classifier preset {preset!r} (choose {', '.join(CLASSIFIER_PRESETS)})",
+                field="preset",
+            )
+        given = {"epochs": epochs, "input_size": input_size, "holdout_fraction": holdout}
+        settings = {**CLASSIFIER_PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
+        config = ClassifierConfig(**settings, seed=seed)
+        images, labels, names, desc, groups = load_training_corpus(corpus, exclude=exclude_test, groups=True)
         result = train_benchmark_classifier(
-            images, labels, names, out, config, force=force, source=desc, overwrite=overwrite
+            images, labels, names, out, config, force=force, source=desc, overwrite=overwrite, groups=groups
         )
         info = result.classifier.info
         state = "reused (training data unchanged)" if result.cached else f"trained in {result.seconds:.1f} s"
         console.print(f"classifier {state}: {out}")
+        by = " (whole objects held out)" if info.get("holdout_by_object") else ""
         console.print(
-            f"held-out accuracy {info['held_out_accuracy']:.3f} on {info['n_holdout']} images "
+            f"held-out accuracy {info['held_out_accuracy']:.3f} on {info['n_holdout']} images{by} "
             f"({len(names)} classes, majority-class chance {info['held_out_chance']:.3f}); "
             f"trained on {info['n_train']} images, data sha256 {info['training_data_sha256'][:16]}..."
         )

@@ -15,6 +15,8 @@ Sources and where they are looked for:
 * ``animal-mnist``: the gzip-pickled arrays of the ``animal_mnist`` package (or ``$MINDVIS_ANIMAL_MNIST``),
   read by a restricted unpickler that builds numpy arrays only. The package has no split; the last sixth of
   each class (in file order) is the test split.
+* ``fashion+animal``: both of the above as one 20-class source (Fashion-MNIST's 10 classes, then
+  Animal-MNIST's 10); each source keeps its own train/test split, so the splits stay disjoint.
 * ``folder:PATH`` (or a path to an existing folder): the user's images, one subfolder per class (a flat folder
   is one class). ``train/`` and ``test/`` subfolders are used as the split when present; otherwise each file
   is assigned to a split by a hash of its relative path (one in six to test). Folder images are used whole
@@ -81,7 +83,9 @@ TEXTURE_NAMES = (
     "clock",
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-SOURCES = ("fashion-mnist", "animal-mnist", "folder:PATH")
+SOURCES = ("fashion-mnist", "animal-mnist", "fashion+animal", "folder:PATH")
+#: combined sources: name -> the single sources whose classes are concatenated, in order
+COMBINED_SOURCES = {"fashion+animal": ("fashion-mnist", "animal-mnist")}
 #: side of the canonical object-shape descriptor (a 7x7 silhouette, see :class:`StimulusSet`)
 SHAPE_SIDE = 7
 
@@ -388,17 +392,43 @@ def _load_image_folder(folder: str, split: Split, resolution: int) -> ObjectBank
 
 
 def parse_source(source: str) -> tuple[str, str | None]:
-    """``"fashion-mnist"`` / ``"animal-mnist"`` / ``"folder:PATH"`` / an existing folder -> (kind, path)."""
-    if source in ("fashion-mnist", "animal-mnist"):
+    """``"fashion-mnist"`` / ``"animal-mnist"`` / ``"fashion+animal"`` / ``"folder:PATH"`` / an existing folder
+    -> (kind, path)."""
+    if source in ("fashion-mnist", "animal-mnist") or source in COMBINED_SOURCES:
         return source, None
     if source.startswith("folder:"):
         return "folder", source[len("folder:") :]
     if os.path.isdir(source):
         return "folder", source
     raise ConfigError(
-        f"unknown stimulus source {source!r} (expected fashion-mnist, animal-mnist, or folder:PATH)",
+        f"unknown stimulus source {source!r} (expected fashion-mnist, animal-mnist, fashion+animal, "
+        "or folder:PATH)",
         field="source",
     )
+
+
+def _combine_banks(name: str, banks: list[ObjectBank]) -> ObjectBank:
+    """Concatenate the objects of several MNIST-style sources; class ids are offset source by source."""
+    sides = {b.images.shape[1:] for b in banks}
+    if len(sides) != 1:
+        raise DataError(f"the sources of {name} have objects of different sizes {sorted(sides)}", path=name)
+    images = np.concatenate([b.images for b in banks])
+    offsets = np.cumsum([0] + [len(b.class_names) for b in banks])
+    labels = np.concatenate([b.labels + off for b, off in zip(banks, offsets[:-1], strict=True)])
+    names = tuple(n for b in banks for n in b.class_names)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return ObjectBank(images, labels, names, name, banks[0].split)
+
+
+@lru_cache(maxsize=4)
+def _load_combined(name: str, split: Split, folders: tuple[str, ...]) -> ObjectBank:
+    """``folders``: where each part was found (part of the cache key, so that a moved source is re-read)."""
+    return _combine_banks(name, [load_objects(part, split) for part in COMBINED_SOURCES[name]])
+
+
+def _source_folder(kind: str) -> str:
+    return str(fashion_mnist_folder() if kind == "fashion-mnist" else animal_mnist_folder())
 
 
 def load_objects(source: str = "fashion-mnist", split: Split = "train", resolution: int = 64) -> ObjectBank:
@@ -413,6 +443,9 @@ def load_objects(source: str = "fashion-mnist", split: Split = "train", resoluti
         return _load_fashion_mnist(str(fashion_mnist_folder()), split)
     if kind == "animal-mnist":
         return _load_animal_mnist(str(animal_mnist_folder()), split)
+    if kind in COMBINED_SOURCES:
+        parts = COMBINED_SOURCES[kind]
+        return _load_combined(kind, split, tuple(_source_folder(p) for p in parts))
     return _load_image_folder(str(Path(path).resolve()), split, int(resolution))
 
 
@@ -523,6 +556,7 @@ def compose(
     rng: np.random.Generator,
     resolution: int = 64,
     chunk: int = 512,
+    out: np.ndarray | None = None,
 ) -> StimulusSet:
     """Composite the chosen objects over random texture crops.
 
@@ -535,9 +569,11 @@ def compose(
         object_index: ``[n]`` rows of ``bank`` to show.
         rng: random generator; the same state gives the same images.
         resolution: output side H = W.
+        out: optional ``[n, H, W, 3]`` uint8 array (e.g. a ``np.memmap``) to render into, chunk by chunk, so
+            that a large set never sits in memory; the images are the same as without it.
 
     Returns:
-        a :class:`StimulusSet` with ``[n, H, W, 3]`` uint8 images.
+        a :class:`StimulusSet` with ``[n, H, W, 3]`` uint8 images (``out`` itself when given).
     """
     object_index = np.asarray(object_index, dtype=np.int64)
     n = len(object_index)
@@ -590,14 +626,19 @@ def compose(
         shade=rng.uniform(0.2, 0.45, n),
     )
     objects = bank.images[object_index]
+    if out is not None and (out.shape != (n, resolution, resolution, 3) or out.dtype != np.uint8):
+        raise ConfigError(
+            f"out must be uint8 {(n, resolution, resolution, 3)}, got {out.dtype} {out.shape}", field="out"
+        )
     with torch_threads(1):
-        out = _composite(objects, tex, tex_grey, draws, resolution, chunk)
+        out = _composite(objects, tex, tex_grey, draws, resolution, chunk, out)
+    shapes = [shape_descriptor(objects[a : a + 8192]) for a in range(0, n, 8192)]
     return StimulusSet(
         images=out,
         labels=labels,
         class_names=list(bank.class_names),
         object_index=object_index,
-        shape=shape_descriptor(objects),
+        shape=np.concatenate(shapes) if shapes else np.zeros((0, SHAPE_SIDE**2), np.float32),
         center=np.stack([cx, cy], axis=1).astype(np.float32),
         scale=scale.astype(np.float32),
     )
@@ -610,6 +651,7 @@ def _composite(
     draws: dict[str, np.ndarray],
     resolution: int,
     chunk: int,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Render the stimuli: ``objects`` ``[n, h, w]`` uint8 over crops of ``tex`` ``[P, S, S, 3]``.
 
@@ -629,7 +671,8 @@ def _composite(
     tex_t = torch.from_numpy(np.array(tex, dtype=np.float32)).permute(0, 3, 1, 2).contiguous()
     grey_t = torch.from_numpy(tex_grey)
     grid = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution  # pixel centres in [0, 1]
-    out = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
+    if out is None:
+        out = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
     for s in range(0, n, chunk):
         sl = slice(s, min(n, s + chunk))
         ids = torch.from_numpy(tex_id[sl])
@@ -679,12 +722,21 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def sample_objects(
-    bank: ObjectBank, n: int, rng: np.random.Generator, exclude: np.ndarray | None = None
+    bank: ObjectBank,
+    n: int,
+    rng: np.random.Generator,
+    exclude: np.ndarray | None = None,
+    equal_classes: bool = False,
 ) -> np.ndarray:
     """Pick ``n`` object rows of ``bank``, balanced over classes, without replacement where possible.
 
     Rows in ``exclude`` are never picked. When fewer than ``n`` rows are available, rows are reused (each
     reuse is composited differently) and a warning is logged.
+
+    With ``equal_classes``, every class gets an equal share of ``n`` (to within one) even when its objects
+    run out first: a small class's objects are then reused (each use is composited differently), so that a
+    source with unequal classes (``fashion+animal``: 6000 vs 834 training objects per class) still gives a
+    class-balanced corpus.
     """
     avail = np.ones(len(bank), dtype=bool)
     if exclude is not None and len(exclude):
@@ -692,6 +744,8 @@ def sample_objects(
     idx = np.flatnonzero(avail)
     if idx.size == 0:
         raise DataError(f"no {bank.split} objects left to sample", path=bank.source)
+    if equal_classes:
+        return _sample_equal_classes(bank, idx, n, rng)
     if n > idx.size:
         _logger.warning(
             "%s %s: %d stimuli asked for, %d objects available; objects are reused",
@@ -713,6 +767,25 @@ def sample_objects(
     key = rank * (classes.size + 1) + np.searchsorted(classes, labels)
     picked = idx[np.argsort(key, kind="stable")[:n]]
     return rng.permutation(picked)
+
+
+def _sample_equal_classes(bank: ObjectBank, idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    labels = bank.labels[idx]
+    classes = np.unique(labels)
+    share = np.full(classes.size, n // classes.size, dtype=np.int64)
+    share[rng.permutation(classes.size)[: n % classes.size]] += 1
+    picked = []
+    reused = 0
+    for c, k in zip(classes, share, strict=True):
+        members = idx[labels == c]
+        reps = max(1, -(-int(k) // members.size))
+        reused += max(0, int(k) - members.size)
+        picked.append(np.concatenate([rng.permutation(members) for _ in range(reps)])[:k])
+    if reused:
+        _logger.info(
+            "%s %s: %d of %d stimuli reuse an object (classes balanced)", bank.source, bank.split, reused, n
+        )
+    return rng.permutation(np.concatenate(picked))
 
 
 def make_stimulus_set(

@@ -83,7 +83,8 @@ class SynthConfig:
         trials_per_run: trials per scanner run (drifts are per run).
         n_trs / tr: resting-state length in TRs and the TR in seconds.
         resolution: stimulus side in pixels (``images_<resolution>.npz``).
-        source: stimulus source (``fashion-mnist``, ``animal-mnist``, ``folder:PATH``).
+        source: stimulus source (``fashion-mnist``, ``animal-mnist``, ``fashion+animal`` (20 classes),
+            ``folder:PATH``).
         corpus_size: images in ``stimuli/corpus.npz`` (the labelled corpus for the image prior / classifier).
         field_deg: the stimulus spans ``field_deg`` x ``field_deg`` degrees of visual angle (GOD: 12).
 
@@ -1023,17 +1024,57 @@ def make_stimuli(config: SynthConfig, corpus: bool = True) -> StimulusPlan:
     train_bank = stim.load_objects(config.source, "train", config.resolution)
     test_bank = stim.load_objects(config.source, "test", config.resolution)
     # one random stream per set, so that changing one set's size leaves the others unchanged
-    r_train, r_test, r_corpus = (np.random.default_rng([config.seed, _STIMULI, k]) for k in range(3))
+    r_train, r_test = (np.random.default_rng([config.seed, _STIMULI, k]) for k in range(2))
     train_idx = stim.sample_objects(train_bank, config.n_train, r_train)
     test_idx = stim.sample_objects(test_bank, config.n_test, r_test)
     with stim.torch_threads(1):
         train = stim.compose(train_bank, train_idx, r_train, config.resolution)
         test = stim.compose(test_bank, test_idx, r_test, config.resolution)
-        corp = None
-        if corpus and config.corpus_size > 0:
-            c_idx = stim.sample_objects(train_bank, config.corpus_size, r_corpus, exclude=train_idx)
-            corp = stim.compose(train_bank, c_idx, r_corpus, config.resolution)
+    corp = make_corpus(config, train_idx) if corpus and config.corpus_size > 0 else None
     return StimulusPlan(train, test, corp, list(train_bank.class_names))
+
+
+def corpus_reuses_objects(config: SynthConfig) -> bool:
+    """Whether the corpus balances classes by reusing objects (combined sources such as ``fashion+animal``,
+    whose classes have unequal object counts); such a corpus also records each image's ``object_index``."""
+    return config.source in stim.COMBINED_SOURCES
+
+
+def make_corpus(
+    config: SynthConfig, train_index: np.ndarray, out: np.ndarray | None = None
+) -> stim.StimulusSet:
+    """The labelled stimulus corpus: ``config.corpus_size`` composites of training-split objects that are not
+    among the GOD training images (``train_index``).
+
+    Args:
+        out: optional ``[corpus_size, H, W, 3]`` uint8 array (a ``np.memmap``) to render into chunk by chunk,
+            so that a large corpus is never held in memory; the images are the same either way.
+    """
+    train_bank = stim.load_objects(config.source, "train", config.resolution)
+    rng = np.random.default_rng([config.seed, _STIMULI, 2])
+    idx = stim.sample_objects(
+        train_bank, config.corpus_size, rng, exclude=train_index, equal_classes=corpus_reuses_objects(config)
+    )
+    with stim.torch_threads(1):
+        return stim.compose(train_bank, idx, rng, config.resolution, out=out)
+
+
+def write_corpus(config: SynthConfig, train_index: np.ndarray, path: Path, class_names: list[str]) -> None:
+    """Render the corpus into a temporary ``.npy`` memmap beside ``path`` and stream it into the uncompressed
+    ``.npz`` at ``path`` (``images``, ``labels``, ``class_names``, plus ``object_index`` when objects are
+    reused): peak memory is one chunk of images, whatever the corpus size. Readers memory-map the images
+    (:class:`mindvis.data.formats.common.NpzArchive`)."""
+    scratch = path.with_name(f".{path.stem}-images.npy")
+    shape = (config.corpus_size, config.resolution, config.resolution, 3)
+    images = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=shape)
+    try:
+        corp = make_corpus(config, train_index, out=images)
+        images.flush()
+        extra = {"object_index": corp.object_index} if corpus_reuses_objects(config) else {}
+        save_npz(path, images=images, labels=corp.labels, class_names=np.array(class_names), **extra)
+    finally:
+        del images
+        scratch.unlink(missing_ok=True)
 
 
 def calibration_stimuli(config: SynthConfig, exclude: np.ndarray) -> stim.StimulusSet:
@@ -1383,7 +1424,7 @@ def simulate(
 
     tell("composing stimuli", 0.0)
     # load the sources first: a missing source fails before anything is written
-    plan = make_stimuli(config)
+    plan = make_stimuli(config, corpus=False)  # the corpus is streamed to its file below
     timings: dict[str, float] = {
         "stimuli_s": time.perf_counter() - t0,
         "stimuli_cpu_s": time.process_time() - c0,
@@ -1397,7 +1438,7 @@ def simulate(
         for d, needed in (
             (god_dir, config.n_subjects),
             (hcp_dir, config.n_rest_subjects),
-            (stim_dir, plan.corpus is not None),
+            (stim_dir, config.corpus_size > 0),
         ):
             if needed:
                 d.mkdir(parents=True, exist_ok=True)
@@ -1470,13 +1511,10 @@ def simulate(
             pool.shutdown(wait=True, cancel_futures=True)
         timings["rest_s"], timings["rest_cpu_s"] = time.perf_counter() - t2, time.process_time() - c2
         tell("writing the stimulus corpus", 0.92)
-        if plan.corpus is not None:
-            save_npz(
-                stim_dir / "corpus.npz",
-                images=plan.corpus.images,
-                labels=plan.corpus.labels,
-                class_names=np.array(plan.class_names),
-            )
+        if config.corpus_size > 0:
+            t4 = time.perf_counter()
+            write_corpus(config, plan.train.object_index, stim_dir / "corpus.npz", plan.class_names)
+            timings["corpus_s"] = time.perf_counter() - t4
         manifest["rest_networks"] = {
             "definition": "network k < bands: eccentricity band k, lower field (dorsal); k >= bands: band "
             "k - bands, upper field (ventral); each voxel is listed with its strongest network",

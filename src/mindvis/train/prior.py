@@ -139,6 +139,10 @@ def load_image_corpus(
         raise DataError("not found (expected a corpus .npz or an image folder)", path=path)
     if path.is_file():
         images, labels, class_names = _read_corpus_npz(path)
+        side = images.shape[1]
+        if images.shape[2] == side and (resolution is None or resolution == side):
+            # one size already at the training resolution: keep the memory-mapped array as it is
+            return ImageCorpus(images, labels.astype(np.int64), class_names, str(path))
         image_list = list(images)
     else:
         image_list, labels, class_names, names = _read_image_folder(path)
@@ -169,13 +173,17 @@ def load_image_corpus(
 
 
 def _read_corpus_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from mindvis.data.formats.common import NpzArchive
+
+    # the images are memory-mapped (uncompressed members, as the simulator writes them): a corpus of any
+    # size is read from disk as batches need it, not loaded whole
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "images" not in z.files:
-                raise DataError(f"no 'images' array (keys: {', '.join(z.files)})", path=path, field="images")
-            images = z["images"]
-            labels = z["labels"] if "labels" in z.files else None
-            names = [str(n) for n in z["class_names"]] if "class_names" in z.files else None
+        with NpzArchive(path) as z:
+            if "images" not in z:
+                raise DataError(f"no 'images' array (keys: {', '.join(z.keys)})", path=path, field="images")
+            images = z.get("images")
+            labels = np.asarray(z.get("labels", mmap=False)) if "labels" in z else None
+            names = [str(n) for n in z.get("class_names", mmap=False)] if "class_names" in z else None
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read as .npz ({exc})", path=path) from None
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
