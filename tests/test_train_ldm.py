@@ -455,6 +455,18 @@ def test_bad_input_errors(prior_dir, mbm_dir, tmp_path):
         StageBConfig(use_time_cond=False, use_cross_attn=False)
     with pytest.raises(ConfigError):
         StageBConfig(sparse_rate=1.0)
+    assert StageBConfig(sparse_rate=0.2).augment.sparse_rate == 0.2  # our dropout stays an option
+    for bad in (
+        dict(val_schedule="sometimes"),
+        dict(quick_items=0),
+        dict(quick_samples=0),
+        dict(full_val_every=0),
+        dict(full_val_threshold=1.5),
+        dict(monitor="val/quick/ident_pcc_2way"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            StageBConfig(**bad)
+        assert e.value.field == next(iter(bad))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -462,7 +474,12 @@ def test_original_defaults_and_derived_batch_size():
     cfg = StageBConfig()
     assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.clip_grad, cfg.val_every) == (5.3e-5, 5, 500, 0.5, 5)
     assert (cfg.sampler, cfg.sample_steps, cfg.num_samples, cfg.cond_dropout) == ("plms", 250, 5, 0.0)
-    assert (cfg.crop_ratio, cfg.crop_p, cfg.sparse_rate) == (0.2, 0.5, 0.2)
+    # the original's voxel dropout is a no-op: 0 is its behaviour (0.2 is ours, an option)
+    assert (cfg.crop_ratio, cfg.crop_p, cfg.sparse_rate) == (0.2, 0.5, 0.0)
+    assert cfg.augment.sparse_rate == 0.0
+    # the original's validation: quick pass of 5 items x 3 samples, full pass above 0.15 or every 15th
+    assert (cfg.val_schedule, cfg.quick_items, cfg.quick_samples) == ("original", 5, 3)
+    assert (cfg.full_val_every, cfg.full_val_threshold) == (15, 0.15)
     assert StageBConfig(dataset="bold5000").batch_size == 25
     assert StageBConfig(dataset="bold5000", batch_size=7).batch_size == 7
 

@@ -16,9 +16,25 @@ What is trained (``trainable``):
 * ``full``: the whole UNet as well (the autoencoder always stays frozen).
 
 The original's settings are the defaults: AdamW, lr 5.3e-5, batch 5 (GOD; 25 for BOLD5000), 500 epochs, gradient
-clipping 0.5, float32, validation every 5 epochs. At validation the model generates ``num_samples`` images per
-test item (PLMS, 250 steps by default) and every metric of :func:`mindvis.eval.suite.evaluate_reconstructions`
-that is available is logged; the best checkpoint by a chosen metric is kept.
+clipping 0.5, float32, no sparse voxel dropout (the original's dropout is a no-op, see
+:mod:`mindvis.data.paired`), validation every 5 epochs on the original's schedule.
+
+Validation (``val_schedule``):
+
+* ``original`` (default): as the original. A *quick pass* generates ``quick_samples`` (3) images for each of the
+  first ``quick_items`` (5) test items and logs its figures as ``val/quick/<key>``. When its top-1 (see
+  :func:`full_pass_trigger`) exceeds ``full_val_threshold`` (0.15), a *full pass* follows: ``num_samples`` (5)
+  images for every validation item, logged as ``val/<key>``. Every ``full_val_every``-th (15th) validation is a
+  full pass without the quick one. Not in the original: the first validation of each ``fit`` (a new or resumed
+  run) and the last one of the run are full passes too, so that the best checkpoint always has a figure to
+  compare and the final metrics are full ones (the original generates the whole test set after training).
+* ``full`` (ours): every validation is a full pass, about 16 times the quick pass's compute at the defaults.
+
+In both schedules ``val/<key>`` are only ever full-pass figures (the same items, samples and seeds each time),
+and the best checkpoint (``monitor``, a ``val/`` figure) is chosen among them, as the original keeps its best
+checkpoint by the full passes only; ``val/loss`` (the denoising loss of every validation item at fixed timesteps
+and noise) is logged at every validation. Every metric of :func:`mindvis.eval.suite.evaluate_reconstructions`
+that is available is logged.
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -64,6 +81,12 @@ CONTEXT_BASES = ("free", "prior-classes")
 ALIGN_NAME = "align.json"
 #: The validations before training (``StageBConfig.validate_start``) in a stage B run folder.
 VALIDATION_START_NAME = "validation_start.json"
+#: What ``StageBConfig.val_schedule`` may be: the original's quick/full schedule, or a full pass every time.
+VAL_SCHEDULES = ("original", "full")
+#: Prefix of the quick pass's figures (``val_schedule="original"``); full-pass figures are ``val/<key>``.
+QUICK_PREFIX = "val/quick/"
+#: The subject of the original's released GOD checkpoint and the one its stage B config trains on.
+ORIGINAL_GOD_SUBJECT = "sbj_3"
 
 
 @dataclass
@@ -79,9 +102,19 @@ class StageBConfig:
         epochs: training epochs (500).
         clip_grad: gradient-norm clipping (0.5).
         val_every: validation every this many epochs (5).
+        val_schedule: ``original`` (default; a quick pass, and a full pass when it scores well or every
+            ``full_val_every``-th validation) or ``full`` (ours: a full pass at every validation); see the module
+            docstring.
+        quick_items, quick_samples: the quick pass's test items (the first 5) and images per item (3; at most
+            ``num_samples``).
+        full_val_every: with ``original``, every this many validations is a full pass (15).
+        full_val_threshold: with ``original``, the quick pass's 50-way semantic top-1 above which a full pass
+            follows (0.15); for other n (and the stand-in without a classifier) the same distance above chance,
+            see :func:`full_pass_trigger`.
         image_size: training and generation resolution; ``None`` takes the prior's.
         crop_ratio, crop_p: random crop augmentation (0.2, p 0.5).
-        sparse_rate: sparse voxel dropout (0.2; 0 reproduces the original, whose dropout is a no-op).
+        sparse_rate: fraction of voxels zeroed in each training sample (0: none, the original's behaviour, whose
+            dropout is a no-op; 0.2 drops what the original meant to drop).
         cond_dropout: probability of training an item with the null condition (for classifier-free guidance;
             0 = off, as the original).
         global_pool: mean-pool the fMRI tokens (the original's stage B default is False).
@@ -103,7 +136,7 @@ class StageBConfig:
         validate_start: also validate before any training and, with a warm start, right after it, so that the
             validation curve starts from the untrained model (``validation_start.json``; not in the original).
         encoder_init: ``pretrained`` (the stage A encoder) or ``random`` (the "no pretraining" ablation).
-        num_samples: images generated per test item at validation (5).
+        num_samples: images generated per test item at a full validation pass (5).
         sampler, sample_steps: how they are generated (PLMS 250).
         guidance_scale: classifier-free guidance of the validation samples against the null condition (1: none,
             as the original; other values need ``cond_dropout`` > 0 so that the null condition is trained).
@@ -112,7 +145,8 @@ class StageBConfig:
         n_way: n of the n-way metrics logged at validation.
         eval_trials: random trials per n-way metric at validation.
         monitor: metric that picks the best checkpoint (``auto``: the largest feasible n-way semantic accuracy
-            with a classifier, else 2-way identification by pixel correlation). Logged names are ``val/<key>``.
+            with a classifier, else 2-way identification by pixel correlation). Logged names are ``val/<key>``,
+            full-pass figures only (``val/quick/`` figures cannot be monitored).
         seed: seed of initialisation, data order, timesteps and the validation samples.
         num_workers: data-loader workers.
     """
@@ -125,10 +159,15 @@ class StageBConfig:
     epochs: int = 500
     clip_grad: float | None = 0.5
     val_every: int = 5
+    val_schedule: Literal["original", "full"] = "original"
+    quick_items: int = 5
+    quick_samples: int = 3
+    full_val_every: int = 15
+    full_val_threshold: float = 0.15
     image_size: int | None = None
     crop_ratio: float = 0.2
     crop_p: float = 0.5
-    sparse_rate: float = 0.2
+    sparse_rate: float = 0.0
     cond_dropout: float = 0.0
     global_pool: bool = False
     use_time_cond: bool = True
@@ -169,6 +208,9 @@ class StageBConfig:
             "sample_steps",
             "grid_items",
             "eval_trials",
+            "quick_items",
+            "quick_samples",
+            "full_val_every",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -220,6 +262,17 @@ class StageBConfig:
             raise ConfigError(
                 f"expected pretrained or random, got {self.encoder_init!r}", field="encoder_init"
             )
+        if self.val_schedule not in VAL_SCHEDULES:
+            raise ConfigError(
+                f"expected one of {', '.join(VAL_SCHEDULES)}, got {self.val_schedule!r}", field="val_schedule"
+            )
+        if isinstance(self.full_val_threshold, bool) or not (
+            isinstance(self.full_val_threshold, int | float) and 0.0 <= self.full_val_threshold <= 1.0
+        ):
+            raise ConfigError(
+                f"expected a top-1 accuracy in [0, 1], got {self.full_val_threshold!r}",
+                field="full_val_threshold",
+            )
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"expected one of {', '.join(SAMPLERS)}, got {self.sampler!r}", field="sampler")
         if self.val_items is not None and self.val_items < 2:
@@ -229,6 +282,12 @@ class StageBConfig:
         if self.monitor != "auto" and not str(self.monitor).startswith("val/"):
             raise ConfigError(
                 f"expected 'auto' or a validation metric such as val/ident_pcc_2way, got {self.monitor!r}",
+                field="monitor",
+            )
+        if str(self.monitor).startswith(QUICK_PREFIX):
+            full_name = "val/" + self.monitor[len(QUICK_PREFIX) :]
+            raise ConfigError(
+                f"the best checkpoint is chosen on full-pass figures: give {full_name} instead of {self.monitor!r}",
                 field="monitor",
             )
         if self.image_size is not None and self.image_size < 8:
@@ -648,6 +707,67 @@ def default_monitor(n_way: tuple[int, ...], classifier: Any, n_items: int) -> st
     return "val/ident_pcc_2way"
 
 
+#: The n of the original's semantic top-1 that decides on a full validation pass (its 50-way accuracy).
+_TRIGGER_REFERENCE_WAY = 50
+
+
+def _chance_of(key: str) -> float:
+    """Chance level of an n-way figure named ``..._<n>way...``."""
+    m = re.search(r"_(\d+)way", key)
+    return 1.0 / int(m.group(1)) if m else 0.0
+
+
+def full_pass_trigger(
+    quick: dict[str, float], n_way: tuple[int, ...], classifier: Any, threshold: float = 0.15
+) -> tuple[str, float, bool] | None:
+    """Whether the quick pass's figures ``quick`` (``val/quick/<key>``) call for a full pass (``original``
+    schedule).
+
+    The original runs the full pass when the quick pass's 50-way semantic top-1 (the best of its 3 sample slots)
+    exceeds 0.15. The figure used here is the automatic monitor's (:func:`default_monitor`: the largest feasible
+    n-way semantic top-1 with a classifier, else 2-way identification by pixel correlation, which stands in for
+    it), its best sample slot as the original when there are several. Its chance level ``1/n`` differs from the
+    original's 1/50, so the threshold is taken as the same distance above chance: the figure ``v`` triggers when
+    ``(v - 1/n) / (1 - 1/n) > (threshold - 1/50) / (1 - 1/50)``, which for the 50-way top-1 is ``v > threshold``.
+
+    Returns:
+        ``(key, value, triggered)``, or ``None`` when the quick pass has no such figure (no ground truth or
+        fewer than 2 items).
+    """
+    name = default_monitor(n_way, classifier, 0)[len("val/") :]
+    for key in (f"{QUICK_PREFIX}{name}_best", f"{QUICK_PREFIX}{name}"):
+        if key in quick and math.isfinite(quick[key]):
+            value = float(quick[key])
+            chance = _chance_of(name)
+            ref = 1.0 / _TRIGGER_REFERENCE_WAY
+            above = (value - chance) / (1.0 - chance) if chance < 1 else value
+            return key, value, above > (threshold - ref) / (1.0 - ref)
+    return None
+
+
+def default_subject(dataset: str, data_dir: Any = None) -> str | None:
+    """The subject ``mindvis train`` uses when none is given: for GOD the original's ``sbj_3`` (its stage B
+    config and released checkpoint), else ``None`` (the dataset reader's first subject).
+
+    A GOD folder without ``sbj_3`` falls back to its first subject, with a warning.
+    """
+    if str(dataset).lower() != "god":
+        return None
+    from mindvis.data.formats.registry import list_subjects
+
+    subjects = list_subjects("god", data_dir)
+    if ORIGINAL_GOD_SUBJECT in subjects or not subjects:
+        return ORIGINAL_GOD_SUBJECT
+    _logger.warning(
+        "the original trains on GOD subject %s, which this folder does not have (subjects: %s): using %s; "
+        "give --subject to choose",
+        ORIGINAL_GOD_SUBJECT,
+        ", ".join(subjects),
+        subjects[0],
+    )
+    return subjects[0]
+
+
 class StageBModule(pl.LightningModule):
     """Lightning module of the stage B finetune.
 
@@ -694,7 +814,14 @@ class StageBModule(pl.LightningModule):
         self.sample_dir = None if sample_dir is None else Path(sample_dir)
         self.preprocessor = preprocessor
         self._val_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._full_now = True
+        self._full_done = False
+        #: validations run in training (checkpointed): the ``original`` schedule's count
+        self.val_count = 0
+        #: the last full pass's figures (``val/<key>``) and the last quick pass's (``val/quick/<key>``)
         self.last_val_metrics: dict[str, float] = {}
+        self.last_quick_metrics: dict[str, float] = {}
         self.last_val_results: dict[str, Any] | None = None
 
     def train(self, mode: bool = True) -> StageBModule:
@@ -751,8 +878,9 @@ class StageBModule(pl.LightningModule):
 
     # -- validation ---------------------------------------------------------------------------------------
 
-    def generate(self, fmri: torch.Tensor, index: torch.Tensor) -> np.ndarray:
-        """``num_samples`` images per item ``[B, S, H, W, 3]`` uint8; item ``i`` always uses seed ``seed + i``."""
+    def generate(self, fmri: torch.Tensor, index: torch.Tensor, num_samples: int | None = None) -> np.ndarray:
+        """``num_samples`` (default: the config's) images per item ``[B, S, H, W, 3]`` uint8; item ``i`` always
+        uses seed ``seed + i``."""
         from mindvis.pipeline import MindVisPipeline
 
         cfg = self.config
@@ -760,7 +888,7 @@ class StageBModule(pl.LightningModule):
             pipe = MindVisPipeline(self.model)
             out = pipe(
                 fmri,
-                num_samples=cfg.num_samples,
+                num_samples=cfg.num_samples if num_samples is None else num_samples,
                 num_inference_steps=cfg.sample_steps,
                 sampler=cfg.sampler,
                 guidance_scale=cfg.guidance_scale,
@@ -780,17 +908,50 @@ class StageBModule(pl.LightningModule):
         noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
         return m.p_losses(x0, m.condition(batch["fmri"]), t, noise=noise).loss
 
+    # -- the validation schedule --------------------------------------------------------------------------
+
+    def _is_last_validation(self) -> bool:
+        """Whether no validation follows this one in the run (the fit's ``max_epochs``)."""
+        trainer = self.trainer
+        every = int(trainer.check_val_every_n_epoch or 1)
+        last = trainer.max_epochs
+        return last is not None and last >= 0 and self.current_epoch + 1 + every > last
+
+    def _plan_validation(self) -> bool:
+        """Count this validation and say whether it is a scheduled full pass (``original`` schedule: every
+        ``full_val_every``-th, the first of this fit and the last of the run; ``full``: always)."""
+        cfg = self.config
+        self.val_count += 1
+        if cfg.val_schedule == "full":
+            return True
+        fitting = self.trainer.state.fn == "fit"
+        return (
+            self.val_count % cfg.full_val_every == 0
+            or not self._full_done
+            or (fitting and self._is_last_validation())
+        )
+
+    def on_fit_start(self) -> None:
+        self._full_done = False  # the monitored figure is not among this fit's logged metrics yet
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_parts, self._val_inputs = [], []
+        self._full_now = True if self.trainer.sanity_checking else self._plan_validation()
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self._val_loss(batch, batch_idx)
         self.log("val/loss", loss, batch_size=batch["image"].shape[0], sync_dist=True)
         if self.trainer.sanity_checking:
             return
-        images = self.generate(batch["fmri"], batch["index"])
-        self._val_parts.append((batch["index"].cpu(), torch.from_numpy(images)))
+        if self._full_now:
+            images = self.generate(batch["fmri"], batch["index"])
+            self._val_parts.append((batch["index"].cpu(), torch.from_numpy(images)))
+        else:  # kept for a full pass that the quick pass may call for
+            self._val_inputs.append((batch["index"], batch["fmri"]))
 
     @torch.no_grad()
     def validate_now(self, loader: Any) -> dict[str, float]:
-        """The validation figures of the model as it is now, outside a Lightning run, in this process.
+        """The full-pass validation figures of the model as it is now, outside a Lightning run, in this process.
 
         Same samples (seeds by item), timesteps and noise as :meth:`validation_step`, so the figures continue
         the logged curve.
@@ -810,14 +971,63 @@ class StageBModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the last validation's figures go into metrics.json; a run resumed after its last epoch needs them
         checkpoint["mindvis_last_val_metrics"] = {k: float(v) for k, v in self.last_val_metrics.items()}
+        checkpoint["mindvis_val_count"] = int(self.val_count)  # the original schedule continues its count
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.last_val_metrics = dict(checkpoint.get("mindvis_last_val_metrics", {}))
+        self.val_count = int(checkpoint.get("mindvis_val_count", 0))
 
     def on_validation_epoch_end(self) -> None:
         parts, self._val_parts = self._val_parts, []
-        if self.trainer.sanity_checking or not parts:
+        inputs, self._val_inputs = self._val_inputs, []
+        if self.trainer.sanity_checking:
             return
+        if not self._full_now:
+            if not self._quick_pass():
+                return
+            with torch.no_grad(), self.trainer.precision_plugin.val_step_context():
+                parts = [(i.cpu(), torch.from_numpy(self.generate(x, i))) for i, x in inputs]
+        if not parts:
+            return
+        self._full_pass(parts)
+
+    def _quick_pass(self) -> bool:
+        """The original's quick pass: ``quick_samples`` images of each of the first ``quick_items`` validation
+        items (the same in every process), logged as ``val/quick/<key>``. Returns whether a full pass follows."""
+        cfg = self.config
+        loader = self.trainer.val_dataloaders
+        dataset = loader.dataset if hasattr(loader, "dataset") else loader[0].dataset
+        n = min(cfg.quick_items, len(dataset))
+        items = [dataset[i] for i in range(n)]
+        index = torch.stack([torch.as_tensor(it["index"]) for it in items])
+        fmri = torch.stack([torch.as_tensor(it["fmri"]) for it in items]).to(self.device)
+        with torch.no_grad(), self.trainer.precision_plugin.val_step_context():
+            images = self.generate(fmri, index, num_samples=min(cfg.quick_samples, cfg.num_samples))
+        index_np = index.numpy()
+        quick = {
+            QUICK_PREFIX + k[len("val/") :]: v
+            for k, v in self._metrics(images, index_np, record=False).items()
+        }
+        for k, v in quick.items():
+            self.log(k, v, sync_dist=False)
+        self.last_quick_metrics = quick
+        self._save_grid(index_np, images, "-quick")
+        trig = full_pass_trigger(quick, cfg.n_way, self.classifier, cfg.full_val_threshold)
+        full = bool(trig is not None and trig[2])
+        full = bool(self.trainer.strategy.broadcast(full, src=0))  # every process runs the full pass or none
+        if trig is not None:
+            _logger.info(
+                "quick validation (%d items x %d samples): %s = %.4f; %s",
+                n,
+                min(cfg.quick_samples, cfg.num_samples),
+                trig[0],
+                trig[1],
+                "above the threshold: full pass" if full else "no full pass",
+            )
+        return full
+
+    def _full_pass(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Figures of the full pass (every validation item, ``num_samples`` each), logged as ``val/<key>``."""
         index = torch.cat([p[0] for p in parts])
         images = torch.cat([p[1] for p in parts])
         if self.trainer.world_size > 1:  # every rank gets every item (DistributedSampler gives equal shares)
@@ -831,15 +1041,19 @@ class StageBModule(pl.LightningModule):
         for k, v in metrics.items():
             self.log(k, v, sync_dist=False)
         self.last_val_metrics = metrics
+        self._full_done = True
+        self._save_grid(index_np, recons)
+
+    def _save_grid(self, index: np.ndarray, recons: np.ndarray, suffix: str = "") -> None:
         if self.trainer.is_global_zero and self.sample_dir is not None and self.val_gt is not None:
             from mindvis.train.prior import save_grid
 
-            k = min(self.config.grid_items, len(index_np))
-            grid = np.concatenate([self.val_gt[index_np[:k], None], recons[:k]], axis=1)
-            path = save_grid(grid, self.sample_dir / f"epoch{self.current_epoch:04d}.png")
+            k = min(self.config.grid_items, len(index))
+            grid = np.concatenate([self.val_gt[index[:k], None], recons[:k]], axis=1)
+            path = save_grid(grid, self.sample_dir / f"epoch{self.current_epoch:04d}{suffix}.png")
             _logger.info("validation samples: %s", path)
 
-    def _metrics(self, recons: np.ndarray, index: np.ndarray) -> dict[str, float]:
+    def _metrics(self, recons: np.ndarray, index: np.ndarray, record: bool = True) -> dict[str, float]:
         from mindvis.eval.suite import evaluate_reconstructions
 
         if self.val_gt is None or len(index) < 2:
@@ -856,7 +1070,8 @@ class StageBModule(pl.LightningModule):
                 seed=self.config.seed,
                 bootstrap=0,
             )
-        self.last_val_results = results
+        if record:
+            self.last_val_results = results
         return val_metric_names(results)
 
     # -- export -------------------------------------------------------------------------------------------
@@ -976,7 +1191,8 @@ def train_stage_b(
     """Finetune stage B from a prior and a stage A model on paired fMRI-image data.
 
     The run folder gets ``config.json``, ``preprocessing.json``, ``metrics.csv``, ``checkpoints/``,
-    ``samples/epochNNNN.png`` (ground truth, then the samples, one test item per row), ``model/`` (the final
+    ``samples/epochNNNN.png`` (ground truth, then the samples, one test item per row; a quick validation pass's
+    are ``epochNNNN-quick.png``), ``model/`` (the final
     pipeline, loadable by :meth:`mindvis.pipeline.MindVisPipeline.from_pretrained`, with its
     ``preprocess.json``), ``best/`` (the best by ``monitor``) and ``metrics.json``.
 
