@@ -12,13 +12,12 @@ $(STAMP): pyproject.toml requirements-torch.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-torch.txt
 	$(PY) -m pip install --quiet -e '.[dev]'
-	# Animal-MNIST (the 10 extra classes of --source fashion+animal); its metadata pulls TensorFlow, so no deps
-	$(PY) -m pip install --quiet --no-deps animal-mnist || echo 'animal-mnist not installed: --source fashion+animal is unavailable'
 	touch $(STAMP)
 
 setup: $(STAMP) data
 
-# Offline stimulus images: Debian's dataset-fashion-mnist where apt exists (see README).
+# Offline stimulus images: Debian's dataset-fashion-mnist where apt exists, Animal-MNIST's data files from its
+# wheel (see README).
 data:
 	@bash scripts/get-stimuli.sh
 

@@ -186,8 +186,28 @@ def test_config_defaults_and_derived_values(tmp_path):
     short = MBMTrainConfig.for_stage("pretrain", epochs=100, data={"hcp_dir": str(tmp_path)})
     assert short.warmup_epochs == 8 and short.trainer.max_epochs == 100  # derived after the override
     a2 = MBMTrainConfig.for_stage("finetune", init="x", data={"god_dir": str(tmp_path)})
-    assert (a2.lr, a2.batch_size, a2.mask_ratio) == (5.3e-5, 16, 0.75) and not a2.data.include_test_fmri
+    assert (a2.lr, a2.batch_size, a2.mask_ratio) == (5.3e-5, 16, 0.75)
+    # the original's A2: 15 epochs, 2 of warmup, on the test fMRI with the original's test normalisation
+    assert (a2.epochs, a2.warmup_epochs, a2.data.val_fraction) == (15, 2, 0.05)
+    assert (a2.data.god_fmri, a2.data.test_normalize, a2.data.val_holdout) == ("test", "original", False)
+    assert a2.data.include_test_fmri and a2.data.pad_mode == "auto"
     assert MBMTrainConfig.from_dict(json.loads(json.dumps(a2.to_dict()))) == a2
+    # ours on request; the older include_test_fmri keeps its meaning
+    for data, expect in (
+        ({"god_fmri": "train"}, ("train", "train", True)),
+        ({"include_test_fmri": True}, ("train+test", "train", True)),
+        ({"include_test_fmri": False}, ("train", "train", True)),
+        ({"god_fmri": "test", "test_normalize": "train"}, ("test", "train", False)),
+    ):
+        d = MBMTrainConfig.for_stage("finetune", init="x", data={"god_dir": str(tmp_path), **data}).data
+        assert (d.god_fmri, d.test_normalize, d.val_holdout) == expect, data
+    with pytest.raises(ConfigError, match="contradicts"):
+        MBMTrainConfig.for_stage(
+            "finetune",
+            init="x",
+            data={"god_dir": str(tmp_path), "god_fmri": "test", "include_test_fmri": False},
+        )
+    assert a1.data.god_fmri == "train" and a1.data.val_holdout and a1.data.test_normalize == "train"
     for bad in ({"epochs": 0}, {"warmup_epochs": 600}, {"variant": "huge"}, {"mask_ratio": 1.0}, {"lr": -1}):
         with pytest.raises(ConfigError):
             MBMTrainConfig.for_stage("pretrain", data={"hcp_dir": str(tmp_path)}, **bad)
@@ -346,19 +366,32 @@ def test_finetune_from_pretrained(tmp_path, capsys):
     write_god_subject(tmp_path / "data", "sbj_1", n_train=30, v_all=70, n_vc=52)
     common = ["finetune", "--init", str(pre_dir), "--data-dir", str(tmp_path / "data"), "--subject", "1", "--epochs", "2",
               "--batch-size", "8", "--accelerator", "cpu", "--devices", "1", "--no-progress"]  # fmt: skip
-    assert main([*common, "--out", str(tmp_path / "ft")]) == 0
+    assert main([*common, "--out", str(tmp_path / "ft"), "--a2-data", "train"]) == 0
     ft = tmp_path / "ft"
     doc = json.loads((ft / "config.json").read_text())
     assert (
         doc["stage"] == "finetune" and doc["config"]["lr"] == 5.3e-5 and doc["data_summary"]["samples"] == 30
     )
+    assert doc["config"]["data"]["pad_mode"] == "wrap"  # "auto", resolved: not an original checkpoint
     pre = FMRIPreprocessor.load(ft / "preprocessing.json")  # the target subject's, for stage B
     assert pre.n_voxels_in_ == 52 and pre.n_voxels_out_ == 48  # cropped to the pretrained model's length
+    assert pre.test_normalize == "train"
     model = MaskedBrainModel.from_pretrained(ft / "model")
     assert model.config == MaskedBrainModel.from_pretrained(pre_dir / "model").config
-    # the test-set fMRI only when asked for
-    assert main([*common, "--out", str(tmp_path / "ft2"), "--include-test-fmri"]) == 0
+    # ours plus the single-trial test rows; the older spelling gives the same
+    assert main([*common, "--out", str(tmp_path / "ft2"), "--a2-data", "train+test"]) == 0
     assert json.loads((tmp_path / "ft2" / "config.json").read_text())["data_summary"]["samples"] == 30 + 12
+    assert main([*common, "--out", str(tmp_path / "ft2b"), "--include-test-fmri"]) == 0
+    assert json.loads((tmp_path / "ft2b" / "config.json").read_text())["data_summary"]["samples"] == 30 + 12
+    # the default, the original's: the 4 averaged + 12 single-trial test rows only, validated on tuned rows
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "ft4")]) == 0
+    doc4 = json.loads((tmp_path / "ft4" / "config.json").read_text())
+    assert doc4["data_summary"]["samples"] == 4 + 12
+    assert FMRIPreprocessor.load(tmp_path / "ft4" / "preprocessing.json").test_normalize == "original"
+    assert "also trains on, as the original" in " ".join(capsys.readouterr().out.split())
+    assert main([*common, "--out", str(tmp_path / "ft5"), "--a2-data", "bogus"]) == 2
+    assert "--a2-data" in capsys.readouterr().err and not (tmp_path / "ft5").exists()
     # a corrupt --init
     weights = pre_dir / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])

@@ -212,25 +212,14 @@ the paper's GOD or BOLD5000 numbers, and small differences within the intervals 
 
 
 def departures(preset: Any) -> list[str]:
-    """Plain-language list of the preset's stage B settings that the original does not have."""
-    train, rec = preset.train, preset.reconstruct
+    """Plain-language list of the preset's settings that the original does not have (:mod:`mindvis.departures`)."""
+    from mindvis.departures import in_force
+
     out = []
-    if train.get("standardize-tokens"):
-        out.append(
-            "the encoder tokens are standardised with training statistics before the conditioner "
-            "(--standardize-tokens)"
-        )
-    if train.get("align-epochs"):
-        out.append(
-            f"a context warm start: before the diffusion finetune, the encoder and conditioner are trained for "
-            f"{train['align-epochs']} epochs to map each training fMRI to the prior's embedding of its image's "
-            "class (--align-epochs; training labels only)"
-        )
-    if train.get("cond-dropout"):
-        out.append(f"conditioning dropout {train['cond-dropout']} (--cond-dropout)")
-    g = rec.get("guidance-scale", 1.0)
-    if g and float(g) != 1.0:
-        out.append(f"classifier-free guidance {float(g):g} when sampling (--guidance-scale)")
+    for d in in_force(preset):
+        value = getattr(preset, d.preset_step, {}).get(d.option.removeprefix("--"))
+        given = f"{d.option} {value}" if value is not None and not isinstance(value, bool) else d.option
+        out.append(f"{d.what}: {d.behaviour_ours} ({given})")
     return out
 
 
@@ -348,9 +337,10 @@ def write_demo_report(
     verdict = f"<p><b>In this run.</b> {esc(above_chance_summary(table, labels[0]))}</p>" if labels else ""
     diffs = departures(preset)
     departs = (
-        "<p><b>Departures from the original in this preset.</b> "
+        "<p><b>Departures from the original in this run.</b> "
         + esc("; ".join(diffs))
-        + ". Without them this benchmark's tiny models stay at chance: see docs/synthcortex.md.</p>"
+        + ". docs/departures.md lists every departure with its reason; without the context warm start and "
+        "guidance this benchmark's tiny models stay at chance (docs/synthcortex.md).</p>"
         if diffs
         else ""
     )

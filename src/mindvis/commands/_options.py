@@ -43,6 +43,7 @@ class OptionSpec:
         help: the ``--help`` text; ``None`` when each command must give its own (see :func:`with_help`).
         key: the dotted run-configuration key it sets (``"data.nan_policy"``), for stage A options.
         limits: ``min`` / ``max`` of a number option (see :data:`SEED_RANGE`).
+        hidden: left out of ``--help`` (an older spelling that still works).
     """
 
     name: str
@@ -52,6 +53,7 @@ class OptionSpec:
     help: str | None = None
     key: str | None = None
     limits: tuple[tuple[str, int], ...] = ()
+    hidden: bool = False
 
     def parameter(self) -> inspect.Parameter:
         """The keyword-only parameter typer reads this option from."""
@@ -60,7 +62,9 @@ class OptionSpec:
         return inspect.Parameter(
             self.name,
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(self.default, *self.decls, help=self.help, **dict(self.limits)),
+            default=typer.Option(
+                self.default, *self.decls, help=self.help, hidden=self.hidden, **dict(self.limits)
+            ),
             annotation=self.annotation,
         )
 
@@ -146,7 +150,15 @@ MBM_RUN_OPTIONS: tuple[OptionSpec, ...] = (
         key="data.nan_policy",
     ),
     _stage_a("normalize", str, key="data.normalize"),
-    _stage_a("pad_mode", str, "wrap (default), constant or cut.", key="data.pad_mode"),
+    _stage_a(
+        "pad_mode",
+        str,
+        "Padding to whole patches: auto (default: original when finetuning an original checkpoint, or a model "
+        "whose voxel count is the original rule's; else wrap), wrap (ours: up to the next multiple of the patch "
+        "size), original (the original code's: always p - V mod p more voxels, a whole extra patch when V is a "
+        "multiple of p, statistics fitted after padding), constant or cut.",
+        key="data.pad_mode",
+    ),
     _stage_a("val_fraction", float, key="data.val_fraction"),
     _stage_a("val_every", int, "Validate every N epochs (default: 1).", key="trainer.val_every_n_epochs"),
     _stage_a("accelerator", str, "auto (default), cpu, gpu...", key="trainer.accelerator"),
@@ -184,15 +196,18 @@ RESUME_MUTABLE = {
 }
 
 
-def mbm_run_options(**helps: str) -> list[OptionSpec]:
+def mbm_run_options(hidden: tuple[str, ...] = (), **helps: str) -> list[OptionSpec]:
     """The stage A options, with the stage's help texts for the options whose default depends on the stage
     (``epochs``, ``batch_size``, ``lr``, ``warmup_epochs``, ``include_test_fmri``, ``normalize``,
-    ``val_fraction``)."""
+    ``val_fraction``); the options named in ``hidden`` still work but are left out of ``--help``."""
     specs = with_help(MBM_RUN_OPTIONS, **helps)
     missing = [s.name for s in specs if s.help is None]
     if missing:
         raise TypeError(f"give the help texts of {missing}")
-    return specs
+    unknown = sorted(set(hidden) - {s.name for s in specs})
+    if unknown:
+        raise TypeError(f"no options {unknown} to hide")
+    return [dataclasses.replace(s, hidden=True) if s.name in hidden else s for s in specs]
 
 
 def given_run_options(shared: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +299,14 @@ def report_mbm(result: Any, stage: str) -> None:
     )
     if last is not None:
         start = "" if result.initial_val_corr is None else f"before training {result.initial_val_corr:.4f}, "
-        console.print(f"  validation masked-patch correlation: {start}last {last:.4f}, best {corr:.4f}")
+        where = (
+            " (on rows it also trains on, as the original)"
+            if getattr(result, "val_on_training", False)
+            else ""
+        )
+        console.print(
+            f"  validation masked-patch correlation{where}: {start}last {last:.4f}, best {corr:.4f}"
+        )
     out = result.run_dir
     console.print(f"  weights: {out / 'model'}" + (f" (best: {out / 'best'})" if corr is not None else ""))
     console.print(f"  log: {out / 'metrics.csv'}   checkpoints: {out / 'checkpoints'}")

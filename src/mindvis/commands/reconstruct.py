@@ -143,7 +143,39 @@ def read_dataset_split(
     return voxels, gt, f"{dataset}:{ds.subject}/{ds.split} ({ds.source or data_dir})"
 
 
-def fit_to_model(voxels: np.ndarray, num_voxels: int, pad: bool, source: str) -> np.ndarray:
+def original_preprocessing(
+    dataset: str,
+    data_dir: Path | None,
+    subject: str | None,
+    num_voxels: int,
+    patch_size: int,
+) -> Any:
+    """The preprocessing the original applies to a converted original model's data, fitted on the training split
+    of ``dataset`` (``create_Kamitani_dataset``): the original padding rule (``p - V % p`` wrapped voxels, a
+    whole extra patch when ``V % p == 0``), one global mean and std fitted on the padded training fMRI, wrap
+    padding or cropping to the model's ``num_voxels``, and the original's test normalisation (the mean and std
+    of the normalised training fMRI, about 0 and 1, so test fMRI reaches the model nearly as stored).
+
+    Raises:
+        DataError: the dataset has no training split to fit on.
+    """
+    from mindvis.data.formats.registry import load_dataset
+    from mindvis.data.preprocess import FMRIPreprocessor
+
+    train = load_dataset(dataset, data_dir=data_dir, subject=subject, split="train", include_images=False)
+    pre = FMRIPreprocessor(
+        normalize="global",
+        patch_size=patch_size,
+        pad_mode="original",
+        length=num_voxels,
+        test_normalize="original",
+    )
+    return pre.fit(train.voxels, source=train.source or f"{dataset}:{train.subject}/train")
+
+
+def fit_to_model(
+    voxels: np.ndarray, num_voxels: int, pad: bool, source: str, patch_size: int | None = None
+) -> np.ndarray:
     """Check the voxel count against the model; with ``pad``, wrap-pad (or crop) to it.
 
     Raises:
@@ -153,9 +185,17 @@ def fit_to_model(voxels: np.ndarray, num_voxels: int, pad: bool, source: str) ->
     if v == num_voxels:
         return voxels
     if not pad:
+        from mindvis.data.preprocess import padded_length
+
+        hint = ""
+        if patch_size and v >= patch_size and padded_length(v, patch_size, "original") == num_voxels:
+            hint = (
+                f" (the original's padding rule, p - V mod p = {num_voxels - v} wrapped voxels, gives exactly "
+                "the model's count)"
+            )
         raise DataError(
             f"the fMRI has {v} voxels per sample but the model takes {num_voxels}; apply the "
-            "training preprocessing (--preprocess) or pass --pad-to-model to wrap-pad/crop",
+            f"training preprocessing (--preprocess) or pass --pad-to-model to wrap-pad/crop{hint}",
             path=source,
             field="voxels",
         )
@@ -304,7 +344,12 @@ def reconstruct(
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Folder of --dataset."),
     subject: str | None = typer.Option(None, "--subject", help="Subject of --dataset."),
     preprocess: Path | None = typer.Option(
-        None, "--preprocess", help="Fitted preprocessing JSON (default: preprocess.json in the model folder)."
+        None,
+        "--preprocess",
+        help="Fitted preprocessing JSON (default: preprocess.json in the model folder). Without one, a model "
+        "converted from an original checkpoint gets, with --dataset, the original's preprocessing fitted on the "
+        "dataset's training split: its padding rule, and test fMRI normalised with the statistics of the "
+        "normalised training fMRI (about 0 and 1, so nearly as stored). --fmri items count as test items.",
     ),
     pad_to_model: bool = typer.Option(
         False, "--pad-to-model", help="Wrap-pad (or crop) the voxels to the model's count."
@@ -393,14 +438,26 @@ def reconstruct(
         raise ConfigError(
             "this model is a class-conditional prior, not an fMRI model", path=model, field="--model"
         )
-    pre_path = preprocess if preprocess is not None else (model / "preprocess.json")
-    if preprocess is not None or pre_path.is_file():
-        from mindvis.data.preprocess import load_preprocessor
+    # Voxel preprocessing. --dataset items belong to --split; --fmri items count as test items (new fMRI to
+    # reconstruct), which matters only for a preprocessing whose test_normalize is "original".
+    from mindvis.data.preprocess import is_original_checkpoint, load_preprocessor
 
+    item_split = split if dataset is not None else "test"
+    patch_size = int(pipe.model.fmri_encoder.config.patch_size)
+    pre_path = preprocess if preprocess is not None else (model / "preprocess.json")
+    pre_info: str | None = None
+    if preprocess is not None or pre_path.is_file():
         pre = load_preprocessor(pre_path, subject=subject)
-        voxels = np.asarray(pre.transform(voxels, source=source), dtype=np.float32)
+        voxels = np.asarray(pre.transform(voxels, source=source, split=item_split), dtype=np.float32)
+        pre_info = str(pre_path)
         _logger.info("applied the preprocessing in %s", pre_path)
-    voxels = fit_to_model(voxels, pipe.num_voxels, pad_to_model, source)
+    elif dataset is not None and is_original_checkpoint(pipe.source):
+        # a converted original model: what the original fed it (fitted on the dataset's training split)
+        pre = original_preprocessing(str(dataset), data_dir, subject, pipe.num_voxels, patch_size)
+        voxels = np.asarray(pre.transform(voxels, source=source, split=item_split), dtype=np.float32)
+        pre_info = f"the original's, fitted on the {dataset} training split ({pre.n_voxels_in_} voxels)"
+        _logger.info("converted original model: applied %s preprocessing", pre_info)
+    voxels = fit_to_model(voxels, pipe.num_voxels, pad_to_model, source, patch_size)
     check_finite_voxels(voxels, source)
     pipe.to(dev, dtypes[dtype] if dtype != "float32" else None)
     if guidance_scale is None:
@@ -437,7 +494,7 @@ def reconstruct(
         "device": dev,
         "dtype": dtype,
         "pad_to_model": pad_to_model,
-        "preprocess": str(pre_path) if (preprocess is not None or pre_path.is_file()) else None,
+        "preprocess": pre_info,
         "seconds": round(elapsed, 3),
         "ground_truth": gt is not None,
         **provenance(),

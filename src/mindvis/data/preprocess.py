@@ -8,9 +8,29 @@ The paper's recipe, each step an option of :class:`FMRIPreprocessor`:
    normalisation (``"none"``) are the alternatives;
 3. padding of the voxel vector to a multiple of the patch size by wrapping around to its first voxels
    (``pad_mode="wrap"``, the paper's best), by a constant (``"constant"``), or cutting the remainder
-   (``"cut"``);
+   (``"cut"``); ``pad_mode="original"`` is the original code's rule (see below);
 4. padding (wrap, or constant with ``pad_mode="constant"``) or cropping to a common ``length``, so that
    subjects with different voxel counts share one model.
+
+Two places where the original code (``dataset.py`` of github.com/zjc062/mind-vis) differs from our default,
+each available as an option so that a model from an original checkpoint gets what the original fed it:
+
+``pad_mode="original"`` (``pad_to_patch_size``): the original always appends ``p - V % p`` wrapped voxels,
+    so a ROI whose ``V`` is already a multiple of ``p`` gets a whole extra patch (``V + p`` voxels; ours,
+    ``"wrap"``, keeps ``V``), and it fits the normalisation statistics *after* padding, so the wrapped copies
+    of the first voxels count twice in the global mean and std. A model from an original checkpoint trained
+    on such a ROI has one patch more than ``"wrap"`` gives. Selected automatically by ``mindvis finetune``
+    when ``--init`` is an original checkpoint or its voxel count is the original rule's (``--pad-mode auto``).
+
+``test_normalize`` (how the *test* samples are normalised, ``transform(..., split="test")``):
+    ``"train"`` (ours, the default): with the training statistics, like every other sample.
+    ``"original"``: the original computes ``tr = normalize(pad(train))`` and then
+    ``normalize(pad(test), np.mean(tr), np.std(tr))``: the test samples are normalised with the mean and std
+    of the *already normalised* training samples, which are 0 and 1 up to rounding (for ``"global"``), so the
+    test fMRI reaches the model essentially as stored (padded, not normalised). ``fit`` computes that mean
+    and std exactly (``test_mean_``, ``test_std_``, saved in the JSON) and ``transform(x, split="test")``
+    applies them; every other split gets the training statistics. ``mindvis finetune --a2-data original``
+    and ``mindvis reconstruct`` with a converted original model use it.
 
 The objects follow the scikit-learn contract: ``__init__`` only stores parameters, :meth:`~FMRIPreprocessor.fit`
 sets the attributes ending in ``_``, and :meth:`~FMRIPreprocessor.transform` refuses to run before ``fit``.
@@ -49,15 +69,20 @@ from mindvis.utils.io import read_json, write_json
 _logger = logging.getLogger(__name__)
 
 NormalizeMode = Literal["global", "voxel", "none"]
-PadMode = Literal["wrap", "constant", "cut"]
+PadMode = Literal["wrap", "constant", "cut", "original"]
 NanPolicy = Literal["error", "zero", "drop"]
+TestNormalize = Literal["train", "original"]
 
 NORMALIZE_MODES: tuple[str, ...] = ("global", "voxel", "none")
-PAD_MODES: tuple[str, ...] = ("wrap", "constant", "cut")
+PAD_MODES: tuple[str, ...] = ("wrap", "constant", "cut", "original")
 NAN_POLICIES: tuple[str, ...] = ("error", "zero", "drop")
+#: How test samples are normalised: ``"train"`` (ours: the training statistics) or ``"original"`` (the
+#: original code's: the mean and std of the normalised training samples; see the module documentation).
+TEST_NORMALIZE_MODES: tuple[str, ...] = ("train", "original")
 
-#: Version of the JSON layout written by :meth:`FMRIPreprocessor.to_dict`.
-FORMAT_VERSION = 1
+#: Version of the JSON layout written by :meth:`FMRIPreprocessor.to_dict` (2: ``test_normalize`` and the
+#: ``"original"`` pad mode; version 1 files read as ``test_normalize="train"``).
+FORMAT_VERSION = 2
 #: Rows per block when streaming over large (memory-mapped) arrays.
 BLOCK_ROWS = 4096
 
@@ -89,7 +114,8 @@ def _blocks(n: int, block: int = BLOCK_ROWS):
 
 
 def padded_length(num_voxels: int, patch_size: int, pad_mode: PadMode = "wrap") -> int:
-    """Voxel count after padding to a multiple of ``patch_size`` (``"cut"``: rounding down).
+    """Voxel count after padding to a multiple of ``patch_size`` (``"cut"``: rounding down; ``"original"``:
+    ``V + p - V % p``, the original's rule, a whole extra patch when ``V % p == 0``).
 
     Raises:
         DataError: ``num_voxels`` is smaller than one patch.
@@ -102,7 +128,30 @@ def padded_length(num_voxels: int, patch_size: int, pad_mode: PadMode = "wrap") 
         )
     if pad_mode == "cut":
         return num_voxels - num_voxels % patch_size
+    if pad_mode == "original":
+        return num_voxels + patch_size - num_voxels % patch_size
     return -(-num_voxels // patch_size) * patch_size
+
+
+def is_original_checkpoint(source: Mapping[str, Any] | None) -> bool:
+    """Whether provenance metadata (a converted folder's ``source.json``, a pipeline's ``model_index.json``
+    ``source``) says the weights came from an original MinD-Vis checkpoint."""
+    return isinstance(source, Mapping) and str(source.get("format", "")).startswith("MinD-Vis")
+
+
+def choose_pad_mode(num_voxels: int, patch_size: int, model_voxels: int | None, original: bool) -> PadMode:
+    """The pad mode that feeds a model what it was trained on: ``"original"`` when the model comes from an
+    original checkpoint (``original``) or when its voxel count ``model_voxels`` is the original rule's count
+    for ``num_voxels`` and not ours (``V % p == 0``, one patch more); ``"wrap"`` otherwise."""
+    if original:
+        return "original"
+    if (
+        model_voxels is not None
+        and num_voxels % patch_size == 0
+        and model_voxels == padded_length(num_voxels, patch_size, "original")
+    ):
+        return "original"
+    return "wrap"
 
 
 def pad_columns(
@@ -180,18 +229,25 @@ class FMRIPreprocessor:
             ``"voxel"`` (z-score each voxel with its own training mean and std) or ``"none"``.
         patch_size: p; the output length is a multiple of it.
         pad_mode: ``"wrap"`` (repeat from the first voxel, the paper's default), ``"constant"`` (fill with
-            ``pad_value``) or ``"cut"`` (drop the last ``V mod p`` voxels).
+            ``pad_value``), ``"cut"`` (drop the last ``V mod p`` voxels) or ``"original"`` (the original code's:
+            always append ``p - V mod p`` wrapped voxels, and fit the statistics after padding).
         pad_value: fill value for ``"constant"`` padding (after normalisation, so 0 is the training mean).
         length: common output length across subjects (a multiple of ``patch_size``). Shorter vectors are
             padded (wrap, or constant with ``pad_mode="constant"``), longer ones cropped (with a warning).
             ``None`` keeps the padded length of the fitting data.
         nan_policy: ``"error"``, ``"zero"`` or ``"drop"`` (see the module documentation).
         eps: standard deviations below this are treated as 1 (constant data is only centred).
+        test_normalize: how :meth:`transform` normalises samples of ``split="test"``: ``"train"`` (ours: the
+            training statistics, as every other split) or ``"original"`` (the original code's: the mean and
+            std of the normalised, padded training samples, about 0 and 1, so test samples stay nearly as
+            stored; see the module documentation).
 
     Attributes (set by :meth:`fit`):
         n_voxels_in_: V, voxels per sample of the fitting data.
         kept_voxels_: ``[V']`` int indices of the voxels kept under ``nan_policy="drop"``, else ``None``.
         mean_, std_: a float each (``"global"``), ``[V']`` arrays (``"voxel"``), or 0 and 1 (``"none"``).
+        test_mean_, test_std_: with ``test_normalize="original"``, the global mean and std of the transformed
+            training samples (before the common-length alignment), applied to test samples; else ``None``.
         n_voxels_out_: output length, a multiple of ``patch_size``.
         n_samples_seen_: number of samples the statistics came from.
     """
@@ -205,6 +261,7 @@ class FMRIPreprocessor:
         length: int | None = None,
         nan_policy: NanPolicy = "error",
         eps: float = 1e-8,
+        test_normalize: TestNormalize = "train",
     ):
         self.normalize = normalize
         self.patch_size = patch_size
@@ -213,6 +270,7 @@ class FMRIPreprocessor:
         self.length = length
         self.nan_policy = nan_policy
         self.eps = eps
+        self.test_normalize = test_normalize
 
     # -- parameters ------------------------------------------------------------------------------------------
 
@@ -225,12 +283,14 @@ class FMRIPreprocessor:
             "length": self.length,
             "nan_policy": self.nan_policy,
             "eps": self.eps,
+            "test_normalize": self.test_normalize,
         }
 
     def _validate_params(self) -> None:
         _check_choice("normalize", self.normalize, NORMALIZE_MODES)
         _check_choice("pad_mode", self.pad_mode, PAD_MODES)
         _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _check_choice("test_normalize", self.test_normalize, TEST_NORMALIZE_MODES)
         if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size < 1:
             raise ConfigError(f"expected a positive integer, got {self.patch_size!r}", field="patch_size")
         if self.length is not None:
@@ -309,12 +369,17 @@ class FMRIPreprocessor:
             mean, std = 0.0, 1.0
         else:
             moments = _RunningMoments(per_column=self.normalize == "voxel")
+            # the original fits one global mean/std on the padded vectors (wrapped voxels count twice);
+            # per voxel, a wrapped copy has the statistics of its source voxel, so padding changes nothing
+            after_padding = self.pad_mode == "original" and self.normalize == "global"
             for a, b in _blocks(n):
-                block = x[a:b] if kept is None else x[a:b][:, kept]
+                block = np.asarray(x[a:b] if kept is None else x[a:b][:, kept])
+                if after_padding:
+                    block = pad_columns(block, n_out, "wrap")
                 finite = None if self.nan_policy == "error" else np.isfinite(block)
                 if finite is not None and finite.all():
                     finite = None
-                moments.update(np.asarray(block), finite)
+                moments.update(block, finite)
             mean, std = moments.result()
             if self.normalize == "global":
                 if not math.isfinite(std) or std < self.eps:
@@ -346,6 +411,19 @@ class FMRIPreprocessor:
         self.n_voxels_padded_ = int(n_out)
         self.n_voxels_out_ = int(target)
         self.n_samples_seen_ = int(n)
+        self.test_mean_: float | None = None
+        self.test_std_: float | None = None
+        if self.test_normalize == "original":
+            # the original: normalize(pad(test), np.mean(tr), np.std(tr)) with tr the normalised, padded
+            # training samples (one subject, before the common-length padding)
+            moments = _RunningMoments(per_column=False)
+            for a, b in _blocks(n):
+                block, _ = self._normalise_and_pad(np.asarray(x[a:b]), test=False)
+                moments.update(block, None)
+            t_mean, t_std = moments.result()
+            if not math.isfinite(t_std) or t_std < self.eps:
+                t_std = 1.0
+            self.test_mean_, self.test_std_ = float(t_mean), float(t_std)
         return self
 
     def transform(
@@ -353,6 +431,7 @@ class FMRIPreprocessor:
         x: np.ndarray | FMRIDataset,
         source: str | os.PathLike | None = None,
         out: np.ndarray | None = None,
+        split: str = "train",
     ) -> np.ndarray:
         """Apply the fitted transform.
 
@@ -360,6 +439,9 @@ class FMRIPreprocessor:
             x: ``[N, V]`` voxels with the fitting data's V (possibly a memory map).
             source: file or name for error messages.
             out: optional ``[N, n_voxels_out_]`` float32 array (e.g. a slice of a memory map) to write into.
+            split: the split ``x`` belongs to. ``"test"`` samples are normalised by the ``test_normalize``
+                rule (with ``"original"``: by ``test_mean_`` and ``test_std_``); every other split, and every
+                split under ``test_normalize="train"``, by the training statistics.
 
         Returns:
             ``[N, n_voxels_out_]`` float32 (``out`` when given).
@@ -385,8 +467,9 @@ class FMRIPreprocessor:
         if self.nan_policy == "error":
             self._raise_if_nonfinite(x, source)
         n_fixed = 0
+        test = split == "test" and self.test_normalize == "original"
         for a, b in _blocks(n):
-            out[a:b], fixed = self._transform_block(np.asarray(x[a:b]))
+            out[a:b], fixed = self._transform_block(np.asarray(x[a:b]), test)
             n_fixed += fixed
         if n_fixed:
             _logger.warning("%s: %d NaN/Inf values set to 0 after normalisation", source or "voxels", n_fixed)
@@ -401,13 +484,26 @@ class FMRIPreprocessor:
     def transform_dataset(self, dataset: FMRIDataset) -> FMRIDataset:
         """An FMRIDataset whose voxels are transformed (everything else is shared)."""
         return dataclasses.replace(
-            dataset, voxels=self.transform(dataset), meta={**dataset.meta, "preprocessing": self.to_dict()}
+            dataset,
+            voxels=self.transform(dataset, split=dataset.split),
+            meta={**dataset.meta, "preprocessing": self.to_dict()},
         )
 
-    def _transform_block(self, block: np.ndarray) -> tuple[np.ndarray, int]:
+    def _transform_block(self, block: np.ndarray, test: bool = False) -> tuple[np.ndarray, int]:
+        b, fixed = self._normalise_and_pad(block, test)
+        if self.n_voxels_out_ != b.shape[1]:
+            b = pad_columns(
+                b, self.n_voxels_out_, "constant" if self.pad_mode == "constant" else "wrap", self.pad_value
+            )
+        return b, fixed
+
+    def _normalise_and_pad(self, block: np.ndarray, test: bool) -> tuple[np.ndarray, int]:
+        """Normalise (training statistics, or with ``test`` the test statistics) and pad to whole patches."""
         b = block if self.kept_voxels_ is None else block[:, self.kept_voxels_]
         b = b.astype(np.float32, copy=True)
-        if self.normalize != "none":
+        if test:
+            b = ((b - float(self.test_mean_)) / float(self.test_std_)).astype(np.float32)  # type: ignore[arg-type]
+        elif self.normalize != "none":
             mean = np.asarray(self.mean_, dtype=np.float64)
             std = np.asarray(self.std_, dtype=np.float64)
             b = ((b - mean) / std).astype(np.float32)
@@ -421,11 +517,8 @@ class FMRIPreprocessor:
         if self.pad_mode == "cut":
             b = b[:, : self.n_voxels_padded_]
         elif self.n_voxels_padded_ > v:
-            b = pad_columns(b, self.n_voxels_padded_, self.pad_mode, self.pad_value)
-        if self.n_voxels_out_ != b.shape[1]:
-            b = pad_columns(
-                b, self.n_voxels_out_, "constant" if self.pad_mode == "constant" else "wrap", self.pad_value
-            )
+            mode = "constant" if self.pad_mode == "constant" else "wrap"
+            b = pad_columns(b, self.n_voxels_padded_, mode, self.pad_value)
         return b, fixed
 
     def _raise_if_nonfinite(self, x: np.ndarray, source: str | os.PathLike | None) -> None:
@@ -477,6 +570,8 @@ class FMRIPreprocessor:
                 "n_voxels_padded": self.n_voxels_padded_,
                 "n_voxels_out": self.n_voxels_out_,
                 "n_samples_seen": self.n_samples_seen_,
+                "test_mean": self.test_mean_,
+                "test_std": self.test_std_,
             }
         return d
 
@@ -522,6 +617,14 @@ class FMRIPreprocessor:
                 obj.n_voxels_padded_ = int(fitted["n_voxels_padded"])
                 obj.n_voxels_out_ = int(fitted["n_voxels_out"])
                 obj.n_samples_seen_ = int(fitted.get("n_samples_seen", 0))
+                obj.test_mean_, obj.test_std_ = None, None
+                if obj.test_normalize == "original":
+                    obj.test_mean_ = float(fitted["test_mean"])
+                    obj.test_std_ = float(fitted["test_std"])
+                    if not (math.isfinite(obj.test_mean_) and math.isfinite(obj.test_std_)):
+                        raise ValueError("test_mean/test_std must be finite")
+                    if obj.test_std_ <= 0:
+                        raise ValueError("test_std must be positive")
                 if obj.kept_voxels_ is not None and (
                     obj.kept_voxels_.size
                     and (obj.kept_voxels_.min() < 0 or obj.kept_voxels_.max() >= obj.n_voxels_in_)
@@ -587,6 +690,10 @@ __all__ = [
     "NotFittedError",
     "PAD_MODES",
     "PadMode",
+    "TEST_NORMALIZE_MODES",
+    "TestNormalize",
+    "choose_pad_mode",
+    "is_original_checkpoint",
     "load_preprocessor",
     "pad_columns",
     "padded_length",

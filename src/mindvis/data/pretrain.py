@@ -2,7 +2,9 @@
 
 Stage A1 pretrains on unlabeled fMRI of many subjects: HCP resting state (windows of about 8 s averaged into
 samples, see :mod:`mindvis.data.hcp`) plus the GOD subjects' training fMRI, about 136k samples of about 4.6k
-voxels in the paper. Stage A2 tunes on the target subject's fMRI alone.
+voxels in the paper. Stage A2 tunes on the target subject's fMRI alone: which of its fMRI is
+:attr:`MBMDataConfig.god_fmri` (the original, ``stageA2_mbm_finetune.py``, tunes on the subject's *test* fMRI
+only, the averaged and the single-trial rows; ``mindvis finetune --a2-data``).
 
 Both stages read a :class:`VoxelCorpus`: one ``[N, V]`` float32 ``.npy`` file, memory-mapped, that holds every
 subject's preprocessed samples back to back (each subject normalised with its own training statistics,
@@ -47,6 +49,7 @@ from mindvis.data.preprocess import (
     NAN_POLICIES,
     NORMALIZE_MODES,
     PAD_MODES,
+    TEST_NORMALIZE_MODES,
     FMRIPreprocessor,
     padded_length,
 )
@@ -59,6 +62,11 @@ _logger = logging.getLogger(__name__)
 CORPUS_INDEX = "corpus.json"
 CORPUS_VOXELS = "voxels.npy"
 CORPUS_FORMAT_VERSION = 1
+
+#: Which fMRI of each GOD subject the corpus holds (:attr:`MBMDataConfig.god_fmri`).
+GOD_FMRI_CHOICES: tuple[str, ...] = ("train", "train+test", "test")
+#: ``pad_mode`` values of the data settings: the preprocessing's, plus ``"auto"`` (see :class:`MBMDataConfig`).
+DATA_PAD_MODES: tuple[str, ...] = ("auto", *PAD_MODES)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,17 +87,34 @@ class MBMDataConfig:
         hcp_rois: HCP visual areas, concatenated in this order.
         god_roi: GOD ROI mask key.
         window_trs: HCP frames averaged into one sample (10 TRs of 0.72 s, about 8 s).
-        include_test_fmri: also train on the GOD subjects' test-set fMRI (the non-averaged presentations,
-            without their images). The original does this; it means the test fMRI is not unseen in stage B.
+        include_test_fmri: the older spelling of ``god_fmri="train+test"`` (``mindvis pretrain
+            --include-test-fmri``): with ``god_fmri="train"`` it becomes ``"train+test"``; afterwards it is
+            True exactly when the corpus holds test-set fMRI.
+        god_fmri: which fMRI of each GOD subject the corpus holds. ``"train"`` (the default, and the
+            original's stage A1): the training fMRI (``arr_0``). ``"train+test"``: plus the single-trial
+            test fMRI (``arr_1``, without images). ``"test"`` (the original's stage A2,
+            ``include_nonavg_test=True``): the test fMRI only, the averaged rows (``arr_2``) then the single
+            trials (``arr_1``), never the training fMRI. The normalisation is fitted on the training fMRI in
+            every case (as the original does). With either test choice the test fMRI is not unseen later.
         normalize: ``"global"``, ``"voxel"`` or ``"none"`` (:class:`~mindvis.data.preprocess.FMRIPreprocessor`).
+        test_normalize: how the test-set rows are normalised: ``"train"`` (ours: the training statistics) or
+            ``"original"`` (the original code's: the statistics of the normalised training fMRI, about 0 and
+            1, so the test fMRI stays nearly as stored; see :mod:`mindvis.data.preprocess`).
         patch_size: voxels per patch.
-        pad_mode: ``"wrap"``, ``"constant"`` or ``"cut"``.
+        pad_mode: ``"wrap"``, ``"constant"``, ``"cut"``, ``"original"`` or ``"auto"`` (the default):
+            ``"original"`` when stage A2 starts from an original checkpoint, or from a model whose voxel count
+            is the original padding rule's for the subject (a whole extra patch when ``V % p == 0``), else
+            ``"wrap"``; the run resolves it before it writes its configuration.
         length: common voxel length (``None``: the longest subject's padded length).
         nan_policy: ``"error"``, ``"zero"`` or ``"drop"`` for NaN/Inf voxels.
         aug_times: size multiplier of the interpolation augmentation (1: none).
         mix_ratio: interpolation weight r of the augmentation.
-        val_fraction: fraction of the samples held out for validation (0: no validation).
+        val_fraction: fraction of the samples used for validation (0: no validation).
         val_max: at most this many validation samples.
+        val_holdout: True (ours): the validation samples are held out of training. False (the original's
+            stage A2, which reports the correlation on the data it tunes on): they are drawn from the training
+            samples and trained on too, so ``val/corr`` measures the fit to the tuning data, not
+            generalisation.
         seed: seed of the validation split and the augmentation pairs.
     """
 
@@ -102,15 +127,18 @@ class MBMDataConfig:
     god_roi: str = "VC"
     window_trs: int = 10
     include_test_fmri: bool = False
+    god_fmri: str = "train"
     normalize: str = "global"
+    test_normalize: str = "train"
     patch_size: int = 16
-    pad_mode: str = "wrap"
+    pad_mode: str = "auto"
     length: int | None = None
     nan_policy: str = "error"
     aug_times: float = 1.0
     mix_ratio: float = 0.5
     val_fraction: float = 0.01
     val_max: int = 2000
+    val_holdout: bool = True
     seed: int = 2022
 
     def __post_init__(self) -> None:
@@ -141,8 +169,10 @@ class MBMDataConfig:
                 )
         for name, choices in (
             ("normalize", NORMALIZE_MODES),
-            ("pad_mode", PAD_MODES),
+            ("test_normalize", TEST_NORMALIZE_MODES),
+            ("pad_mode", DATA_PAD_MODES),
             ("nan_policy", NAN_POLICIES),
+            ("god_fmri", GOD_FMRI_CHOICES),
         ):
             if getattr(self, name) not in choices:
                 raise ConfigError(
@@ -159,7 +189,10 @@ class MBMDataConfig:
         self.aug_times = float(self.aug_times)
         self.mix_ratio = float(self.mix_ratio)
         self.val_fraction = float(self.val_fraction)
-        self.include_test_fmri = bool(self.include_test_fmri)
+        if self.include_test_fmri and self.god_fmri == "train":
+            self.god_fmri = "train+test"
+        self.include_test_fmri = self.god_fmri != "train"
+        self.val_holdout = bool(self.val_holdout)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,21 +205,38 @@ class MBMDataConfig:
             raise ConfigError(f"unknown field(s) {', '.join(unknown)}", field=f"data.{unknown[0]}")
         return cls(**dict(data))
 
+    @property
+    def god_selection(self) -> str:
+        """``god_fmri``, with ``include_test_fmri`` set later (an attribute assignment) still counting."""
+        return "train+test" if self.god_fmri == "train" and self.include_test_fmri else self.god_fmri
+
+    @property
+    def effective_pad_mode(self) -> str:
+        """``pad_mode``, with ``"auto"`` unresolved (no pretrained model to match) meaning ``"wrap"``."""
+        return "wrap" if self.pad_mode == "auto" else self.pad_mode
+
     def preprocessor(self, length: int | None) -> FMRIPreprocessor:
         """An unfitted preprocessor with these settings and the common ``length``."""
         return FMRIPreprocessor(
             normalize=self.normalize,  # type: ignore[arg-type]
             patch_size=self.patch_size,
-            pad_mode=self.pad_mode,  # type: ignore[arg-type]
+            pad_mode=self.effective_pad_mode,  # type: ignore[arg-type]
             length=length,
             nan_policy=self.nan_policy,  # type: ignore[arg-type]
+            test_normalize=self.test_normalize,  # type: ignore[arg-type]
         )
 
     def corpus_recipe(self) -> dict[str, Any]:
         """The settings that determine the corpus file (everything but split, augmentation and seed)."""
         d = self.to_dict()
-        for k in ("aug_times", "mix_ratio", "val_fraction", "val_max", "seed"):
+        for k in ("aug_times", "mix_ratio", "val_fraction", "val_max", "val_holdout", "seed"):
             d.pop(k)
+        d["pad_mode"] = self.effective_pad_mode
+        # left out at their defaults, so that corpora prepared before these settings existed are reused
+        if self.god_selection != "test":
+            d.pop("god_fmri")  # include_test_fmri tells "train" from "train+test"
+        if d["test_normalize"] == "train":
+            d.pop("test_normalize")
         for k in ("hcp_dir", "god_dir"):
             if d[k] is not None:
                 d[k] = str(Path(d[k]).resolve())
@@ -284,7 +334,7 @@ def plan_sources(config: MBMDataConfig) -> list[SourcePlan]:
             raise DataError("no GOD subjects (expected sbj_N.npz files)", path=folder)
         for subject in subjects:
             path = folder / f"{subject}.npz"
-            train_rows, test_rows, voxels = _god_shape(path, config.god_roi, config.include_test_fmri)
+            train_rows, test_rows, voxels = _god_shape(path, config.god_roi, config.god_selection)
             _check_patch(voxels, config.patch_size, path, config.god_roi)
             plans.append(SourcePlan("god", subject, str(path), train_rows, test_rows, voxels))
     return plans
@@ -299,13 +349,22 @@ def _check_patch(voxels: int, patch_size: int, path: str | os.PathLike, field: s
         )
 
 
-def _god_shape(path: Path, roi: str, include_test: bool) -> tuple[int, int, int]:
+#: The npz members each ``god_fmri`` choice reads (``arr_0`` always: the normalisation is fitted on it).
+_GOD_KEYS = {"train": ("arr_0",), "train+test": ("arr_0", "arr_1"), "test": ("arr_0", "arr_2", "arr_1")}
+
+
+def _god_shape(path: Path, roi: str, god_fmri: str) -> tuple[int, int, int]:
+    """``(training rows, test rows, ROI voxels)`` of the corpus, from the npz headers."""
     with NpzArchive(path) as npz:
         if roi not in npz:
             raise DataError(f"missing ROI mask key {roi!r}", path=path, field=roi)
         mask = np.asarray(npz.get(roi, mmap=False)).reshape(-1)
         counts = {}
-        for key in ("arr_0", "arr_1") if include_test else ("arr_0",):
+        for key in _GOD_KEYS[god_fmri]:
+            if key not in npz:
+                raise DataError(
+                    f"missing key {key!r}, needed for the {god_fmri!r} fMRI of stage A", path=path, field=key
+                )
             shape, dtype = npz.header(key)
             if len(shape) != 2:
                 raise DataError(f"expected [samples, voxels], got shape {shape}", path=path, field=key)
@@ -317,14 +376,15 @@ def _god_shape(path: Path, roi: str, include_test: bool) -> tuple[int, int, int]
                 )
             counts[key] = shape[0]
     voxels = int(mask.astype(bool).sum()) if mask.dtype == np.bool_ or np.isin(mask, (0, 1)).all() else 0
-    return counts["arr_0"], counts.get("arr_1", 0), voxels
+    n_test = counts.get("arr_1", 0) + counts.get("arr_2", 0)
+    return (0 if god_fmri == "test" else counts["arr_0"]), n_test, voxels
 
 
 def common_length(plans: Sequence[SourcePlan], config: MBMDataConfig) -> int:
     """``config.length``, or the longest subject's voxel count padded to the patch size."""
     if config.length is not None:
         return int(config.length)
-    return max(padded_length(p.voxels, config.patch_size, config.pad_mode) for p in plans)  # type: ignore[arg-type]
+    return max(padded_length(p.voxels, config.patch_size, config.effective_pad_mode) for p in plans)  # type: ignore[arg-type]
 
 
 def _fingerprint(config: MBMDataConfig, plans: Sequence[SourcePlan], length: int) -> str:
@@ -430,8 +490,9 @@ def build_corpus(
     """Preprocess every subject into one memory-mapped ``[N, V]`` file (see the module documentation).
 
     Subjects are read, windowed (HCP), checked for NaN/Inf, normalised with statistics fitted on their own
-    training rows, padded to the patch size and padded or cropped to the common length, one at a time. The
-    folder is built under a temporary name and moved into place when complete.
+    training rows, padded to the patch size and padded or cropped to the common length, one at a time. Test-set
+    rows (``god_fmri``) are normalised by the ``test_normalize`` rule. The folder is built under a temporary
+    name and moved into place when complete.
 
     Args:
         config: data settings.
@@ -468,17 +529,20 @@ def build_corpus(
         )
         row = 0
         for i, plan in enumerate(plans):
-            train, test = _load_source(plan, config)
+            fit_rows, train, tests = _load_source(plan, config)
             pre = config.preprocessor(length)
-            pre.fit(train, source=plan.path)
-            if len(train) != plan.train_rows or len(test) != plan.test_rows:
+            pre.fit(fit_rows, source=plan.path)
+            n_test = sum(len(t) for t in tests)
+            if len(train) != plan.train_rows or n_test != plan.test_rows:
                 raise DataError(
-                    f"read {len(train)}+{len(test)} rows, the headers promised {plan.train_rows}+{plan.test_rows}",
+                    f"read {len(train)}+{n_test} rows, the headers promised {plan.train_rows}+{plan.test_rows}",
                     path=plan.path,
                 )
             pre.transform(train, source=plan.path, out=out[row : row + len(train)])
-            if len(test):
-                pre.transform(test, source=plan.path, out=out[row + len(train) : row + plan.rows])
+            at = row + len(train)
+            for test in tests:
+                pre.transform(test, source=plan.path, out=out[at : at + len(test)], split="test")
+                at += len(test)
             blocks.append(
                 SubjectBlock(
                     plan.name, plan.dataset, plan.subject, plan.path, row, row + len(train), row + plan.rows
@@ -506,8 +570,10 @@ def build_corpus(
     return VoxelCorpus.open(folder)
 
 
-def _load_source(plan: SourcePlan, config: MBMDataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """``(train [n, V_s], test [m, V_s])`` raw voxels of one subject."""
+def _load_source(plan: SourcePlan, config: MBMDataConfig) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Raw voxels of one subject: ``(fit [n, V_s], train [n', V_s], [test [m, V_s], ...])``: the rows the
+    normalisation is fitted on (the training fMRI), the training rows of the corpus (the same, or none under
+    ``god_fmri="test"``) and its test-set rows, in corpus order."""
     if plan.dataset == "hcp":
         ds = load_hcp_subject(
             config.hcp_dir,  # type: ignore[arg-type]
@@ -516,7 +582,7 @@ def _load_source(plan: SourcePlan, config: MBMDataConfig) -> tuple[np.ndarray, n
             window=config.window_trs,
             nan_policy=config.nan_policy,
         )
-        return ds.voxels, np.zeros((0, ds.num_voxels), dtype=np.float32)
+        return ds.voxels, ds.voxels, []
     from mindvis.data.formats.god import load_god
 
     def god_split(split: str, **kw: Any) -> FMRIDataset:
@@ -531,17 +597,20 @@ def _load_source(plan: SourcePlan, config: MBMDataConfig) -> tuple[np.ndarray, n
         )
 
     train = god_split("train")
-    test = np.zeros((0, train.num_voxels), dtype=np.float32)
-    if config.include_test_fmri:
-        test_ds = god_split("test", average_test=False)
+    tests = []
+    selection = config.god_selection
+    averaged = {"train": [], "train+test": [False], "test": [True, False]}[selection]
+    for average in averaged:  # the original: np.concatenate([arr_2, arr_1])
+        test_ds = god_split("test", average_test=average)
         if test_ds.num_voxels != train.num_voxels:
             raise DataError(
                 f"the test split has {test_ds.num_voxels} voxels, the training split {train.num_voxels}",
                 path=plan.path,
                 field=config.god_roi,
             )
-        test = test_ds.voxels
-    return train.voxels, test
+        tests.append(test_ds.voxels)
+    corpus_train = train.voxels[:0] if selection == "test" else train.voxels
+    return train.voxels, corpus_train, tests
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -550,17 +619,22 @@ def _load_source(plan: SourcePlan, config: MBMDataConfig) -> tuple[np.ndarray, n
 
 
 def split_rows(
-    corpus: VoxelCorpus, val_fraction: float, val_max: int, seed: int
+    corpus: VoxelCorpus, val_fraction: float, val_max: int, seed: int, holdout: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random ``(train_rows, val_rows)`` of a corpus, each sorted; the validation set is
-    ``min(val_max, round(val_fraction * N))`` rows (at least 1 when ``val_fraction > 0`` and N > 1)."""
+    ``min(val_max, round(val_fraction * N))`` rows (at least 1 when ``val_fraction > 0`` and N > 1).
+
+    With ``holdout=False`` (the original stage A2's way) the training rows are all rows, the validation rows
+    among them: validation then measures the fit to the training data.
+    """
     n = corpus.num_samples
     n_val = 0
     if val_fraction > 0 and n > 1:
         n_val = int(min(val_max, max(1, round(val_fraction * n)), n - 1))
     rng = np.random.default_rng([int(seed), 7])
     perm = rng.permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    train = np.sort(perm[n_val:]) if holdout else np.arange(n, dtype=perm.dtype)
+    return train, np.sort(perm[:n_val])
 
 
 def augmentation_pairs(
@@ -668,7 +742,8 @@ class MBMDataModule(pl.LightningDataModule):
     Args:
         corpus_dir: the corpus folder.
         batch_size: samples per device and step.
-        val_fraction, val_max: held-out validation samples (see :func:`split_rows`).
+        val_fraction, val_max: validation samples (see :func:`split_rows`).
+        val_holdout: hold the validation samples out of training (False: validate on training samples).
         aug_times, mix_ratio: interpolation augmentation of the training rows.
         seed: seed of the split, the augmentation pairs, the per-epoch order and the masking noise.
         num_workers: data-loader worker processes.
@@ -688,9 +763,11 @@ class MBMDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         num_patches: int | None = None,
+        val_holdout: bool = True,
     ):
         super().__init__()
         self.num_patches = num_patches
+        self.val_holdout = bool(val_holdout)
         self.corpus_dir = Path(corpus_dir)
         self.batch_size = int(batch_size)
         self.val_fraction = float(val_fraction)
@@ -706,15 +783,18 @@ class MBMDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         corpus = VoxelCorpus.open(self.corpus_dir)
-        train_rows, val_rows = split_rows(corpus, self.val_fraction, self.val_max, self.seed)
+        train_rows, val_rows = split_rows(
+            corpus, self.val_fraction, self.val_max, self.seed, holdout=self.val_holdout
+        )
         pairs = augmentation_pairs(corpus, train_rows, self.aug_times, self.seed)
         self.train_set = MBMDataset(corpus.voxels_path, train_rows, pairs, self.mix_ratio)
         self.val_set = MBMDataset(corpus.voxels_path, val_rows) if len(val_rows) else None
         _logger.info(
-            "training samples: %d (+%d interpolated), validation samples: %d, voxels: %d",
+            "training samples: %d (+%d interpolated), validation samples: %d%s, voxels: %d",
             len(train_rows),
             len(pairs),
             len(val_rows),
+            "" if self.val_holdout else " (drawn from the training samples, as the original)",
             corpus.num_voxels,
         )
 
@@ -758,6 +838,8 @@ class MBMDataModule(pl.LightningDataModule):
 __all__ = [
     "CORPUS_INDEX",
     "CORPUS_VOXELS",
+    "DATA_PAD_MODES",
+    "GOD_FMRI_CHOICES",
     "MBMDataConfig",
     "MBMDataModule",
     "MBMDataset",

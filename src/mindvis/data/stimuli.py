@@ -264,19 +264,24 @@ def _load_fashion_mnist(folder: str, split: Split) -> ObjectBank:
 
 
 def animal_mnist_folder() -> Path:
-    """The folder holding Animal-MNIST's two gzip files (``$MINDVIS_ANIMAL_MNIST`` or the installed package).
+    """The folder holding Animal-MNIST's two gzip files: ``$MINDVIS_ANIMAL_MNIST``, else mindvis's cache
+    (``animal-mnist`` under ``$MINDVIS_DATA`` or ``~/.cache/mindvis``, filled by ``scripts/get-stimuli.sh``), else
+    the installed package.
 
     The package is located without importing it (its modules import TensorFlow).
     """
     explicit = os.environ.get("MINDVIS_ANIMAL_MNIST")
+    cached = _cache_dir("animal-mnist")
     if explicit:
         folder = Path(explicit)
+    elif all((cached / f).is_file() for f in ANIMAL_MNIST_FILES):
+        folder = cached
     else:
         spec = importlib.util.find_spec("animal_mnist")
         if spec is None or not spec.submodule_search_locations:
             raise DataError(
-                "Animal-MNIST is not installed (pip install --no-deps animal-mnist), and "
-                "$MINDVIS_ANIMAL_MNIST is not set",
+                f"Animal-MNIST's files are not in {cached} (run `make data` or scripts/get-stimuli.sh), the "
+                "package is not installed, and $MINDVIS_ANIMAL_MNIST is not set",
                 path="animal_mnist",
             )
         folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "Animal_MNIST"

@@ -646,7 +646,7 @@ def prepare_voxels(
         preprocessor.fit(train.voxels, source=train.source)
     xs = []
     for ds in (train, test):
-        x = np.asarray(preprocessor.transform(ds.voxels, source=ds.source), dtype=np.float32)
+        x = np.asarray(preprocessor.transform(ds.voxels, source=ds.source, split=ds.split), dtype=np.float32)
         if x.shape[1] != num_voxels:
             raise DataError(
                 f"the preprocessed fMRI has {x.shape[1]} voxels but the encoder takes {num_voxels} "

@@ -6,9 +6,18 @@ on the target subject's fMRI. The recipe is the original's (MAE's), every value 
 
 * AdamW, betas (0.9, 0.95), weight decay 0.05 except on biases, norms and other 1-D tensors; the learning rate
   is not scaled by the batch size (A1 2.5e-4, A2 5.3e-5);
-* per-iteration schedule: linear warmup, then half-cycle cosine to ``min_lr`` (0);
+* per-iteration schedule: linear warmup, then half-cycle cosine to ``min_lr`` (0); A1 500 epochs with 40 of
+  warmup, A2 15 epochs with 2 of warmup;
 * gradient-norm clipping at 0.8, mask ratio 0.75, batch 100 (A1) / 16 (A2) per device;
 * mixed precision on GPUs (bf16 where supported).
+
+Stage A2's data are, by default, the original's (``stageA2_mbm_finetune.py``): the target subject's *test* fMRI
+only, the averaged rows and the single trials (``include_nonavg_test=True``), never its training fMRI; the test
+rows normalised as the original does (with the mean and std of the already normalised training fMRI, about 0
+and 1, so nearly as stored); and validation on rows it also trains on, since the original reports the
+correlation on the data it tunes on (so ``val/corr`` is the fit to the tuning data, not generalisation, and
+``best/`` is the best fit). Ours, ``god_fmri="train"`` (``mindvis finetune --a2-data train``), tunes on the
+training fMRI with 5 % held out for validation and keeps the test fMRI unseen until evaluation.
 
 Masking noise is a hash of ``(seed, epoch, sample index)`` (:func:`masking_noise`), not a draw from a global
 generator, so that a resumed run and a run on several DDP processes mask every sample exactly as one
@@ -46,11 +55,12 @@ Stage = Literal["pretrain", "finetune"]
 #: The masking-noise "epoch" used for validation: the same masks every epoch.
 VALIDATION_NOISE_KEY = 2**31 - 1
 
-#: The original recipes, except the A2 epoch count. ``warmup_fraction`` gives the warmup when ``warmup_epochs``
-#: is not set (A1: 40 of 500 epochs; A2: 2 of 15). The original tunes A2 for 15 epochs, which stops while the
-#: correlation still rises: on SynthCortex (small variant pretrained 20 epochs; target subject 1140 training
-#: samples, 60 held out) 15 epochs take the validation masked-patch correlation from 0.19 to 0.31, 100 epochs to
-#: 0.435 (0.42 at epoch 60 of that run, flat after epoch 80). 100 is the default.
+#: The original recipes. ``warmup_fraction`` gives the warmup when ``warmup_epochs`` is not set (A1: 40 of 500
+#: epochs; A2: 2 of 15). The original tunes A2 for 15 epochs. Tuning on the *training* fMRI instead
+#: (``--a2-data train``), 15 epochs stop while the correlation still rises: on SynthCortex (small variant
+#: pretrained 20 epochs; target subject 1140 training samples, 60 held out) 15 epochs take the validation
+#: masked-patch correlation from 0.19 to 0.31, 100 epochs to 0.435 (0.42 at epoch 60 of that run, flat after
+#: epoch 80).
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": dict(
         variant="large",
@@ -58,17 +68,54 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         batch_size=100,
         lr=2.5e-4,
         warmup_fraction=40 / 500,
-        val_fraction=0.01,
     ),
     "finetune": dict(
         variant=None,
-        epochs=100,
+        epochs=15,
         batch_size=16,
         lr=5.3e-5,
         warmup_fraction=2 / 15,
-        val_fraction=0.05,
     ),
 }
+
+#: The stages' data defaults (:class:`~mindvis.data.pretrain.MBMDataConfig` fields). A2's are the original's:
+#: the target subject's test fMRI (see the module documentation).
+STAGE_DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": dict(val_fraction=0.01),
+    "finetune": dict(val_fraction=0.05, god_fmri="test"),
+}
+
+#: Data settings that follow ``god_fmri`` unless given: tuning on the test fMRI (the original's A2) comes with
+#: the original's test normalisation and validation on the tuning rows; the other choices with ours.
+GOD_FMRI_LINKED: dict[str, dict[str, Any]] = {
+    "test": dict(test_normalize="original", val_holdout=False),
+    "train": dict(test_normalize="train", val_holdout=True),
+    "train+test": dict(test_normalize="train", val_holdout=True),
+}
+
+
+def stage_data_settings(stage: str, data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The data settings of ``stage``: its defaults, those that follow ``god_fmri``, then ``data`` (given).
+
+    ``include_test_fmri`` given without ``god_fmri`` keeps its old meaning: True is ``"train+test"``, False
+    ``"train"``.
+
+    Raises:
+        ConfigError: ``include_test_fmri`` and ``god_fmri`` disagree.
+    """
+    data = dict(data or {})
+    if "include_test_fmri" in data and data["include_test_fmri"] is not None:
+        include = bool(data["include_test_fmri"])
+        if "god_fmri" not in data:
+            data["god_fmri"] = "train+test" if include else "train"
+        elif include != (data["god_fmri"] != "train"):
+            raise ConfigError(
+                f"include_test_fmri={include} contradicts god_fmri={data['god_fmri']!r}; give only one",
+                field="include_test_fmri",
+            )
+    defaults = dict(STAGE_DATA_DEFAULTS[stage])
+    god = data.get("god_fmri", defaults.get("god_fmri", "train"))
+    return {**defaults, **GOD_FMRI_LINKED.get(god, {}), **data}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,15 +256,15 @@ class MBMTrainConfig:
 
     @classmethod
     def for_stage(cls, stage: Stage, **overrides: Any) -> MBMTrainConfig:
-        """The stage's default recipe with ``overrides`` applied (``data``/``trainer`` may be dicts of fields)."""
+        """The stage's default recipe with ``overrides`` applied (``data``/``trainer`` may be dicts of fields;
+        the data defaults are :func:`stage_data_settings`)."""
         if stage not in STAGE_DEFAULTS:
             raise ConfigError(f"expected 'pretrain' or 'finetune', got {stage!r}", field="stage")
         defaults = dict(STAGE_DEFAULTS[stage])
-        val_fraction = defaults.pop("val_fraction")
         data = overrides.pop("data", None)
         if isinstance(data, MBMDataConfig):
             data = data.to_dict()
-        data = {"val_fraction": val_fraction, **(data or {})}
+        data = stage_data_settings(stage, data)
         trainer = overrides.pop("trainer", None)
         if isinstance(trainer, TrainerConfig):
             trainer = trainer.to_dict()
@@ -419,6 +466,7 @@ def make_datamodule(config: MBMTrainConfig, corpus_dir: str | os.PathLike, num_p
         seed=config.seed,
         num_workers=config.num_workers,
         num_patches=num_patches,
+        val_holdout=d.val_holdout,
     )
 
 
@@ -451,6 +499,8 @@ class MBMRunResult:
         metrics: the last logged values of every metric.
         num_samples: corpus samples; num_voxels: voxels per sample.
         seconds: wall time of this invocation's training.
+        val_on_training: the validation samples are also trained on (``val_holdout=False``, the original
+            stage A2's way), so the correlations measure the fit to the tuning data.
     """
 
     run_dir: Path
@@ -462,6 +512,7 @@ class MBMRunResult:
     num_samples: int
     num_voxels: int
     seconds: float
+    val_on_training: bool = False
 
 
 def load_init_model(path: str | os.PathLike) -> MaskedBrainModel:
@@ -487,6 +538,88 @@ def load_init_model(path: str | os.PathLike) -> MaskedBrainModel:
         return load_mbm(p)
     except ConfigError as exc:
         raise CheckpointError(exc.detail, path=exc.path or p, field=exc.field) from None
+
+
+def init_is_original(path: str | os.PathLike) -> bool:
+    """Whether the ``--init`` model is an original MinD-Vis checkpoint: a ``.pth`` file, or a folder converted
+    from one (its ``source.json`` says so)."""
+    from mindvis.data.preprocess import is_original_checkpoint
+    from mindvis.train.common import FINAL_WEIGHTS_DIR
+    from mindvis.utils.io import read_json
+
+    p = Path(path)
+    if p.is_file():
+        return True
+    for folder in (p, p / FINAL_WEIGHTS_DIR):
+        if (folder / "source.json").is_file():
+            try:
+                return is_original_checkpoint(read_json(folder / "source.json"))
+            except (ConfigError, OSError, ValueError):
+                return False
+    return False
+
+
+def init_pad_modes(path: str | os.PathLike) -> dict[str, str] | None:
+    """The pad modes recorded by the mindvis run the ``--init`` model comes from (its ``preprocessing.json``),
+    by subject name (``"god/sbj_1"``; ``""`` for a finetuning run's single preprocessing), or ``None`` when
+    ``path`` is not a run folder."""
+    from mindvis.utils.io import read_json
+
+    f = Path(path) / PREPROCESSING_NAME
+    if not f.is_file():
+        return None
+    try:
+        doc = read_json(f)
+        if isinstance(doc, Mapping) and isinstance(doc.get("subjects"), Mapping):
+            return {str(k): str(v["params"]["pad_mode"]) for k, v in doc["subjects"].items()}
+        return {"": str(doc["params"]["pad_mode"])}
+    except (ConfigError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resolve_pad_mode(
+    data: MBMDataConfig,
+    plans: Sequence[Any],
+    init_model: MaskedBrainModel | None,
+    original: bool,
+    recorded: Mapping[str, str] | None = None,
+) -> str:
+    """The concrete pad mode of ``data.pad_mode="auto"`` (other values are returned as they are).
+
+    With a pretrained model: ``"original"`` when it comes from an original checkpoint (``original``); else
+    the mode its own mindvis run recorded for the subjects (``recorded``, :func:`init_pad_modes`: a subject of
+    that run, or the mode all its subjects share); else, for a model of unknown origin, ``"original"`` when its
+    voxel count is the original padding rule's for every subject and not ours
+    (:func:`~mindvis.data.preprocess.choose_pad_mode`). ``"wrap"`` otherwise and without a model.
+    """
+    from mindvis.data.preprocess import choose_pad_mode
+
+    if data.pad_mode != "auto":
+        return data.pad_mode
+    if init_model is None or not plans:
+        return "wrap"
+    n = init_model.config.num_voxels
+    why = "the pretrained model is an original checkpoint"
+    if original:
+        mode = "original"
+    elif recorded:
+        names = [p.name for p in plans]
+        known = {recorded[k] for k in names if k in recorded} or (
+            set(recorded.values()) if len(set(recorded.values())) == 1 else {"wrap"}
+        )
+        mode = known.pop() if len(known) == 1 else "wrap"
+        why = "as the run the pretrained model comes from"
+    else:
+        modes = {choose_pad_mode(p.voxels, data.patch_size, n, False) for p in plans}
+        mode = "original" if modes == {"original"} else "wrap"
+        why = f"the pretrained model's {n} voxels are the original padding rule's count"
+    if mode == "original":
+        _logger.info(
+            "pad mode 'original' (%s): %s voxels padded by p - V %% p, statistics fitted after padding",
+            why,
+            "/".join(str(p.voxels) for p in plans),
+        )
+    return mode
 
 
 def run_mbm_stage(
@@ -563,8 +696,14 @@ def run_mbm_stage(
             )
     data_dir = run_dir / DATA_DIR
 
+    plans = None
+    if data.pad_mode == "auto":  # resolved before the configuration is written (and in every process)
+        plans = plan_sources(data) if init_model is not None else []
+        original = init_model is not None and init_is_original(config.init)  # type: ignore[arg-type]
+        recorded = init_pad_modes(config.init) if init_model is not None else None  # type: ignore[arg-type]
+        data.pad_mode = resolve_pad_mode(data, plans, init_model, original, recorded)
     if primary:
-        plans = plan_sources(data)
+        plans = plans or plan_sources(data)
         if saved_model is not None:
             length = saved_model.num_voxels
         elif init_model is not None:
@@ -613,7 +752,7 @@ def run_mbm_stage(
     module = MBMModule(config, model_config)
     if init_model is not None and ckpt_path is None:
         module.model.load_state_dict(init_model.state_dict(), strict=True)
-    has_val = len(split_rows(corpus, data.val_fraction, data.val_max, config.seed)[1]) > 0
+    has_val = len(split_rows(corpus, data.val_fraction, data.val_max, config.seed, data.val_holdout)[1]) > 0
     trainer = build_trainer(
         config.trainer,
         run_dir,
@@ -647,6 +786,7 @@ def run_mbm_stage(
         num_samples=corpus.num_samples,
         num_voxels=corpus.num_voxels,
         seconds=seconds,
+        val_on_training=not data.val_holdout,
     )
 
 
@@ -662,7 +802,13 @@ __all__ = [
     "load_init_model",
     "run_mbm_stage",
     "MBMTrainConfig",
+    "GOD_FMRI_LINKED",
+    "STAGE_DATA_DEFAULTS",
     "STAGE_DEFAULTS",
+    "init_is_original",
+    "init_pad_modes",
+    "resolve_pad_mode",
+    "stage_data_settings",
     "VALIDATION_NOISE_KEY",
     "make_datamodule",
     "masked_pearson",
