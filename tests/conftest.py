@@ -28,6 +28,17 @@ def _torch_threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test: tiny models train as fast on one, and do not stall when the cores are busy."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def one_thread_module():
     """One torch thread for a whole test module (bit-exact comparisons, and no oversubscription)."""

@@ -16,7 +16,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import parity_dir
 from mindvis.cli import main
@@ -67,11 +66,8 @@ def _data(n=12, v=32, seed=0, shift=3.0, scale=2.0):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -30,12 +30,8 @@ RES = 32
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast, and it does not stall when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 VOXELS = 120  # raw voxels; the encoder takes 128 (8 patches of 16)

@@ -87,12 +87,8 @@ def tiny_config(hcp_dir: Path, **over) -> MBMTrainConfig:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train faster on one thread, and far faster when the machine's cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -35,12 +35,8 @@ RES = 32  # tiny preset at 32 px: 8 x 8 x 3 latents
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast, and it does not stall when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def _corpus(n=24, k=3, res=RES, seed=0) -> ImageCorpus:
