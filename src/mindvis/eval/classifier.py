@@ -566,25 +566,28 @@ def load_training_corpus(
     try:
         with NpzArchive(path) as npz:
             files = set(npz.keys)
-            if "train_images" in files:
-                images = npz.get("train_images")
-                labels = npz.get("train_labels", mmap=False) if "train_labels" in files else None
-                desc = f"{path} [train_images]"
-                if labels is None:
-                    raise DataError("GOD-layout npz has no 'train_labels'", path=path, field="train_labels")
-            elif "images" in files:
-                images = npz.get("images")
-                labels = npz.get("labels", mmap=False) if "labels" in files else None
-                desc = f"{path} [images]"
-                if labels is None:
-                    raise DataError("corpus has no 'labels'", path=path, field="labels")
-                if "object_index" in files:
-                    object_index = np.asarray(npz.get("object_index", mmap=False), dtype=np.int64)
-            else:
+            # the GOD layout's training split, or a corpus
+            layout = next(
+                (
+                    pair
+                    for pair in (("train_images", "train_labels"), ("images", "labels"))
+                    if pair[0] in files
+                ),
+                None,
+            )
+            if layout is None:
                 raise DataError(
                     f"expected 'images'+'labels' or 'train_images'+'train_labels', found {sorted(files)}",
                     path=path,
                 )
+            image_key, label_key = layout
+            if label_key not in files:
+                raise DataError(f"npz with '{image_key}' has no '{label_key}'", path=path, field=label_key)
+            images = npz.get(image_key)
+            labels = npz.get(label_key, mmap=False)
+            desc = f"{path} [{image_key}]"
+            if image_key == "images" and "object_index" in files:
+                object_index = np.asarray(npz.get("object_index", mmap=False), dtype=np.int64)
             names = [str(x) for x in npz.get("class_names", mmap=False)] if "class_names" in files else None
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"cannot read corpus ({type(exc).__name__}: {exc})", path=path) from None
