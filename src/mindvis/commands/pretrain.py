@@ -136,8 +136,7 @@ def register(app: typer.Typer) -> None:
         }
         given.update({k: v for k, v in extra.items() if v is not None})
         resume = shared["resume"]
-        inputs = {"--data-dir": data_dir, "--hcp-dir": hcp_dir, "--god-dir": god_dir}
-        check_output_apart(out, inputs)
+        check_output_apart(out, {"--data-dir": data_dir, "--hcp-dir": hcp_dir, "--god-dir": god_dir})
         if not resume or any(x is not None for x in (data_dir, hcp_dir, god_dir, use_hcp, use_god)):
             hcp, god = _find_sources(data_dir, hcp_dir, god_dir, use_hcp, use_god)
             given["data.hcp_dir"], given["data.god_dir"] = hcp, god
