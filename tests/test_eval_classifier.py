@@ -74,6 +74,49 @@ def test_trains_beats_chance_saves_and_caches(tmp_path):
     assert not train_benchmark_classifier(changed, labels, names, out, ClassifierConfig(**TINY)).cached
 
 
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import mindvis.eval.classifier as clf_mod
+
+    images, labels, names = synthetic_corpus(n_per_class=16)
+    cfg = ClassifierConfig(**{**TINY, "epochs": 3})
+    whole = train_benchmark_classifier(images, labels, names, tmp_path / "whole", cfg)
+
+    save = clf_mod._save_training_state
+    saved: list[int] = []
+
+    def kill_after_first(path, *args):
+        save(path, *args)
+        saved.append(1)
+        if len(saved) == 1:
+            raise KeyboardInterrupt  # killed right after epoch 1's state reached the disk
+
+    monkeypatch.setattr(clf_mod, "_save_training_state", kill_after_first)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train_benchmark_classifier(images, labels, names, out, cfg)
+    assert [p.name for p in out.iterdir()] == ["training-state.pt"]  # no half classifier
+    # the other settings would start again; a second run with the same ones resumes after epoch 1
+    resumed = train_benchmark_classifier(images, labels, names, out, cfg)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert len(saved) == 2  # epoch 2's state only: epoch 1 was not trained again, the last is the classifier
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    a = whole.classifier.model.state_dict()
+    b = BenchmarkClassifier.load(out).model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+    # a state of other settings is ignored, not resumed
+    monkeypatch.setattr(clf_mod, "_save_training_state", kill_after_first)
+    saved.clear()
+    other = tmp_path / "other"
+    with pytest.raises(KeyboardInterrupt):
+        train_benchmark_classifier(images, labels, names, other, cfg)
+    fresh = train_benchmark_classifier(
+        images, labels, names, other, ClassifierConfig(**{**TINY, "epochs": 2})
+    )
+    assert [h["epoch"] for h in fresh.history] == [1, 2] and len(saved) == 2
+
+
 def test_corpus_layouts_and_test_exclusion(tmp_path):
     images, labels, names = synthetic_corpus(n_per_class=10)
     np.savez(tmp_path / "corpus.npz", images=images, labels=labels, class_names=np.array(names))

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: The training state written after every epoch inside the output folder (removed when the classifier is saved):
+#: an interrupted training resumes from it when its data and settings are the same.
+STATE_FILE = "training-state.pt"
 
 
 @dataclass
@@ -378,8 +381,17 @@ def is_classifier_folder(path: str | Path) -> bool:
     return isinstance(meta, dict) and meta.get("model_type") == "mindvis-benchmark-classifier"
 
 
+def _only_training_state(path: Path) -> bool:
+    """Whether ``path`` is a folder that holds nothing but an interrupted training's state."""
+    try:
+        return path.is_dir() and [p.name for p in path.iterdir()] == [STATE_FILE]
+    except OSError:
+        return False
+
+
 def check_classifier_output(out_dir: str | Path, overwrite: bool = False) -> None:
-    """A classifier may be written to ``out_dir``: absent, empty, holding a classifier, or ``overwrite``.
+    """A classifier may be written to ``out_dir``: absent, empty, holding a classifier (or only an interrupted
+    training's state), or ``overwrite``.
 
     Raises:
         OutputExistsError: ``out_dir`` holds something else and ``overwrite`` is not set.
@@ -387,7 +399,7 @@ def check_classifier_output(out_dir: str | Path, overwrite: bool = False) -> Non
     from mindvis.utils.io import prepare_output_dir
 
     out_dir = Path(out_dir)
-    if overwrite or is_classifier_folder(out_dir):
+    if overwrite or is_classifier_folder(out_dir) or _only_training_state(out_dir):
         prepare_output_dir(out_dir, overwrite=True)  # still refuses a file in the way
         return
     prepare_output_dir(out_dir, overwrite=False)
@@ -408,7 +420,9 @@ def train_benchmark_classifier(
 
     A stratified ``holdout_fraction`` of ``images`` is held out to measure accuracy; the rest trains the
     network. When ``out_dir`` already holds a classifier whose ``training_data_sha256`` and training config
-    match, it is loaded instead of retrained (unless ``force``).
+    match, it is loaded instead of retrained (unless ``force``). After every epoch the training state is saved
+    to ``out_dir/training-state.pt``; a training interrupted after epoch k resumes at epoch k+1 when its data
+    and config are the same, and ends with the same weights as an uninterrupted one.
 
     Args:
         images: ``[M, H, W, 3]`` uint8 training images (no test images!).
@@ -486,8 +500,23 @@ def train_benchmark_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
     )
-    history = []
-    for epoch in range(config.epochs):
+    history: list[dict] = []
+    state_path = None if out_dir is None else Path(out_dir) / STATE_FILE
+    first = 0
+    if state_path is not None and not force:
+        resumed = _load_training_state(state_path, digest, config)
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+            opt.load_state_dict(resumed["optimizer"])
+            sched.load_state_dict(resumed["scheduler"])
+            gen.set_state(resumed["generator"])
+            history = list(resumed["history"])
+            first = len(history)
+            logger.info(
+                "resuming the classifier's training after epoch %d/%d (%s)", first, config.epochs, state_path
+            )
+    for epoch in range(first, config.epochs):
+        t_epoch = time.perf_counter()
         model.train()
         perm = torch.randperm(len(tr_idx), generator=gen)
         total = 0.0
@@ -503,7 +532,14 @@ def train_benchmark_classifier(
         model.eval()
         with torch.no_grad():
             acc = float((model(x_ho).argmax(1) == y_ho).float().mean())
-        history.append({"epoch": epoch + 1, "train_loss": total / len(tr_idx), "held_out_accuracy": acc})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total / len(tr_idx),
+                "held_out_accuracy": acc,
+                "seconds": round(time.perf_counter() - t_epoch, 2),
+            }
+        )
         logger.info(
             "classifier epoch %d/%d: loss %.4f, held-out accuracy %.3f",
             epoch + 1,
@@ -511,7 +547,9 @@ def train_benchmark_classifier(
             total / len(tr_idx),
             acc,
         )
-    seconds = time.perf_counter() - t0
+        if state_path is not None and epoch + 1 < config.epochs:
+            _save_training_state(state_path, digest, config, model, opt, sched, gen, history)
+    seconds = time.perf_counter() - t0 + sum(h.get("seconds", 0.0) for h in history[:first])
     counts = np.bincount(labels[ho_idx], minlength=n_classes)
     info = {
         "training_data_sha256": digest,
@@ -532,6 +570,57 @@ def train_benchmark_classifier(
         clf.save(out_dir, overwrite=overwrite)
         clf.info["path"] = str(out_dir)
     return TrainResult(clf, cached=False, seconds=seconds, history=history)
+
+
+def _save_training_state(
+    path: Path, digest: str, config: ClassifierConfig, model, opt, sched, gen, history
+) -> None:
+    """Write the state after an epoch (atomically), so that a killed training resumes from it."""
+    import io
+
+    import torch
+
+    from mindvis.utils.io import atomic_write
+
+    state = {
+        "format": 1,
+        "training_data_sha256": digest,
+        "config": json.dumps(asdict(config), sort_keys=True),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": gen.get_state(),
+        "history": history,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as fh:
+        fh.write(buf.getvalue())
+
+
+def _load_training_state(path: Path, digest: str, config: ClassifierConfig) -> dict | None:
+    """The saved state at ``path`` when it belongs to this data and config; None otherwise (logged)."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        same = (
+            state["training_data_sha256"] == digest
+            and state["config"] == json.dumps(asdict(config), sort_keys=True)
+            and 0 < len(state["history"]) < config.epochs
+        )
+    except Exception as exc:  # a torn or foreign file: train from the start
+        logger.warning("ignoring the classifier training state %s (%s: %s)", path, type(exc).__name__, exc)
+        return None
+    if not same:
+        logger.warning(
+            "the training state in %s belongs to other data or settings: training from the start", path
+        )
+        return None
+    return state
 
 
 def load_training_corpus(
