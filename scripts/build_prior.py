@@ -1,44 +1,48 @@
-"""Build an image prior and its judge: the demo's shipped prior, or the 20-class benchmark prior.
+"""Build the embedded benchmark's two stand-ins: the image prior and the judge (``src/mindvis/assets/synthcortex-20``).
 
-``--corpus demo`` (default) rebuilds the prior that ``mindvis demo`` ships with
-(``src/mindvis/assets/prior-small``): the demo's ``default`` preset simulates its data with a fixed seed, so its
-stimulus corpus is the same file on every machine. The demo uses the shipped prior only when its own corpus
-has the same sha256; otherwise it trains one with the same settings (as with ``mindvis demo --train-prior``).
+They play the parts of the original's ImageNet label2img LDM and ViT-H/14 classifier. The build runs three
+``mindvis`` commands in a work folder: ``simulate --source fashion+animal`` writes a 60k-image composite corpus of
+all of Fashion-MNIST and Animal-MNIST (20 classes, training-split objects only), ``train-classifier --preset
+judge`` trains the judge and ``train-prior`` the VQ-f4 + class-conditional UNet. Then the artifact is written:
+the pipeline and the judge (float16 weights), the training metrics, ``ARTIFACT.json`` (the exact commands, the
+corpus hash, the wall times) and the evaluation of exactly the shipped weights on composites of the sources'
+never-seen test-split objects (:mod:`mindvis.eval.prior_benchmark`: the judge's accuracy and confusion matrix,
+the VQ's reconstructions, the class samples without and with guidance, the denoising loss's class signal).
 
-``--corpus fashion+animal`` builds the 20-class benchmark prior: a 60k-image composite corpus of all of
-Fashion-MNIST and Animal-MNIST (``mindvis simulate --source fashion+animal``), the benchmark's judge
-(``mindvis train-classifier --preset judge``) and a VQ-f4 + class-conditional UNet (``mindvis train-prior``).
-Its artifact goes to ``<work>/artifact`` unless ``--out`` says otherwise (the shipped asset is not replaced).
-
-Every step runs in the work folder with paths relative to it, so nothing written (metrics.json, the
-classifier's config, ARTIFACT.json) records an absolute path. Steps already done are skipped and an
-interrupted prior is resumed (``--resume``): rerunning the same command continues where it stopped.
-``--evaluate-only`` trains nothing: it scores what the work folder holds (the judge on held-out corpus images
-and on composites of never-seen test-split objects, the VQ's reconstructions, the class samples) into
-``<work>/evaluation.json``.
+Every step runs in the work folder with paths relative to it, so nothing written records an absolute path. Steps
+already done are skipped, an interrupted judge or prior resumes from its last epoch: rerunning the same command
+continues where it stopped. Training takes hours on 2 CPU cores; run it with ``nice`` in the background.
 
 Usage::
 
-    python scripts/build_prior.py [--work build/prior]
-    python scripts/build_prior.py --corpus fashion+animal --work build/prior20 [--no-prior]
-    python scripts/build_prior.py --corpus fashion+animal --work build/prior20 --evaluate-only
+    python scripts/build_prior.py --work build/synthcortex-20 [--out src/mindvis/assets/synthcortex-20] [--no-prior]
+    python scripts/build_prior.py --work build/synthcortex-20 --evaluate-only
+    python scripts/build_prior.py --evaluate-only --artifact src/mindvis/assets/synthcortex-20 --report build/eval
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from mindvis import __version__
-from mindvis.demo import SHIPPED_PRIOR, _args, get_preset, run_cli
-from mindvis.utils.io import atomic_dir, file_sha256, read_json, write_json
+from mindvis.demo import _args, run_cli
+from mindvis.utils.io import (
+    atomic_dir,
+    atomic_write,
+    check_output_apart,
+    file_sha256,
+    read_json,
+    safetensors_bytes,
+    write_json,
+)
 from mindvis.utils.steps import provenance
 
 #: The 20-class benchmark build: every setting of its three commands.
@@ -79,15 +83,10 @@ BENCHMARK20: dict[str, Any] = {
 }
 
 
-def settings_for(corpus: str) -> dict[str, Any]:
-    if corpus == "demo":
-        preset = get_preset("default")
-        # the default preset's prior, scored on more samples
-        return {
-            "simulate": dict(preset.simulate),
-            "classifier": dict(preset.classifier),
-            "prior": {**preset.prior, "final-samples": 10},
-        }
+def settings_for(corpus: str = "fashion+animal") -> dict[str, Any]:
+    """The settings of the build's three commands (a copy; ``fashion+animal`` is the only corpus)."""
+    if corpus != "fashion+animal":
+        raise SystemExit(f"unknown corpus {corpus!r}: this script builds the fashion+animal stand-ins")
     return json.loads(json.dumps(BENCHMARK20))
 
 
@@ -144,138 +143,149 @@ def build(corpus: str, work: Path, with_prior: bool = True) -> dict[str, list[st
     work.mkdir(parents=True, exist_ok=True)
     with _inside(work):
         if not corpus_npz.is_file():  # simulate writes atomically: the corpus is complete or absent
-            run_cli(commands["simulate"])
-        if not (clf / "config.json").is_file():
-            run_cli(commands["classifier"])
+            _timed("simulate", lambda: run_cli(commands["simulate"]))
+        if not (clf / "config.json").is_file():  # resumes from clf/training-state.pt when interrupted
+            _timed("classifier", lambda: run_cli(commands["classifier"]))
         if with_prior and not (prior / "metrics.json").is_file():
             resume = (
                 ["--resume"] if any(prior.rglob("*.ckpt")) else (["--overwrite"] if prior.exists() else [])
             )
-            run_cli(commands["prior"] + resume)
+            _timed("prior", lambda: run_cli(commands["prior"] + resume))
     return commands
 
 
-def evaluate(corpus: str, work: Path, test_images: int = 2000, per_class: int = 10) -> dict[str, Any]:
-    """Score the judge and (when present) the prior of ``work`` without training anything."""
-    import numpy as np
+#: Wall seconds of each step, summed over the sessions of a resumed build (in the work folder).
+TIMES_FILE = "wall_seconds.json"
 
-    from mindvis.data.stimuli import make_stimulus_set
-    from mindvis.eval.classifier import BenchmarkClassifier
-    from mindvis.train.prior import class_sample_accuracy, classifier_callable, evaluate_vq, load_image_corpus
+
+def _timed(step: str, fn: Any) -> None:
+    """Run ``fn`` and add its wall time to ``TIMES_FILE`` (also when it is interrupted, as far as it got)."""
+    t0 = time.perf_counter()
+    try:
+        fn()
+    finally:
+        times = read_json(TIMES_FILE) if Path(TIMES_FILE).is_file() else {}
+        times[step] = round(float(times.get(step, 0.0)) + time.perf_counter() - t0, 1)
+        write_json(TIMES_FILE, times)
+
+
+def evaluate(corpus: str, folder: Path, out: Path | None = None) -> dict[str, Any]:
+    """Score the judge (``folder/classifier``) and, when present, the prior (``folder/prior/pipeline`` or
+    ``folder/pipeline``) of a work folder or a built artifact, without training anything
+    (:func:`mindvis.eval.prior_benchmark.evaluate_stand_ins`: never-seen test-split composites). The result and
+    its figures go to ``out`` (default ``folder/evaluation``)."""
+    from mindvis.eval.prior_benchmark import evaluate_stand_ins
 
     s = settings_for(corpus)
-    res = int(s["simulate"].get("resolution", 64))
-    out: dict[str, Any] = {}
-    with _inside(work):
-        judge = BenchmarkClassifier.load("classifier")
-        source = s["simulate"].get("source", "fashion-mnist")
-        images, labels, _ = make_stimulus_set(test_images, res, seed=1, source=source, split="test")
-        pred = judge.predict(images).probs.argmax(1)
-        out["judge"] = {
-            "held_out_accuracy": judge.info.get("held_out_accuracy"),
-            "held_out_by_object": bool(judge.info.get("holdout_by_object", False)),
-            "n_holdout": judge.info.get("n_holdout"),
-            "train_seconds": judge.info.get("train_seconds"),
-            "config": dataclasses.asdict(judge.config),
-            "test_split_accuracy": float((pred == labels).mean()),
-            "test_split_images": int(test_images),
-            "test_split_note": "composites of the source's test-split objects (never trained on), seed 1",
-        }
-        pipeline = Path("prior") / "pipeline"
-        if pipeline.is_dir():
-            from mindvis.pipeline import MindVisPipeline
-
-            corpus_ = load_image_corpus(Path("sim") / "stimuli" / "corpus.npz", res)
-            fn = classifier_callable(judge, corpus_.class_names)
-            ps = s["prior"]
-            _, held = corpus_.split(float(ps.get("holdout", 0.1)), int(ps.get("seed", 0)))
-            model = MindVisPipeline.from_pretrained(pipeline).model
-            vq = evaluate_vq(model.vq, np.asarray(held.images), labels=held.labels, classifier=fn)
-            vq["judge_accuracy_kept"] = vq["class_accuracy_reconstructions"] / max(
-                vq["class_accuracy_images"], 1e-9
-            )
-            out["vq"] = vq
-            out["class_samples"] = class_sample_accuracy(
-                model,
-                fn,
-                corpus_.class_names,
-                per_class,
-                int(ps.get("steps", 50)),
-                str(ps.get("sampler", "ddim")),
-                guidance_scale=float(ps.get("guidance", 1.0)),
-            )
-        write_json("evaluation.json", _relative(out, work))
-    return out
+    ps = s["prior"]
+    pipeline = next((p for p in (folder / "prior" / "pipeline", folder / "pipeline") if p.is_dir()), None)
+    return evaluate_stand_ins(
+        folder / "classifier",
+        pipeline,
+        str(s["simulate"].get("source", "fashion-mnist")),
+        int(s["simulate"].get("resolution", 64)),
+        out or folder / "evaluation",
+        guidance_scale=float(ps.get("guidance", 3.0)),
+        sampler=str(ps.get("sampler", "ddim")),
+        steps=int(ps.get("steps", 50)),
+    )
 
 
-def write_artifact(corpus: str, work: Path, out: Path, commands: dict[str, list[str]]) -> int:
+def _half_precision(folder: Path) -> None:
+    """Store every float32 tensor of the ``*.safetensors`` files under ``folder`` as float16 (halves the
+    artifact; the readers cast floats to the model's dtype). The evaluation scores these shipped weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    for path in sorted(folder.rglob("*.safetensors")):
+        tensors = load_file(str(path))
+        half = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
+        with atomic_write(path) as fh:
+            fh.write(safetensors_bytes(half))
+
+
+def write_artifact(corpus: str, work: Path, out: Path, commands: dict[str, list[str]], seconds: dict) -> int:
+    """The shipped folder: the prior's pipeline and the judge (float16 weights), the training metrics, the
+    evaluation of exactly these weights with its figures, and ``ARTIFACT.json`` (commands, corpus hash, wall
+    times, the figures), with no absolute path."""
     prior = work / "prior"
     metrics = _relative(read_json(prior / "metrics.json"), work)
     judge = _relative(read_json(work / "classifier" / "config.json"), work)
-    name = "prior-small" if corpus == "demo" else "prior-fashion-animal"
+    s = settings_for(corpus)
     with atomic_dir(out, overwrite=True) as tmp:
         shutil.copytree(prior / "pipeline", tmp / "pipeline")
+        shutil.copytree(work / "classifier", tmp / "classifier")
+        _half_precision(tmp / "pipeline")
         write_json(tmp / "metrics.json", metrics)
-        for grid in sorted(prior.glob("*.png")):
-            shutil.copy2(grid, tmp / grid.name)
+        evaluation = evaluate(corpus, tmp, tmp / "evaluation")
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         record = {
-            "name": name,
-            "description": (
-                "tiny class-conditional DCLDM (VQ-f4 + UNet) trained on the demo's default-preset "
-                "SynthCortex stimulus corpus"
-                if corpus == "demo"
-                else "class-conditional DCLDM (VQ-f4 + UNet) trained on the 20-class fashion+animal "
-                "SynthCortex stimulus corpus"
-            ),
+            "name": out.name,
+            "description": "the embedded benchmark's stand-ins for label2img and ViT-H/14: a class-conditional "
+            f"DCLDM (VQ-f4 + UNet) and the judge, trained on the {len(judge['class_names'])}-class "
+            f"{s['simulate'].get('source')} SynthCortex stimulus corpus",
             "mindvis_version": __version__,
             **provenance(),
+            "source": s["simulate"].get("source"),
+            "resolution": metrics.get("resolution"),
+            "class_names": judge["class_names"],
             "command": "mindvis " + " ".join(commands["prior"]),
             "simulate": "mindvis " + " ".join(commands["simulate"]),
             "classifier": "mindvis " + " ".join(commands["classifier"]),
             "paths": "relative to the build's work folder",
             "corpus_sha256": file_sha256(work / "sim" / "stimuli" / "corpus.npz"),
+            "wall_seconds": seconds,
+            "weights": "float16 (trained in float32)",
             "judge": {
                 k: judge.get(k)
                 for k in ("held_out_accuracy", "holdout_by_object", "n_holdout", "train_seconds")
             },
-            "resolution": metrics.get("resolution"),
+            "evaluation": {k: v for k, v in evaluation.items() if k != "figures"},
             "bytes": size,
             "metrics": metrics,
         }
-        evaluation = work / "evaluation.json"
-        if evaluation.is_file():
-            record["evaluation"] = read_json(evaluation)
         write_json(tmp / "ARTIFACT.json", _relative(record, work))
-    print(f"prior artifact written to {out} ({size / 1e6:.1f} MB)")
+    print(f"artifact written to {out} ({size / 1e6:.1f} MB)")
     return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--corpus", choices=("demo", "fashion+animal"), default="demo", help="which prior to build"
+        "--corpus", choices=("fashion+animal",), default="fashion+animal", help="the stimulus corpus"
     )
-    ap.add_argument("--work", type=Path, default=None, help="working folder (kept for reuse and resuming)")
-    ap.add_argument("--out", type=Path, default=None, help="where the artifact goes")
+    ap.add_argument(
+        "--work", type=Path, default=Path("build/synthcortex-20"), help="working folder (kept for resuming)"
+    )
+    ap.add_argument("--out", type=Path, default=None, help="where the artifact goes [WORK/artifact]")
     ap.add_argument("--no-prior", action="store_true", help="stop after the corpus and the judge")
     ap.add_argument(
-        "--evaluate-only", action="store_true", help="train nothing; score the judge and prior in --work"
+        "--evaluate-only",
+        action="store_true",
+        help="train nothing: score the judge and prior of --work (or of --artifact) into --report",
     )
+    ap.add_argument(
+        "--artifact", type=Path, default=None, help="with --evaluate-only: a built artifact folder"
+    )
+    ap.add_argument("--report", type=Path, default=None, help="with --evaluate-only: where results go")
     args = ap.parse_args()
-    work = args.work or Path("build/prior" if args.corpus == "demo" else "build/prior20")
-    out = args.out or (SHIPPED_PRIOR if args.corpus == "demo" else work / "artifact")
+    work = args.work
     if args.evaluate_only:
-        result = evaluate(args.corpus, work)
-        print(json.dumps(_relative(result, work), indent=1)[:4000])
+        folder = args.artifact or work
+        report = args.report or (work / "evaluation" if args.artifact is None else None)
+        if report is None:
+            raise SystemExit("--artifact needs --report: an artifact is never written to")
+        check_output_apart(report, {"--artifact": args.artifact})
+        result = evaluate(args.corpus, folder, report)
+        print(json.dumps({k: v for k, v in result.items() if k != "figures"}, indent=1)[:4000])
+        print(f"evaluation and figures written to {report}")
         return 0
     commands = build(args.corpus, work, with_prior=not args.no_prior)
     if args.no_prior:
         print(f"corpus and judge in {work}")
         return 0
-    if args.corpus != "demo":
-        evaluate(args.corpus, work)
-    return write_artifact(args.corpus, work, out, commands)
+    times = read_json(work / TIMES_FILE) if (work / TIMES_FILE).is_file() else {}
+    return write_artifact(args.corpus, work, args.out or work / "artifact", commands, times)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,38 @@ def test_build_prior_records_relative_paths(tmp_path):
     obj = {"corpus": {"source": str(work / "sim" / "corpus.npz")}, "x": [str(work.resolve())]}
     rel = build_prior._relative(obj, work)
     assert json.dumps(rel).count(str(tmp_path)) == 0 and rel["corpus"]["source"] == "<work>/sim/corpus.npz"
-    s = build_prior.settings_for("fashion+animal")
+    s = build_prior.settings_for()
     assert s["simulate"]["source"] == "fashion+animal" and s["simulate"]["corpus-size"] >= 50000
     assert s["classifier"]["preset"] == "judge" and s["prior"]["ema"] is True
+
+
+def test_stand_ins_are_scored_on_never_seen_test_composites(tmp_path, both_sources):
+    """The judge/prior evaluation (tiny judge, untrained tiny prior): every figure and number is written."""
+    import torch
+
+    from mindvis.eval.prior_benchmark import FIGURES, confusion_matrix, evaluate_stand_ins
+    from mindvis.train.prior import PriorTrainConfig, build_class_prior
+
+    torch.manual_seed(0)
+    images, labels, names = stim.make_stimulus_set(200, 32, seed=0, source="fashion+animal", split="train")
+    cfg = ClassifierConfig(**{**CLASSIFIER_PRESETS["judge"], "widths": (8, 8, 16, 16), "epochs": 1})
+    judge = train_benchmark_classifier(images, labels, names, None, cfg).classifier
+    k = len(names)
+    prior = build_class_prior(PriorTrainConfig(preset="tiny", resolution=32).ldm_config(k), k).eval()
+    out = tmp_path / "eval"
+    res = evaluate_stand_ins(
+        judge, prior, "fashion+animal", 32, out, test_images=60, vq_images=30, per_class=1, steps=2,
+        probe_items=20, probe_draws=2,
+    )
+    m = np.asarray(res["judge"]["confusion"])
+    assert m.shape == (20, 20) and m.sum() == 60
+    assert res["judge"]["accuracy"] == pytest.approx(np.trace(m) / 60)
+    assert set(res["class_samples"]) == {"guidance_1", "guidance_3"}
+    assert all(v["samples"] == 20 for v in res["class_samples"].values())
+    assert 0.0 <= res["vq"]["judge_accuracy_kept"] and res["class_signal"]["items"] == 20
+    assert json.loads((out / "evaluation.json").read_text())["judge"]["accuracy"] == res["judge"]["accuracy"]
+    for name in FIGURES.values():
+        assert (out / name).stat().st_size > 0
+    np.testing.assert_array_equal(confusion_matrix([0, 1, 1], [0, 0, 1], 2), [[1, 0], [1, 1]])
+    with pytest.raises(ConfigError, match="classes"):
+        evaluate_stand_ins(judge, None, "fashion-mnist", 32, tmp_path / "e2", test_images=10)
