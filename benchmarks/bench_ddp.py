@@ -44,8 +44,9 @@ def worker(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     from mindvis.data.pretrain import MBMDataset
+    from mindvis.data.sampler import EpochShuffleSampler
     from mindvis.models.mbm import MBM_VARIANTS
-    from mindvis.train.common import EpochShuffleSampler, build_trainer
+    from mindvis.train.common import build_trainer
     from mindvis.train.mbm import MBMModule, MBMTrainConfig
 
     warnings.filterwarnings("ignore")

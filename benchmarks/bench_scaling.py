@@ -90,7 +90,7 @@ def stream_corpus(
     from torch.utils.data import DataLoader
 
     from mindvis.data.pretrain import MBMDataset
-    from mindvis.train.common import EpochShuffleSampler
+    from mindvis.data.sampler import EpochShuffleSampler
 
     size = samples * voxels * 4
     free = shutil.disk_usage(workdir).free

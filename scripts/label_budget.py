@@ -76,17 +76,15 @@ def ridge_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     """Run the missing rows; returns all rows of ``args.out`` and the prior's class count."""
     from mindvis.data.formats.registry import load_dataset
-    from mindvis.data.preprocess import load_preprocessor
+    from mindvis.data.preprocess import find_preprocessing, load_preprocessor, prepare_voxels
+    from mindvis.models.ldm import prior_class_table
     from mindvis.train.ldm import (
         StageBConfig,
         align_context,
         build_encoder,
         build_stage_b_model,
-        find_preprocessing,
         fit_token_stats,
         load_prior,
-        prepare_voxels,
-        prior_class_table,
         prior_context_std,
     )
     from mindvis.utils.io import read_json, write_json

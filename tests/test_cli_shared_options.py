@@ -69,8 +69,9 @@ def test_add_options_refuses_misuse():
 
 def test_stage_a_options_map_onto_the_run_configuration():
     """Every stage A option sets a field the run configuration has; unset options are left out."""
+    from mindvis.data.pretrain import MBMDataConfig
     from mindvis.train.common import TrainerConfig
-    from mindvis.train.mbm import MBMDataConfig, MBMTrainConfig
+    from mindvis.train.mbm import MBMTrainConfig
 
     fields = {
         None: {f.name for f in dataclasses.fields(MBMTrainConfig)},

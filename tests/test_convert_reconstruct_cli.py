@@ -235,7 +235,7 @@ def test_reconstruct_input_errors(converted, inputs, tmp_path, capsys):
 
 
 def test_convert_other_combinations(fx, tmp_path, capsys):
-    from mindvis.convert.mbm import load_original_mbm_checkpoint
+    from mindvis.models.mbm import load_original_mbm_checkpoint
 
     # label2img alone: a class-conditional prior folder
     prior_dir = tmp_path / "prior"

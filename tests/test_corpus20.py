@@ -187,15 +187,24 @@ def test_stand_ins_are_scored_on_never_seen_test_composites(tmp_path, both_sourc
     prior = build_class_prior(PriorTrainConfig(preset="tiny", resolution=32).ldm_config(k), k).eval()
     out = tmp_path / "eval"
     res = evaluate_stand_ins(
-        judge, prior, "fashion+animal", 32, out, test_images=60, vq_images=30, per_class=1, steps=2,
-        probe_items=20, probe_draws=2,
+        judge,
+        prior,
+        "fashion+animal",
+        32,
+        out,
+        test_images=60,
+        vq_images=30,
+        per_class=1,
+        steps=2,
+        probe_items=20,
+        probe_draws=2,
     )
     m = np.asarray(res["judge"]["confusion"])
     assert m.shape == (20, 20) and m.sum() == 60
     assert res["judge"]["accuracy"] == pytest.approx(np.trace(m) / 60)
     assert set(res["class_samples"]) == {"guidance_1", "guidance_3"}
     assert all(v["samples"] == 20 for v in res["class_samples"].values())
-    assert 0.0 <= res["vq"]["judge_accuracy_kept"] and res["class_signal"]["items"] == 20
+    assert res["vq"]["judge_accuracy_kept"] >= 0.0 and res["class_signal"]["items"] == 20
     assert json.loads((out / "evaluation.json").read_text())["judge"]["accuracy"] == res["judge"]["accuracy"]
     for name in FIGURES.values():
         assert (out / name).stat().st_size > 0

@@ -33,8 +33,8 @@ from mindvis.data.pretrain import (
     plan_sources,
     split_rows,
 )
+from mindvis.data.sampler import EpochShuffleSampler
 from mindvis.errors import DataError
-from mindvis.train.common import EpochShuffleSampler
 
 AREAS = ("V1", "V2", "V3", "V4")
 

@@ -13,9 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import parity_dir
-from mindvis.convert.mbm import convert_mbm_checkpoint, load_original_mbm_checkpoint
+from mindvis.convert.mbm import convert_mbm_checkpoint
 from mindvis.errors import CheckpointError, OutputExistsError
-from mindvis.models.mbm import FMRIEncoder, MaskedBrainModel, load_state_dict_checked
+from mindvis.models.mbm import (
+    FMRIEncoder,
+    MaskedBrainModel,
+    load_original_mbm_checkpoint,
+    load_state_dict_checked,
+)
 
 # Suggested tolerances for a float32 CPU reimplementation (reference README, section 9).
 RTOL = 1e-5

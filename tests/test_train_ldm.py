@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mindvis.data.dataset import FMRIDataset
+from mindvis.data.preprocess import prepare_voxels
 from mindvis.errors import ConfigError, DataError
 from mindvis.models.mbm import FMRIEncoder, MaskedBrainModel, mbm_tiny
 from mindvis.train.common import TrainerConfig
@@ -21,7 +22,6 @@ from mindvis.train.ldm import (
     StageBModule,
     build_stage_b_model,
     check_image_size,
-    prepare_voxels,
     train_stage_b,
 )
 from mindvis.train.prior import PriorTrainConfig, build_class_prior, save_prior_pipeline
@@ -193,7 +193,8 @@ def test_token_standardisation_matches_the_prior_context_spread(prior_dir, mbm_d
 
 
 def test_context_warm_start_moves_the_context_onto_the_class_embeddings(prior_dir, mbm_dir):
-    from mindvis.train.ldm import align_context, load_prior, prior_class_table
+    from mindvis.models.ldm import prior_class_table
+    from mindvis.train.ldm import align_context, load_prior
 
     prior = load_prior(prior_dir)
     table = prior_class_table(prior)
@@ -245,8 +246,9 @@ def test_stage_b_run_with_warm_start_records_it(prior_dir, mbm_dir, tmp_path):
 
 
 def test_prior_classes_context_basis(prior_dir, mbm_dir, tmp_path):
+    from mindvis.models.ldm import prior_class_table
     from mindvis.pipeline import MindVisPipeline
-    from mindvis.train.ldm import load_prior, prior_class_table
+    from mindvis.train.ldm import load_prior
 
     prior = load_prior(prior_dir)
     table = prior_class_table(prior)
@@ -560,8 +562,7 @@ def test_two_process_cpu_ddp(prior_dir, mbm_dir, tmp_path):
 
 
 def test_stage_a_preprocessing_is_found_and_applied(tmp_path):
-    from mindvis.data.preprocess import FMRIPreprocessor, load_preprocessor
-    from mindvis.train.ldm import find_preprocessing
+    from mindvis.data.preprocess import FMRIPreprocessor, find_preprocessing, load_preprocessor
 
     run = tmp_path / "stageA2"
     (run / "model").mkdir(parents=True)

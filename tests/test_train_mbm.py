@@ -18,6 +18,7 @@ import torch
 
 from mindvis.cli import main
 from mindvis.data.preprocess import FMRIPreprocessor
+from mindvis.data.pretrain import masking_noise
 from mindvis.errors import CheckpointError, ConfigError
 from mindvis.models.mbm import MaskedBrainModel, load_safetensors, mbm_tiny
 from mindvis.train.common import (
@@ -29,7 +30,6 @@ from mindvis.train.common import (
 from mindvis.train.mbm import (
     MBMTrainConfig,
     masked_pearson,
-    masking_noise,
     run_mbm_stage,
 )
 from test_hcp import write_god_subject, write_hcp_subject

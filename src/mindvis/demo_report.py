@@ -15,6 +15,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mindvis.departures import in_force
+from mindvis.eval.report import write_report
+from mindvis.eval.suite import metric_rows
 from mindvis.utils.io import atomic_write, read_json, write_json
 
 _logger = logging.getLogger(__name__)
@@ -32,7 +35,6 @@ HEADLINE = [
 
 
 def _rows_by_key(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from mindvis.eval.suite import metric_rows
 
     return {r["key"]: r for r in metric_rows(results) if r["status"] == "ok"}
 
@@ -213,7 +215,6 @@ the paper's GOD or BOLD5000 numbers, and small differences within the intervals 
 
 def departures(preset: Any) -> list[str]:
     """Plain-language list of the preset's settings that the original does not have (:mod:`mindvis.departures`)."""
-    from mindvis.departures import in_force
 
     out = []
     for d in in_force(preset):
@@ -301,7 +302,6 @@ def write_demo_report(
     steps_seconds: dict[str, float] | None = None,
 ) -> Path:
     """Write ``out/index.html``, ``out/headline.json``, ``out/curves.png`` and a side-by-side comparison."""
-    from mindvis.eval.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     table = headline_table(evals)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mindvis import __version__
 from mindvis.errors import CheckpointError, ConfigError, DataError
 from mindvis.models.conditioning import (
     ClassEmbedder,
@@ -39,6 +40,14 @@ from mindvis.models.conditioning import (
     DCConditionerConfig,
 )
 from mindvis.models.ldm import DCLDM, UNetConfig, VQConfig, images_to_uint8
+from mindvis.models.mbm import (
+    FMRIEncoder,
+    _read_config_json,
+    _save_pretrained,
+    load_safetensors,
+    load_state_dict_checked,
+    read_model_json,
+)
 from mindvis.sampling import (
     DEFAULT_STEPS,
     SAMPLERS,
@@ -47,6 +56,7 @@ from mindvis.sampling import (
     model_calls,
     run_sampler,
 )
+from mindvis.utils.io import atomic_dir, write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -279,10 +289,6 @@ class MindVisPipeline:
         Raises:
             OutputExistsError: the folder exists, is not empty, and ``overwrite`` is False.
         """
-        from mindvis import __version__
-        from mindvis.models.mbm import _save_pretrained
-        from mindvis.utils.io import atomic_dir, write_json
-
         m = self.model
         directory = Path(directory)
         with atomic_dir(directory, overwrite=overwrite) as tmp:
@@ -337,14 +343,6 @@ class MindVisPipeline:
                 or does not fit its config.
             ConfigError: a config holds invalid values.
         """
-        from mindvis.models.mbm import (
-            FMRIEncoder,
-            _read_config_json,
-            load_safetensors,
-            load_state_dict_checked,
-            read_model_json,
-        )
-
         d = Path(directory)
         if not d.is_dir():
             raise CheckpointError("model folder not found", path=d)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from mindvis.data.formats.common import check_declared_size, regular_file, zip_member_problem
 from mindvis.errors import CheckpointError, DataError
 
 _logger = logging.getLogger(__name__)
@@ -228,8 +229,6 @@ def _verify_zip_crc(path: Path) -> None:
 
 def _check_member_sizes(path: Path, zf: zipfile.ZipFile) -> None:
     """Refuse members whose declared sizes the archive cannot hold, before anything is inflated."""
-    from mindvis.data.formats.common import zip_member_problem
-
     archive = path.stat().st_size
     for info in zf.infolist():
         problem = zip_member_problem(info, archive)
@@ -480,8 +479,6 @@ def load_pickled_numpy(path: str | os.PathLike) -> Any:
     Raises:
         DataError: the file is missing or corrupt, or its pickle names a global outside the allow-list.
     """
-    from mindvis.data.formats.common import check_declared_size, regular_file
-
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", path=path)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mindvis.errors import ConfigError
-from mindvis.models.ldm import _ConfigMixin, _int
+from mindvis.models.config import ConfigMixin, check_int
 
 _logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ ORIGINAL_SCHEDULE_BUFFERS = (
 
 
 @dataclass
-class NoiseScheduleConfig(_ConfigMixin):
+class NoiseScheduleConfig(ConfigMixin):
     """The diffusion noise schedule.
 
     Args:
@@ -83,7 +83,7 @@ class NoiseScheduleConfig(_ConfigMixin):
     v_posterior: float = 0.0
 
     def __post_init__(self) -> None:
-        _int("num_train_timesteps", self.num_train_timesteps, 2)
+        check_int("num_train_timesteps", self.num_train_timesteps, 2)
         for name in ("linear_start", "linear_end", "v_posterior"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):

@@ -15,6 +15,8 @@ from pathlib import Path
 import typer
 
 from mindvis.commands._options import SEED_RANGE
+from mindvis.errors import CheckpointError
+from mindvis.utils.io import check_output_apart, read_json
 
 
 def register(app: typer.Typer) -> None:
@@ -50,13 +52,10 @@ def convert(
     from rich.console import Console
 
     from mindvis.convert.ldm import convert as run_convert
-    from mindvis.utils.io import check_output_apart, read_json
 
     check_output_apart(out, {"--finetuned": finetuned, "--label2img-dir": label2img_dir, "--mbm": mbm})
     for opt, p in (("--finetuned", finetuned), ("--mbm", mbm)):
         if p is not None and not p.exists():
-            from mindvis.errors import CheckpointError
-
             raise CheckpointError("file not found", path=p, field=opt)
     folder = run_convert(
         out,

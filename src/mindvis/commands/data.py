@@ -12,6 +12,8 @@ from pathlib import Path
 import typer
 
 from mindvis.data.formats.registry import DATASET_NAMES
+from mindvis.errors import DataError
+from mindvis.utils.io import check_output_apart
 
 #: ``--dataset`` option for commands that read a dataset (god, bold5000, nsd, nifti, synthetic).
 DATASET_OPTION = typer.Option(
@@ -41,7 +43,6 @@ def info(
 ) -> None:
     """Detect the format of PATH and print its subjects, splits, voxel counts, ROIs, images and problems."""
     from mindvis.data.formats.detect import describe
-    from mindvis.errors import DataError
 
     if path.exists() and not (path.is_file() or path.is_dir()):
         raise DataError(
@@ -112,7 +113,6 @@ def convert_god_h5_cmd(
 ) -> None:
     """Convert GOD BData .h5 files to the MinD-Vis npz layout (identical datasets through both readers)."""
     from mindvis.data.formats.god_h5 import convert_god_h5
-    from mindvis.utils.io import check_output_apart
 
     check_output_apart(out, {"SRC": src, "--stimulus-dir": stimulus_dir, "--images": images})
     written = convert_god_h5(
@@ -142,7 +142,6 @@ def prepare_hcp_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mindvis.data.formats.hcp_cifti import find_hcp_runs, prepare_hcp
-    from mindvis.utils.io import check_output_apart
 
     check_output_apart(out, {"SRC": src, "--parcellation": parcellation})
     n = len(find_hcp_runs(src, run))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from mindvis.errors import ConfigError
+from mindvis.errors import ConfigError, OutputExistsError
 
 
 def register(app: typer.Typer) -> None:
@@ -96,8 +96,6 @@ def check_run_dir(run_dir: Path, preset: str, overwrite: bool = False) -> None:
     Raises:
         OutputExistsError: a file is in the way, or the folder holds something else and ``overwrite`` is off.
     """
-    from mindvis.errors import OutputExistsError
-
     if not run_dir.exists():
         return
     if not run_dir.is_dir():

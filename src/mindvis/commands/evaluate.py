@@ -7,11 +7,11 @@ from pathlib import Path
 import typer
 
 from mindvis.commands._options import SEED_RANGE
+from mindvis.errors import ConfigError
+from mindvis.utils.io import atomic_dir, check_output_apart, prepare_output_dir
 
 
 def _parse_ints(text: str, option: str) -> list[int]:
-    from mindvis.errors import ConfigError
-
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -75,12 +75,10 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from mindvis.errors import ConfigError
         from mindvis.eval.images import load_eval_images
         from mindvis.eval.networks import MetricWeights
         from mindvis.eval.report import load_results, print_summary, write_report
         from mindvis.eval.suite import METRIC_GROUPS, evaluate_reconstructions
-        from mindvis.utils.io import atomic_dir, check_output_apart, prepare_output_dir
 
         console = Console()
         check_output_apart(

@@ -16,6 +16,9 @@ from typing import Any
 import typer
 
 from mindvis.commands._options import add_options, given_run_options, mbm_run_options, run_mbm
+from mindvis.data.formats.registry import resolve_data_dir
+from mindvis.errors import ConfigError, DataError
+from mindvis.utils.io import check_output_apart
 
 #: ``--a2-data`` choices: the data settings each one sets (:class:`~mindvis.data.pretrain.MBMDataConfig`).
 A2_DATA: dict[str, dict[str, Any]] = {
@@ -82,15 +85,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Stage A2: tune the pretrained masked brain model on the target subject's fMRI (by default the
         original's: its test-set fMRI, 15 epochs)."""
-        from mindvis.utils.io import check_output_apart
-
         resume = shared["resume"]
         check_output_apart(out, {"--init": init, "--data-dir": data_dir})
         given = given_run_options(shared)
         if a2_data is not None:
             if a2_data not in A2_DATA:
-                from mindvis.errors import ConfigError
-
                 raise ConfigError(f"expected one of {', '.join(A2_DATA)}, got {a2_data!r}", field="--a2-data")
             given.update(A2_DATA[a2_data])
         if roi is not None:
@@ -98,8 +97,6 @@ def register(app: typer.Typer) -> None:
         if init is not None:
             given["init"] = str(init)
         elif not resume:
-            from mindvis.errors import ConfigError
-
             raise ConfigError("give the pretrained model with --init", field="init")
         if not resume or data_dir is not None or subject is not None:
             god_dir = _god_folder(data_dir)
@@ -110,8 +107,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _god_folder(data_dir: Path | None) -> Path:
-    from mindvis.data.formats.registry import resolve_data_dir
-
     folder = resolve_data_dir("god", data_dir)
     if not any(folder.glob("sbj_*.npz")):
         for name in ("GOD", "god", "Kamitani/npz"):
@@ -122,7 +117,6 @@ def _god_folder(data_dir: Path | None) -> Path:
 
 def _pick_subject(folder: Path, subject: str | None) -> str:
     from mindvis.data.formats.god import god_subject_name, list_god_subjects
-    from mindvis.errors import ConfigError, DataError
 
     available = list_god_subjects(folder)
     if subject is None:

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from mindvis.commands._options import add_options, given_run_options, mbm_run_options, run_mbm
+from mindvis.data.formats.common import default_data_root
 from mindvis.errors import ConfigError
 from mindvis.utils.io import check_output_apart
 
@@ -35,8 +36,6 @@ def _find_sources(
     use_hcp: bool | None,
     use_god: bool | None,
 ) -> tuple[str | None, str | None]:
-    from mindvis.data.formats.common import default_data_root
-
     root = data_dir if data_dir is not None else (None if (hcp_dir or god_dir) else default_data_root())
     if hcp_dir is None and root is not None and use_hcp is not False:
         if (root / "HCP").is_dir():

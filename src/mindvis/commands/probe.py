@@ -8,6 +8,11 @@ from typing import Any
 
 import typer
 
+from mindvis.commands._options import set_threads
+from mindvis.data.formats.registry import load_dataset
+from mindvis.errors import DataError
+from mindvis.utils.io import atomic_dir, atomic_write, check_output_apart, prepare_output_dir, write_json
+
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
@@ -37,7 +42,6 @@ def _prior_signal(prior: Path, train: Any, items: int, draws: int) -> dict[str, 
     """:func:`~mindvis.eval.probe.prior_class_signal` on a seeded subset of the labelled training images."""
     import numpy as np
 
-    from mindvis.errors import DataError
     from mindvis.eval.probe import prior_class_signal
     from mindvis.train.ldm import load_prior
 
@@ -89,7 +93,6 @@ def plot_probes(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(title, fontsize=9)
     axes[0][-1].text(1.0, -0.9, "red: chance", color="#c44e52", fontsize=7, ha="right")
     fig.tight_layout()
-    from mindvis.utils.io import atomic_write
 
     with atomic_write(path, mode="wb") as f:
         fig.savefig(f, format="png", dpi=110)
@@ -138,16 +141,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from mindvis.commands._options import set_threads
-        from mindvis.data.formats.registry import load_dataset
         from mindvis.eval.probe import run_probes
-        from mindvis.utils.io import (
-            atomic_dir,
-            atomic_write,
-            check_output_apart,
-            prepare_output_dir,
-            write_json,
-        )
         from mindvis.utils.steps import provenance
 
         if out is not None:

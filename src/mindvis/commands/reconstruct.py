@@ -15,7 +15,16 @@ import numpy as np
 import typer
 
 from mindvis.commands._options import SEED_RANGE
+from mindvis.data.formats.registry import load_dataset
 from mindvis.errors import ConfigError, DataError
+from mindvis.utils.io import (
+    atomic_dir,
+    atomic_write,
+    check_output_apart,
+    prepare_output_dir,
+    save_npz_atomic,
+    write_json,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -135,8 +144,6 @@ def read_dataset_split(
     The voxels are returned as stored; normalisation and padding are applied by the caller
     (``--preprocess`` / ``--pad-to-model``).
     """
-    from mindvis.data.formats.registry import load_dataset
-
     ds = load_dataset(dataset, data_dir=data_dir, subject=subject, split=split)
     voxels = np.asarray(ds.voxels, dtype=np.float32)
     gt = ds.images[ds.image_ids] if ds.paired else None
@@ -159,7 +166,6 @@ def original_preprocessing(
     Raises:
         DataError: the dataset has no training split to fit on.
     """
-    from mindvis.data.formats.registry import load_dataset
     from mindvis.data.preprocess import FMRIPreprocessor
 
     train = load_dataset(dataset, data_dir=data_dir, subject=subject, split="train", include_images=False)
@@ -284,8 +290,6 @@ def make_grid(images: np.ndarray, ground_truth: np.ndarray | None = None, pad: i
 def _save_png(path: Path, img: np.ndarray) -> None:
     from PIL import Image
 
-    from mindvis.utils.io import atomic_write
-
     with atomic_write(path, "wb") as fh:
         Image.fromarray(img).save(fh, format="PNG")
 
@@ -299,8 +303,6 @@ def write_outputs(
     overwrite: bool,
 ) -> Path:
     """Write the PNGs, the grid, the npz and run.json into ``out`` (the folder appears complete or not at all)."""
-    from mindvis.utils.io import atomic_dir, save_npz_atomic, write_json
-
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "samples").mkdir()
         for i in range(images.shape[0]):
@@ -385,7 +387,6 @@ def reconstruct(
 
     from mindvis.pipeline import MindVisPipeline
     from mindvis.sampling import SAMPLERS
-    from mindvis.utils.io import check_output_apart, prepare_output_dir
     from mindvis.utils.steps import provenance
 
     if sampler not in SAMPLERS:

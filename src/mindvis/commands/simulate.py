@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from mindvis.commands._options import SEED_RANGE
+from mindvis.utils.io import check_output_apart
 
 
 def register(app: typer.Typer) -> None:
@@ -73,7 +74,6 @@ def simulate(
         "corpus_size": corpus_size,
     }
     config = SynthConfig.preset(preset, **{k: v for k, v in overrides.items() if v is not None})
-    from mindvis.utils.io import check_output_apart
 
     folder = config.source.partition("folder:")[2] if config.source.startswith("folder:") else None
     check_output_apart(out, {"--source": folder})

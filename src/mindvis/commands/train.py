@@ -26,6 +26,8 @@ from mindvis.commands._options import (
     trainer_config,
     trainer_options,
 )
+from mindvis.data.formats.registry import load_dataset
+from mindvis.utils.io import check_output_apart
 
 
 def register(app: typer.Typer) -> None:
@@ -182,7 +184,6 @@ def register(app: typer.Typer) -> None:
         set_threads(shared["threads"])
         from rich.console import Console
 
-        from mindvis.data.formats.registry import load_dataset
         from mindvis.train.common import is_primary_process
         from mindvis.train.ldm import StageBConfig, default_subject, train_stage_b
 
@@ -220,7 +221,6 @@ def register(app: typer.Typer) -> None:
             seed=shared["seed"],
             num_workers=shared["num_workers"],
         )
-        from mindvis.utils.io import check_output_apart
 
         check_output_apart(
             out,

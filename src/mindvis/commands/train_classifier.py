@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-from mindvis.commands._options import SEED_RANGE
+from mindvis.commands._options import SEED_RANGE, set_threads
+from mindvis.errors import ConfigError
+from mindvis.utils.io import check_output_apart
 
 
 def register(app: typer.Typer) -> None:
@@ -49,8 +51,6 @@ def register(app: typer.Typer) -> None:
         """Train the benchmark classifier on training images only; cached by the SHA-256 of its data."""
         from rich.console import Console
 
-        from mindvis.commands._options import set_threads
-        from mindvis.errors import ConfigError
         from mindvis.eval.classifier import (
             CLASSIFIER_PRESETS,
             ClassifierConfig,
@@ -58,7 +58,6 @@ def register(app: typer.Typer) -> None:
             load_training_corpus,
             train_benchmark_classifier,
         )
-        from mindvis.utils.io import check_output_apart
 
         console = Console()
         check_output_apart(out, {"--corpus": corpus, "--exclude-test": exclude_test})

@@ -22,6 +22,7 @@ from mindvis.commands._options import (
     trainer_options,
 )
 from mindvis.errors import ConfigError
+from mindvis.utils.io import check_output_apart
 
 
 def parse_assignments(items: list[str] | None, option: str) -> dict[str, Any]:
@@ -200,7 +201,6 @@ def register(app: typer.Typer) -> None:
             vq_model=parse_assignments(vq_model, "--vq"),
             unet_model=parse_assignments(unet_model, "--unet"),
         )
-        from mindvis.utils.io import check_output_apart
 
         check_output_apart(
             out, {"--corpus": corpus, "--lpips-weights": lpips_weights, "--classifier": classifier}

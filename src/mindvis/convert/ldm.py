@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mindvis.convert.mbm import convert_mbm_checkpoint
 from mindvis.errors import CheckpointError, ConfigError
 from mindvis.models.conditioning import (
     COND_TOKENS,
@@ -40,8 +41,12 @@ from mindvis.models.conditioning import (
     DCConditioner,
     DCConditionerConfig,
 )
-from mindvis.models.ldm import DCLDM, UNetConfig, VQConfig, build_unet
+from mindvis.models.ldm import DCLDM, LDMConfig, UNetConfig, VQConfig, build_unet
+from mindvis.models.mbm import FMRIEncoder, MBMConfig, load_mbm_weights, load_original_mbm_checkpoint
+from mindvis.pipeline import MindVisPipeline
+from mindvis.safeload import load_torch_file
 from mindvis.sampling import ORIGINAL_SCHEDULE_BUFFERS, NoiseSchedule, NoiseScheduleConfig
+from mindvis.utils.io import file_sha256, prepare_output_dir
 
 _logger = logging.getLogger(__name__)
 
@@ -645,8 +650,6 @@ def encoder_config_from_state(
     Widths, depth, MLP ratio, patch size and voxel count come from the tensors (``(pos_embed rows - 1) *
     patch_size``); no tensor shape carries the head count, so it comes from a stage-A config or the caller.
     """
-    from mindvis.models.mbm import MBMConfig
-
     p = f"{COND_PREFIX}mae."
     for key, nd in (("patch_embed.proj.weight", 3), ("pos_embed", 3), ("blocks.0.mlp.fc1.weight", 2)):
         key_t = state.get(p + key)
@@ -726,9 +729,6 @@ def load_label2img(
     Raises:
         ConfigError / CheckpointError: unsupported config, missing files, unknown keys, wrong shapes.
     """
-    from mindvis.safeload import load_torch_file
-    from mindvis.utils.io import file_sha256
-
     d = Path(label2img_dir)
     cfg = read_label2img_config(d / "config.yaml", time_cond=False)
     ckpt = Path(checkpoint) if checkpoint is not None else d / "model.ckpt"
@@ -794,10 +794,6 @@ def load_finetuned(
         ConfigError / CheckpointError: unsupported config, missing files, unknown keys, wrong shapes, or a
         generative config that contradicts the stored keys.
     """
-    from mindvis.models.mbm import FMRIEncoder
-    from mindvis.safeload import load_torch_file
-    from mindvis.utils.io import file_sha256
-
     fpath = Path(finetuned)
     obj = load_torch_file(fpath)
     state = _state_dict_from(obj, "model_state_dict", fpath)
@@ -840,9 +836,6 @@ def load_finetuned(
     base = None
     files = {fpath.name: file_sha256(fpath), "config.yaml": file_sha256(ldir / "config.yaml")}
     if mbm is not None:
-        from mindvis.convert.mbm import load_original_mbm_checkpoint
-        from mindvis.models.mbm import load_mbm_weights
-
         mpath = Path(mbm)
         base = load_mbm_weights(mpath)[0] if mpath.is_dir() else load_original_mbm_checkpoint(mpath)[0]
         if mpath.is_file():
@@ -925,9 +918,6 @@ def init_from_label2img_and_mbm(
         original_quirks: with ``global_pool``, skip the encoder's LayerNorm weights as the original loader
             does (off by default: that is a bug).
     """
-    from mindvis.models.ldm import LDMConfig
-    from mindvis.models.mbm import FMRIEncoder
-
     base = load_label2img(label2img_dir)
     prior = base.model
     with torch.random.fork_rng(devices=[]):  # seeded fresh weights without touching the caller's RNG
@@ -979,9 +969,6 @@ def convert(
         ConfigError: a combination that makes no sense.
         CheckpointError / OutputExistsError: see the loaders; the output folder appears complete or not at all.
     """
-    from mindvis.pipeline import MindVisPipeline
-    from mindvis.utils.io import prepare_output_dir
-
     out_dir = Path(out_dir)
     prepare_output_dir(out_dir, overwrite=overwrite)
     if finetuned is not None:
@@ -999,8 +986,6 @@ def convert(
     elif label2img_dir is not None:
         conv = load_label2img(label2img_dir)
     elif mbm is not None:
-        from mindvis.convert.mbm import convert_mbm_checkpoint
-
         return convert_mbm_checkpoint(mbm, out_dir, overwrite=overwrite)
     else:
         raise ConfigError(

@@ -14,8 +14,9 @@ time, so peak memory is one subject, never the whole set; the folder appears com
 
 :class:`MBMDataset` serves rows from that memory map, plus the paper's interpolation augmentation
 (``aug_times``) computed on the fly from pairs of rows drawn once per subject, so the augmented set is never
-materialised. Each item carries its dataset index, from which the training module derives the masking noise
-(a function of seed, epoch and index): results do not depend on the number of processes or workers.
+materialised. Each item carries its dataset index, from which :class:`MBMDataModule` derives the masking noise
+(:func:`masking_noise`, a function of seed, epoch and index): results do not depend on the number of processes
+or workers.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mindvis.data.dataset import FMRIDataset, VoxelRows
 from mindvis.data.formats.common import NpzArchive, check_nan_policy
+from mindvis.data.formats.god import god_subject_name, list_god_subjects, load_god
 from mindvis.data.hcp import (
     HCP_ROIS,
     hcp_shape,
@@ -44,6 +47,7 @@ from mindvis.data.hcp import (
     list_hcp_subjects,
     load_hcp_subject,
     mixup_pairs,
+    window_bounds,
 )
 from mindvis.data.preprocess import (
     NAN_POLICIES,
@@ -53,8 +57,8 @@ from mindvis.data.preprocess import (
     FMRIPreprocessor,
     padded_length,
 )
+from mindvis.data.sampler import EpochShuffleSampler
 from mindvis.errors import ConfigError, DataError
-from mindvis.train.common import EpochShuffleSampler
 from mindvis.utils.io import atomic_dir, read_json, write_json
 
 _logger = logging.getLogger(__name__)
@@ -285,8 +289,6 @@ def plan_sources(config: MBMDataConfig) -> list[SourcePlan]:
     """
     plans: list[SourcePlan] = []
     if config.hcp_dir is not None:
-        from mindvis.data.hcp import window_bounds
-
         subjects = list_hcp_subjects(config.hcp_dir)
         if config.hcp_subjects is not None:
             missing = sorted(set(config.hcp_subjects) - set(subjects))
@@ -316,8 +318,6 @@ def plan_sources(config: MBMDataConfig) -> list[SourcePlan]:
             _check_patch(voxels, config.patch_size, path, "+".join(config.hcp_rois))
             plans.append(SourcePlan("hcp", subject, str(path), n_windows, 0, voxels))
     if config.god_dir is not None:
-        from mindvis.data.formats.god import god_subject_name, list_god_subjects
-
         folder = Path(config.god_dir)
         available = list_god_subjects(folder)
         subjects = (
@@ -583,7 +583,6 @@ def _load_source(plan: SourcePlan, config: MBMDataConfig) -> tuple[np.ndarray, n
             nan_policy=config.nan_policy,
         )
         return ds.voxels, ds.voxels, []
-    from mindvis.data.formats.god import load_god
 
     def god_split(split: str, **kw: Any) -> FMRIDataset:
         return load_god(
@@ -611,6 +610,41 @@ def _load_source(plan: SourcePlan, config: MBMDataConfig) -> tuple[np.ndarray, n
         tests.append(test_ds.voxels)
     corpus_train = train.voxels[:0] if selection == "test" else train.voxels
     return train.voxels, corpus_train, tests
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masking noise
+# ----------------------------------------------------------------------------------------------------------
+
+#: The masking-noise "epoch" used for validation: the same masks every epoch.
+VALIDATION_NOISE_KEY = 2**31 - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def masking_noise(seed: int, epoch: int, indices: np.ndarray | Tensor, num_patches: int) -> np.ndarray:
+    """Uniform noise in [0, 1) for the masks of samples ``indices`` in ``epoch``: ``[B, L]`` float64.
+
+    A counter-based hash (splitmix64) of ``(seed, epoch, index, patch)``: the same sample gets the same mask
+    in the same epoch whatever the batch, process or worker that handles it.
+    """
+    idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64).astype(
+        np.uint64
+    )
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.asarray([seed], dtype=np.uint64))
+        key = _splitmix64(key ^ np.asarray([epoch], dtype=np.uint64))
+        per_sample = _splitmix64(key ^ idx)  # [B]
+        counter = per_sample[:, None] + np.arange(num_patches, dtype=np.uint64)[None, :] * _GOLDEN
+        bits = _splitmix64(counter)
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # 53-bit mantissa
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -748,7 +782,7 @@ class MBMDataModule(pl.LightningDataModule):
         seed: seed of the split, the augmentation pairs, the per-epoch order and the masking noise.
         num_workers: data-loader worker processes.
         num_patches: L; when given, every batch gets ``"noise": [B, L]`` float64 masking noise, a function of
-            ``(seed, epoch, index)`` (:func:`mindvis.train.mbm.masking_noise`); validation batches use one fixed
+            ``(seed, epoch, index)`` (:func:`masking_noise`); validation batches use one fixed
             key, so each held-out sample is masked the same way in every epoch.
     """
 
@@ -806,8 +840,6 @@ class MBMDataModule(pl.LightningDataModule):
             or "noise" in batch
         ):
             return batch
-        from mindvis.train.mbm import VALIDATION_NOISE_KEY, masking_noise
-
         trainer = self.trainer
         key = trainer.current_epoch if (trainer is not None and trainer.training) else VALIDATION_NOISE_KEY
         batch["noise"] = torch.from_numpy(masking_noise(self.seed, key, batch["index"], self.num_patches))
@@ -840,6 +872,7 @@ __all__ = [
     "CORPUS_VOXELS",
     "DATA_PAD_MODES",
     "GOD_FMRI_CHOICES",
+    "VALIDATION_NOISE_KEY",
     "MBMDataConfig",
     "MBMDataModule",
     "MBMDataset",
@@ -849,6 +882,7 @@ __all__ = [
     "augmentation_pairs",
     "build_corpus",
     "common_length",
+    "masking_noise",
     "plan_sources",
     "split_rows",
 ]

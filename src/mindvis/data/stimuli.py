@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from mindvis.errors import ConfigError, DataError
+from mindvis.safeload import NumpyUnpickler
 
 if TYPE_CHECKING:
     import torch
@@ -293,8 +294,6 @@ def animal_mnist_folder() -> Path:
 
 def _read_gzip_pickled_array(path: Path) -> np.ndarray:
     import pickle
-
-    from mindvis.safeload import NumpyUnpickler
 
     try:
         with gzip.open(path, "rb") as fh:

@@ -25,7 +25,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from mindvis.data.formats.common import NpzArchive
 from mindvis.errors import CheckpointError, ConfigError, DataError, WeightsUnavailable
+from mindvis.eval.images import to_float_resized
+from mindvis.safeload import load_state_dict, load_torch_file
+from mindvis.utils.io import (
+    atomic_dir,
+    atomic_write,
+    prepare_output_dir,
+    read_json,
+    safetensors_bytes,
+    write_json,
+)
+from mindvis.utils.steps import provenance
 
 if TYPE_CHECKING:
     import torch
@@ -227,7 +239,6 @@ class BenchmarkClassifier:
         self.name = "benchmark-cnn"
 
     def _prepare(self, images: np.ndarray) -> torch.Tensor:
-        from mindvis.eval.images import to_float_resized
 
         x = to_float_resized(images, self.config.input_size)
         import torch
@@ -266,7 +277,6 @@ class BenchmarkClassifier:
         Raises:
             OutputExistsError: ``out_dir`` holds other files and ``overwrite`` is not set.
         """
-        from mindvis.utils.io import atomic_dir, atomic_write, safetensors_bytes
 
         out_dir = Path(out_dir)
         check_classifier_output(out_dir, overwrite)
@@ -277,7 +287,6 @@ class BenchmarkClassifier:
             self._write_config(tmp)
 
     def _write_config(self, out_dir: Path) -> None:
-        from mindvis.utils.io import write_json
 
         write_json(
             out_dir / CONFIG_FILE,
@@ -306,7 +315,6 @@ class BenchmarkClassifier:
                 "train one with `mindvis train-classifier`",
                 path=path,
             )
-        from mindvis.utils.io import read_json
 
         meta = read_json(cfg_path)
         if meta.get("model_type") != "mindvis-benchmark-classifier":
@@ -396,7 +404,6 @@ def check_classifier_output(out_dir: str | Path, overwrite: bool = False) -> Non
     Raises:
         OutputExistsError: ``out_dir`` holds something else and ``overwrite`` is not set.
     """
-    from mindvis.utils.io import prepare_output_dir
 
     out_dir = Path(out_dir)
     if overwrite or is_classifier_folder(out_dir) or _only_training_state(out_dir):
@@ -442,8 +449,6 @@ def train_benchmark_classifier(
     import torch
     import torch.nn.functional as F
 
-    from mindvis.utils.steps import provenance
-
     config = config or ClassifierConfig()
     images = _check_rgb(images)
     labels = np.asarray(labels, dtype=np.int64)
@@ -479,7 +484,6 @@ def train_benchmark_classifier(
     tr_idx, ho_idx = _stratified_split(labels, config.holdout_fraction, config.seed, groups)
     if len(ho_idx) == 0:
         raise DataError("too few images per class to hold any out for measuring accuracy", field="labels")
-    from mindvis.eval.images import to_float_resized
 
     def prep(idx: np.ndarray):
         return torch.cat(
@@ -580,8 +584,6 @@ def _save_training_state(
 
     import torch
 
-    from mindvis.utils.io import atomic_write
-
     state = {
         "format": 1,
         "training_data_sha256": digest,
@@ -601,12 +603,11 @@ def _save_training_state(
 
 def _load_training_state(path: Path, digest: str, config: ClassifierConfig) -> dict | None:
     """The saved state at ``path`` when it belongs to this data and config; None otherwise (logged)."""
-    import torch
 
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path)
         same = (
             state["training_data_sha256"] == digest
             and state["config"] == json.dumps(asdict(config), sort_keys=True)
@@ -646,7 +647,6 @@ def load_training_corpus(
         ``(images, labels, class_names, description)`` (``+ (object_index,)`` with ``groups``). The images of
         an uncompressed npz are memory-mapped (read-only); excluding test images copies the kept rows.
     """
-    from mindvis.data.formats.common import NpzArchive
 
     path = Path(path)
     if not path.is_file():
@@ -714,7 +714,6 @@ def _read_exclude(path: Path) -> np.ndarray:
 
 
 def _thumbs(images: np.ndarray) -> np.ndarray:
-    from mindvis.eval.images import to_float_resized
 
     out = [
         to_float_resized(np.array(images[a : a + 512]), 16).mean(dim=1).reshape(-1, 256).numpy()
@@ -746,7 +745,6 @@ def load_state_dict_file(path: str | Path) -> dict:
         WeightsUnavailable: the file does not exist.
         CheckpointError: it cannot be read, is refused by the safe loader, or holds no state dict.
     """
-    from mindvis.safeload import load_state_dict
 
     path = Path(path)
     if not path.is_file():

@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 from mindvis.errors import CheckpointError, ConfigError, WeightsUnavailable
+from mindvis.eval.classifier import load_state_dict_file
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +149,6 @@ class InceptionFeatures:
 
     def __init__(self, weights_path: str | Path, device: str = "cpu"):
         from torchvision.models.inception import Inception3
-
-        from mindvis.eval.classifier import load_state_dict_file
 
         self.weights_path = Path(weights_path)
         sd = load_state_dict_file(self.weights_path)

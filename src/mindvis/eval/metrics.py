@@ -52,6 +52,7 @@ from typing import Literal
 import numpy as np
 
 from mindvis.errors import ConfigError
+from mindvis.eval.images import to_float_resized
 
 logger = logging.getLogger(__name__)
 
@@ -452,8 +453,6 @@ def feature_corr_matrix(feat_recon: np.ndarray, feat_gt: np.ndarray) -> np.ndarr
 
 def _nsd_input(images: np.ndarray) -> np.ndarray:
     """``[B, H, W, 3]`` uint8 -> ``[B, 3, 425, 425]`` float32 in [0, 1] (antialiased bilinear)."""
-    from mindvis.eval.images import to_float_resized
-
     return to_float_resized(images, NSD_SIZE).numpy()
 
 

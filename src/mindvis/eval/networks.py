@@ -33,6 +33,10 @@ from typing import Literal
 import numpy as np
 
 from mindvis.errors import CheckpointError, MindVisError, WeightsUnavailable
+from mindvis.eval.classifier import load_state_dict_file
+from mindvis.eval.images import to_float_resized
+from mindvis.eval.metrics import feature_corr_matrix, two_way_identification
+from mindvis.safeload import load_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +129,6 @@ def _load_torchvision_backbone(arch: str, weights_path: Path):
     """A torchvision model with weights from a local file (SwAV/DDP prefixes and heads are tolerated)."""
     from torchvision.models import get_model_builder
 
-    from mindvis.eval.classifier import load_state_dict_file
-
     sd = load_state_dict_file(weights_path)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     kwargs = (
@@ -153,8 +155,6 @@ def _load_torchvision_backbone(arch: str, weights_path: Path):
 
 def _imagenet_input(images: np.ndarray, size: int):
     import torch
-
-    from mindvis.eval.images import to_float_resized
 
     x = to_float_resized(images, size)
     return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -188,8 +188,6 @@ def nsd_network_scores(recons: np.ndarray, gt: np.ndarray, weights: MetricWeight
         ``{key: {"values": [N, S] or None, "spec": NetMetricSpec, "reason": str | None}}``; ``values`` is
         None (with a reason) when weights are missing.
     """
-    from mindvis.eval.metrics import feature_corr_matrix, two_way_identification
-
     n, s = recons.shape[:2]
     out: dict[str, dict] = {}
     models: dict[str, object] = {}
@@ -236,8 +234,6 @@ class LPIPSAlex:
         self.backbone = _load_torchvision_backbone("alexnet", Path(alexnet_weights)).features
         try:
             import torchmetrics.functional.image.lpips as tm_lpips
-
-            from mindvis.safeload import load_state_dict
 
             lin_path = Path(tm_lpips.__file__).parent / "lpips_models" / "alex.pth"
             lin = load_state_dict(lin_path)

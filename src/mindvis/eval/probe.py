@@ -34,7 +34,13 @@ import numpy as np
 import torch
 
 from mindvis.data.dataset import FMRIDataset
+from mindvis.data.paired import images_to_tensor, resize_images
+from mindvis.data.preprocess import find_preprocessing, load_preprocessor, prepare_voxels
 from mindvis.errors import DataError
+from mindvis.eval.metrics import pcc_matrix, two_way_identification
+from mindvis.models.ldm import prior_class_table
+from mindvis.models.mbm import FMRIEncoder, load_mbm_weights
+from mindvis.pipeline import MindVisPipeline
 from mindvis.utils.linalg import ridge_dual, standardise_columns
 
 _logger = logging.getLogger(__name__)
@@ -81,8 +87,6 @@ def _targets(train: FMRIDataset, test: FMRIDataset) -> tuple[np.ndarray | None, 
 
 def _pixels(ds: FMRIDataset) -> np.ndarray | None:
     """``[N, P]`` float64 pixels in [-1, 1] of each sample's image, resized to at most ``PIXEL_SIZE``."""
-    from mindvis.data.paired import images_to_tensor, resize_images
-
     if not ds.paired:
         return None
     x = images_to_tensor(ds.sample_images())
@@ -94,8 +98,6 @@ def _pixels(ds: FMRIDataset) -> np.ndarray | None:
 def two_way_pixel_identification(pred: np.ndarray, truth: np.ndarray) -> float:
     """Share of (item, other item) pairs where prediction ``i`` correlates more with image ``i`` than with the
     other image. ``pred, truth: [M, P]``."""
-    from mindvis.eval.metrics import pcc_matrix, two_way_identification
-
     sim = pcc_matrix(np.asarray(pred)[:, None, :], np.asarray(truth))  # [M, 1, M]; Pearson ignores the scale
     return float(two_way_identification(sim).mean())
 
@@ -196,13 +198,8 @@ def model_levels(
     function (``fmri [B, V] -> {level: array}``) and the stage B model (``None`` for stage A) of a model folder:
     a stage A run folder (``preprocessing.json`` + ``model/``), a stage A weights folder, or a stage B
     pipeline."""
-    from mindvis.data.preprocess import load_preprocessor
-    from mindvis.train.ldm import find_preprocessing
-
     d = Path(model_dir)
     if (d / "model_index.json").is_file():  # stage B pipeline
-        from mindvis.pipeline import MindVisPipeline
-
         model = MindVisPipeline.from_pretrained(d).model.eval()
         if model.fmri_encoder is None:
             raise DataError("a class-conditional prior has no fMRI levels to probe", path=d, field="model")
@@ -220,8 +217,6 @@ def model_levels(
         fn: Callable = stage_b
         ldm: object | None = model
     else:
-        from mindvis.models.mbm import FMRIEncoder, load_mbm_weights
-
         config, state = load_mbm_weights(d / "model" if (d / "model").is_dir() else d)
         encoder = FMRIEncoder(config)
         encoder.load_mbm_state_dict(state)
@@ -257,8 +252,6 @@ def _denoising_losses(
 
 
 def _latents(model: Any, images: np.ndarray) -> torch.Tensor:
-    from mindvis.data.paired import images_to_tensor, resize_images
-
     return model.encode_images(resize_images(images_to_tensor(images), int(model.vq_config.resolution)))
 
 
@@ -302,8 +295,6 @@ def prior_class_signal(
     Raises:
         ConfigError: the prior is not class-conditional; DataError: labels outside its classes.
     """
-    from mindvis.train.ldm import prior_class_table
-
     k = int(prior_class_table(prior, field="prior", purpose="the prior's class signal").shape[0])
     y = torch.as_tensor(np.asarray(labels).astype(np.int64))
     if y.shape != (len(images),) or (len(y) and (int(y.min()) < 0 or int(y.max()) >= k)):
@@ -370,8 +361,6 @@ def run_probes(
 ) -> ProbeReport:
     """Probe the raw voxels, then every level of every model, on the same train/test splits; for stage B models
     also measure :func:`conditioning_use` on up to ``max_use_items`` training samples."""
-    from mindvis.train.ldm import prepare_voxels
-
     if train.num_voxels != test.num_voxels:
         raise DataError(
             f"train has {train.num_voxels} voxels, test {test.num_voxels}", path=test.source, field="voxels"

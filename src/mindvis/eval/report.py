@@ -23,7 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from mindvis.errors import DataError
+from mindvis.eval.images import resize_images
 from mindvis.eval.suite import metric_rows
+from mindvis.utils.io import atomic_write, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +91,6 @@ def image_grid(
 
     ``cell`` defaults to the ground-truth size, capped at 96 px.
     """
-    from mindvis.eval.images import resize_images
-
     items = list(range(len(gt))) if items is None else items
     cell = cell or min(96, max(gt.shape[1:3]))
     s = recons.shape[1]
@@ -327,8 +328,6 @@ def write_report(
     Returns:
         ``{"json": path, "html": path, ...png paths}``.
     """
-    from mindvis.utils.io import atomic_write, write_json
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = list(results) if isinstance(results, list) else [results]
@@ -407,9 +406,6 @@ def write_report(
 
 def load_results(path: str | Path) -> dict[str, Any]:
     """Read an evaluation's ``metrics.json`` (a file, or a folder holding one)."""
-    from mindvis.errors import DataError
-    from mindvis.utils.io import read_json
-
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.json"

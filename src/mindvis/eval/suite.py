@@ -39,8 +39,9 @@ import numpy as np
 from mindvis.errors import ConfigError, WeightsUnavailable
 from mindvis.eval import metrics as M
 from mindvis.eval.classifier import ImageClassifier
+from mindvis.eval.fid import fid_summary, load_inception
 from mindvis.eval.images import pair_images, resize_images
-from mindvis.eval.networks import MetricWeights
+from mindvis.eval.networks import LPIPSAlex, MetricWeights, nsd_network_scores
 from mindvis.utils.steps import provenance
 
 logger = logging.getLogger(__name__)
@@ -431,7 +432,6 @@ def evaluate_reconstructions(
             chance_note="value for mismatched pairs (reconstruction i vs test image i+1)",
             resolution="425x425",
         )
-        from mindvis.eval.networks import nsd_network_scores
 
         for key, res in nsd_network_scores(recons, gt, weights).items():
             spec = res["spec"]
@@ -472,8 +472,6 @@ def evaluate_reconstructions(
                 "no weights: LPIPS needs local AlexNet weights (--alexnet-weights)",
             )
         else:
-            from mindvis.eval.networks import LPIPSAlex
-
             try:
                 mat = LPIPSAlex(weights.alexnet).matrix(recons_gt, gt)
             except WeightsUnavailable as exc:
@@ -507,7 +505,6 @@ def evaluate_reconstructions(
     fid_results: dict[str, Any] = {}
     if "fid" in groups:
         t0 = time.perf_counter()
-        from mindvis.eval.fid import fid_summary, load_inception
 
         try:
             inc = load_inception(weights.inception_fid)

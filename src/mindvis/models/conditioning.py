@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mindvis.errors import ConfigError, DataError
-from mindvis.models.ldm import MAX_ROWS, _bool, _check_parameters, _ConfigMixin, _int
+from mindvis.models.config import MAX_ROWS, ConfigMixin, check_bool, check_int, check_parameters
 
 _logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Conditioning:
 
 
 @dataclass
-class DCConditionerConfig(_ConfigMixin):
+class DCConditionerConfig(ConfigMixin):
     """Sizes of the double conditioner.
 
     Args:
@@ -118,12 +118,12 @@ class DCConditionerConfig(_ConfigMixin):
 
     def __post_init__(self) -> None:
         for name in ("num_tokens", "token_dim", "context_dim", "time_embed_dim", "cond_tokens"):
-            _int(name, getattr(self, name))
-        _int("basis_size", self.basis_size, minimum=0, maximum=MAX_ROWS)
+            check_int(name, getattr(self, name))
+        check_int("basis_size", self.basis_size, minimum=0, maximum=MAX_ROWS)
         if self.basis_size == 1:
             raise ConfigError("a context basis needs at least 2 rows (0 switches it off)", field="basis_size")
         for name in ("global_pool", "use_cross_attn", "use_time_cond", "standardize_tokens"):
-            setattr(self, name, _bool(name, getattr(self, name)))
+            setattr(self, name, check_bool(name, getattr(self, name)))
         if not (self.use_cross_attn or self.use_time_cond):
             raise ConfigError(
                 "at least one of use_cross_attn and use_time_cond must be on", field="use_time_cond"
@@ -139,7 +139,7 @@ class DCConditionerConfig(_ConfigMixin):
         if not self.global_pool and self.cond_tokens < 2:
             raise ConfigError("the time mapper needs at least 2 context tokens", field="cond_tokens")
         L, D, C, T = self.num_tokens, self.token_dim, self.context_dim, self.cond_tokens
-        _check_parameters(
+        check_parameters(
             "conditioner",
             {
                 "num_tokens": L * (L // 2) + (L // 2) * T + 2 * L * D,
@@ -310,16 +310,16 @@ class DCConditioner(nn.Module):
 
 
 @dataclass
-class ClassEmbedderConfig(_ConfigMixin):
+class ClassEmbedderConfig(ConfigMixin):
     """Label embedding of the class-conditional prior: ``n_classes`` rows of width ``embed_dim`` (= C)."""
 
     n_classes: int = 1001
     embed_dim: int = 512
 
     def __post_init__(self) -> None:
-        _int("n_classes", self.n_classes, maximum=MAX_ROWS)
-        _int("embed_dim", self.embed_dim)
-        _check_parameters("class embedding", {"n_classes": self.n_classes * self.embed_dim})
+        check_int("n_classes", self.n_classes, maximum=MAX_ROWS)
+        check_int("embed_dim", self.embed_dim)
+        check_parameters("class embedding", {"n_classes": self.n_classes * self.embed_dim})
 
 
 class ClassEmbedder(nn.Module):

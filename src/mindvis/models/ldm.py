@@ -22,24 +22,38 @@ GroupNorm eps 1e-6, VQ codebook search by ``|z|^2 + |e|^2 - 2 z.e`` with the leg
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mindvis.errors import ConfigError
+from mindvis.models.conditioning import (
+    COND_TOKENS,
+    ClassEmbedder,
+    Conditioning,
+    DCConditioner,
+    DCConditionerConfig,
+)
+from mindvis.models.config import (
+    MAX_DEPTH,
+    MAX_LEVELS,
+    MAX_ROWS,
+    MAX_SPATIAL,
+    ConfigMixin,
+    check_bool,
+    check_float,
+    check_int,
+    check_int_tuple,
+    check_parameters,
+)
+from mindvis.sampling import NoiseSchedule
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import UNet2DConditionModel, VQModel
-
-    from mindvis.models.conditioning import Conditioning
-    from mindvis.sampling import NoiseSchedule
 
 _logger = logging.getLogger(__name__)
 
@@ -51,135 +65,8 @@ GROUPNORM_GROUPS = 32
 # ----------------------------------------------------------------------------------------------------------
 
 
-#: Upper bounds on the sizes a model config may ask for. A config file is read from outside (a model folder, a
-#: converted checkpoint), so absurd values (a width of 10^12, a depth of 10^9) must be refused with the file and
-#: field named before anything is allocated. The bounds sit far above the paper's models (widths up to 1024, 24
-#: blocks, a UNet of about 400 M parameters, 8192 codes, 256 px images).
-MAX_SIZE = 1 << 16  # any single width, channel, head or token count (65536)
-MAX_DEPTH = 1024  # blocks in one stack
-MAX_LEVELS = 16  # resolution levels of a UNet or autoencoder
-MAX_SPATIAL = 8192  # image or latent height / width
-MAX_ROWS = 1 << 20  # table rows: codebook entries, classes, basis rows
-MAX_VOXELS = 1 << 24  # voxels per fMRI sample
-MAX_LIST = 64  # entries of a per-level list
-MAX_PARAMETERS = 1 << 32  # weights of one network (16 GiB in float32; about 10x the label2img UNet)
-
-
-def _int(name: str, value: Any, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
-    """``value`` if it is an integer (not a bool) in ``[minimum, maximum]``, else :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"expected an integer >= {minimum}, got {value!r}", field=name)
-    if value > maximum:
-        raise ConfigError(
-            f"{value} is above the limit of {maximum} (a corrupt or hostile config?)", field=name
-        )
-    return value
-
-
-def _float(name: str, value: Any, minimum: float = -math.inf, maximum: float = math.inf) -> float:
-    """``value`` as a float if it is a finite real number (not a bool) in ``[minimum, maximum]``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"expected a finite number, got {value!r}", field=name)
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"expected a number in [{minimum}, {maximum}], got {value!r}", field=name)
-    return float(value)
-
-
-def _bool(name: str, value: Any) -> bool:
-    """``value`` if it is a bool (JSON ``true``/``false``; numpy bools too), else :class:`ConfigError`."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ConfigError(f"expected true or false, got {value!r}", field=name)
-    return bool(value)
-
-
-def _int_tuple(
-    name: str, value: Any, minimum: int = 1, allow_empty: bool = False, maximum: int = MAX_SIZE
-) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-        raise ConfigError(f"expected a list of integers, got {value!r}", field=name)
-    out = tuple(itertools.islice(value, MAX_LIST + 1))
-    if len(out) > MAX_LIST:
-        raise ConfigError(f"more than {MAX_LIST} entries (a corrupt or hostile config?)", field=name)
-    if not out and not allow_empty:
-        raise ConfigError("expected a non-empty list of integers", field=name)
-    for v in out:
-        _int(name, v, minimum, maximum)
-    return out
-
-
-def _check_parameters(what: str, parts: Mapping[str, int]) -> None:
-    """Refuse sizes whose networks would hold more than :data:`MAX_PARAMETERS` weights.
-
-    ``parts`` maps the field most responsible for each part of the network to a lower bound of that part's
-    weight count; the error names the field of the largest part.
-    """
-    total = sum(parts.values())
-    if total > MAX_PARAMETERS:
-        field_name = max(parts, key=lambda k: parts[k])
-        raise ConfigError(
-            f"these sizes give a {what} of at least {total:.3g} weights, above the limit of "
-            f"{MAX_PARAMETERS:.3g} (a corrupt or hostile config?)",
-            field=field_name,
-        )
-
-
-def _from_dict(cls: type, data: Mapping[str, Any], source: Any = None) -> Any:
-    """Build a config dataclass from a JSON dict (keys starting with ``_`` are metadata and ignored).
-
-    Fields without a default are always required. When ``source`` names the file the dict was read from,
-    every field is required except those in the class's ``_OPTIONAL_IN_FILES`` (fields added after format
-    version 1, whose default reproduces the older files): the files mindvis writes hold every field, and a
-    missing one would otherwise take a default that fails later with a message naming no file.
-    """
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"expected a JSON object, got {type(data).__name__}", path=source)
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    names = {f.name for f in fields}
-    unknown = sorted(str(k) for k in data if k not in names and not str(k).startswith("_"))
-    if unknown:
-        raise ConfigError(
-            f"unknown {cls.__name__} field(s): {', '.join(unknown)}", path=source, field=unknown[0]
-        )
-    optional = getattr(cls, "_OPTIONAL_IN_FILES", frozenset())
-    missing = [
-        f.name
-        for f in fields
-        if f.name not in data
-        and (
-            (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-            or (source is not None and f.name not in optional)
-        )
-    ]
-    if missing:
-        raise ConfigError(
-            f"missing required {cls.__name__} field(s): {', '.join(missing)}", path=source, field=missing[0]
-        )
-    try:
-        return cls(**{k: v for k, v in data.items() if k in names})
-    except TypeError as exc:
-        raise ConfigError(f"cannot build {cls.__name__}: {exc}", path=source) from None
-    except ConfigError as exc:
-        if source is None:
-            raise
-        raise ConfigError(exc.detail, path=source, field=exc.field) from None
-
-
-class _ConfigMixin:
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields (tuples become lists)."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(self).items()  # type: ignore[call-overload]
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: Any = None):  # noqa: ANN206
-        """Inverse of :meth:`to_dict`. Raises :class:`ConfigError` on unknown keys or bad values."""
-        return _from_dict(cls, data, source)
-
-
 @dataclass
-class UNetConfig(_ConfigMixin):
+class UNetConfig(ConfigMixin):
     """The denoiser, in the CompVis ``UNetModel`` vocabulary.
 
     Args:
@@ -222,19 +109,19 @@ class UNetConfig(_ConfigMixin):
             "context_dim",
             "norm_groups",
         ):
-            _int(name, getattr(self, name))
-        _int("sample_size", self.sample_size, maximum=MAX_SPATIAL)
-        _int("num_res_blocks", self.num_res_blocks, maximum=MAX_DEPTH)
-        _int("transformer_depth", self.transformer_depth, maximum=MAX_DEPTH)
-        self.channel_mult = _int_tuple("channel_mult", self.channel_mult)
+            check_int(name, getattr(self, name))
+        check_int("sample_size", self.sample_size, maximum=MAX_SPATIAL)
+        check_int("num_res_blocks", self.num_res_blocks, maximum=MAX_DEPTH)
+        check_int("transformer_depth", self.transformer_depth, maximum=MAX_DEPTH)
+        self.channel_mult = check_int_tuple("channel_mult", self.channel_mult)
         if len(self.channel_mult) > MAX_LEVELS:
             raise ConfigError(f"more than {MAX_LEVELS} levels", field="channel_mult")
-        self.attention_resolutions = _int_tuple(
+        self.attention_resolutions = check_int_tuple(
             "attention_resolutions", self.attention_resolutions, allow_empty=True, maximum=MAX_SPATIAL
         )
-        self.time_cond = _bool("time_cond", self.time_cond)
+        self.time_cond = check_bool("time_cond", self.time_cond)
         for ch in self.block_channels:
-            _int("model_channels", ch)  # every level's width (model_channels x channel_mult) is bounded
+            check_int("model_channels", ch)  # every level's width (model_channels x channel_mult) is bounded
             if ch % self.norm_groups:
                 raise ConfigError(
                     f"level width {ch} is not a multiple of the {self.norm_groups} GroupNorm groups",
@@ -257,7 +144,7 @@ class UNetConfig(_ConfigMixin):
                 f"attention_resolutions {bad} match no level (factors {self.level_factors})",
                 field="attention_resolutions",
             )
-        _check_parameters("UNet", self._parameter_lower_bounds())
+        check_parameters("UNet", self._parameter_lower_bounds())
 
     def _parameter_lower_bounds(self) -> dict[str, int]:
         # per level 2 * num_res_blocks + 1 ResBlocks (down and up), each with at least one 3x3 conv w -> w, and
@@ -294,7 +181,7 @@ class UNetConfig(_ConfigMixin):
 
 
 @dataclass
-class VQConfig(_ConfigMixin):
+class VQConfig(ConfigMixin):
     """The VQ-regularised autoencoder, in the CompVis ``VQModelInterface`` / ``ddconfig`` vocabulary.
 
     Args:
@@ -322,22 +209,22 @@ class VQConfig(_ConfigMixin):
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "out_ch", "ch", "z_channels", "embed_dim", "norm_groups"):
-            _int(name, getattr(self, name))
-        _int("resolution", self.resolution, maximum=MAX_SPATIAL)
-        _int("num_res_blocks", self.num_res_blocks, maximum=MAX_DEPTH)
-        _int("n_embed", self.n_embed, maximum=MAX_ROWS)
-        self.ch_mult = _int_tuple("ch_mult", self.ch_mult)
+            check_int(name, getattr(self, name))
+        check_int("resolution", self.resolution, maximum=MAX_SPATIAL)
+        check_int("num_res_blocks", self.num_res_blocks, maximum=MAX_DEPTH)
+        check_int("n_embed", self.n_embed, maximum=MAX_ROWS)
+        self.ch_mult = check_int_tuple("ch_mult", self.ch_mult)
         if len(self.ch_mult) > MAX_LEVELS:
             raise ConfigError(f"more than {MAX_LEVELS} levels", field="ch_mult")
         for m in self.ch_mult:
-            _int("ch", self.ch * m)  # every level's width (ch x ch_mult) is bounded
-        self.attn_resolutions = _int_tuple("attn_resolutions", self.attn_resolutions, allow_empty=True)
+            check_int("ch", self.ch * m)  # every level's width (ch x ch_mult) is bounded
+        self.attn_resolutions = check_int_tuple("attn_resolutions", self.attn_resolutions, allow_empty=True)
         if self.attn_resolutions:
             raise ConfigError(
                 "attention inside the autoencoder levels is not supported (label2img uses [])",
                 field="attn_resolutions",
             )
-        self.beta = _float("beta", self.beta, minimum=0.0)
+        self.beta = check_float("beta", self.beta, minimum=0.0)
         for m in self.ch_mult:
             if (self.ch * m) % self.norm_groups:
                 raise ConfigError(
@@ -352,7 +239,7 @@ class VQConfig(_ConfigMixin):
         # 3x3 conv w -> w; two more in each middle block; the codebook
         widths = [self.ch * m for m in self.ch_mult]
         convs = sum((2 * self.num_res_blocks + 1) * 9 * w * w for w in widths) + 4 * 9 * widths[-1] ** 2
-        _check_parameters("VQ autoencoder", {"ch": convs, "n_embed": self.n_embed * self.embed_dim})
+        check_parameters("VQ autoencoder", {"ch": convs, "n_embed": self.n_embed * self.embed_dim})
 
     @property
     def downsample_factor(self) -> int:
@@ -364,7 +251,7 @@ class VQConfig(_ConfigMixin):
 
 
 @dataclass
-class LDMConfig(_ConfigMixin):
+class LDMConfig(ConfigMixin):
     """UNet and autoencoder sizes of one latent diffusion model; they must agree on the latent shape."""
 
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -619,8 +506,6 @@ class DCLDM(nn.Module):
         vq: VQModel | None = None,
     ):
         super().__init__()
-        from mindvis.models.conditioning import ClassEmbedder, DCConditioner
-        from mindvis.sampling import NoiseSchedule
 
         LDMConfig(unet=unet_config, vq=vq_config)  # checks that the two agree
         if fmri_encoder is not None and not isinstance(conditioner, DCConditioner):
@@ -687,7 +572,6 @@ class DCLDM(nn.Module):
         a class-conditional prior) are used when given, else built fresh. ``basis_size`` > 0 confines the context
         to a basis that the caller then sets (:meth:`DCConditioner.set_basis`).
         """
-        from mindvis.models.conditioning import COND_TOKENS, DCConditioner, DCConditionerConfig
 
         unet_config = dataclasses.replace(ldm.unet, time_cond=bool(use_time_cond))
         gp = bool(getattr(fmri_encoder, "global_pool", False))
@@ -867,6 +751,26 @@ class DCLDM(nn.Module):
         return sorted(names)
 
 
+def prior_class_table(
+    prior: Any, source: Any = None, field: str = "align_epochs", purpose: str = "the context warm start"
+) -> torch.Tensor:
+    """The prior's class embeddings ``[K, C]`` (the null row left out): the targets of stage B's context warm
+    start (:func:`mindvis.train.ldm.align_context`) and the basis of a ``prior-classes`` context.
+
+    Raises:
+        ConfigError: the prior is not class-conditional.
+    """
+    cond = getattr(prior, "conditioner", None)
+    if not isinstance(cond, ClassEmbedder):
+        raise ConfigError(
+            f"{purpose} needs a class-conditional prior (mindvis train-prior or a converted "
+            f"label2img), but this one is conditioned by {type(cond).__name__}",
+            path=source,
+            field=field,
+        )
+    return cond.embedding.weight[:-1].detach().float().clone()
+
+
 __all__ = [
     "DCLDM",
     "LDMConfig",
@@ -880,6 +784,7 @@ __all__ = [
     "build_vq",
     "images_to_uint8",
     "ldm_preset",
+    "prior_class_table",
     "vq_decode",
     "vq_encode",
     "vq_quantize",

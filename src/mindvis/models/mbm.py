@@ -15,25 +15,39 @@ the token sequence ``[N, L, D]`` (or its mean, ``[N, 1, D]``) that conditions st
 Parameter names are those of the original checkpoints (``cls_token``, ``pos_embed``, ``mask_token``,
 ``decoder_pos_embed``, ``patch_embed.proj``, ``blocks.i.*``, ``norm``, ``decoder_embed``,
 ``decoder_blocks.i.*``, ``decoder_norm``, ``decoder_pred``), so a converted original state dict loads with
-``strict=True``.
+``strict=True``. :func:`load_original_mbm_checkpoint` reads the original's checkpoint files, so that
+:func:`load_mbm` and :meth:`FMRIEncoder.from_mbm` take them as they take our folders.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mindvis.errors import CheckpointError, ConfigError, DataError
-from mindvis.models.ldm import MAX_DEPTH, MAX_VOXELS, _bool, _check_parameters, _float, _from_dict, _int
+from mindvis.errors import CheckpointError, ConfigError, DataError, MindVisError
+from mindvis.models.config import (
+    MAX_DEPTH,
+    MAX_VOXELS,
+    check_bool,
+    check_float,
+    check_int,
+    check_parameters,
+    config_from_dict,
+)
+from mindvis.safeload import load_torch_file
+from mindvis.utils.io import atomic_write, read_json, safetensors_bytes, write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -92,8 +106,8 @@ class MBMConfig:
     focus_rate: float = 0.6
 
     def __post_init__(self) -> None:
-        _int("patch_size", self.patch_size)
-        _int("num_voxels", self.num_voxels, maximum=MAX_VOXELS)
+        check_int("patch_size", self.patch_size)
+        check_int("num_voxels", self.num_voxels, maximum=MAX_VOXELS)
         if self.num_voxels < self.patch_size:
             raise ConfigError(
                 f"the voxel count ({self.num_voxels}) is smaller than one patch ({self.patch_size} voxels)",
@@ -106,28 +120,28 @@ class MBMConfig:
                 field="num_voxels",
             )
         for name in ("embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads"):
-            _int(name, getattr(self, name))
-        _int("depth", self.depth, maximum=MAX_DEPTH)
-        _int("decoder_depth", self.decoder_depth, minimum=0, maximum=MAX_DEPTH)
+            check_int(name, getattr(self, name))
+        check_int("depth", self.depth, maximum=MAX_DEPTH)
+        check_int("decoder_depth", self.decoder_depth, minimum=0, maximum=MAX_DEPTH)
         for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
             w, h = getattr(self, width), getattr(self, heads)
             if w % h:
                 raise ConfigError(f"{width} ({w}) must be divisible by {heads} ({h})", field=width)
             if w % 2:
                 raise ConfigError(f"{width} ({w}) must be even for the sin-cos position table", field=width)
-        self.mlp_ratio = _float("mlp_ratio", self.mlp_ratio, maximum=MAX_MLP_RATIO)
+        self.mlp_ratio = check_float("mlp_ratio", self.mlp_ratio, maximum=MAX_MLP_RATIO)
         if int(min(self.embed_dim, self.decoder_embed_dim) * self.mlp_ratio) < 1:
             raise ConfigError(f"mlp_ratio {self.mlp_ratio} gives an empty MLP", field="mlp_ratio")
-        self.mask_ratio = _float("mask_ratio", self.mask_ratio)
+        self.mask_ratio = check_float("mask_ratio", self.mask_ratio)
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"expected 0 <= mask_ratio < 1, got {self.mask_ratio}", field="mask_ratio")
-        self.focus_rate = _float("focus_rate", self.focus_rate)
+        self.focus_rate = check_float("focus_rate", self.focus_rate)
         if self.focus_range is not None:
             if not isinstance(self.focus_range, (list, tuple)) or len(self.focus_range) != 2:
                 raise ConfigError(
                     f"expected a (start, end) voxel range, got {self.focus_range!r}", field="focus_range"
                 )
-            start, end = (_float("focus_range", v) for v in self.focus_range)
+            start, end = (check_float("focus_range", v) for v in self.focus_range)
             if not 0 <= start < end <= self.num_voxels:
                 raise ConfigError(
                     f"expected 0 <= start < end <= num_voxels ({self.num_voxels}), got ({start}, {end})",
@@ -146,7 +160,7 @@ class MBMConfig:
         # and prediction p x w; decoder embedding D x Dd
         D, Dd, p = self.embed_dim, self.decoder_embed_dim, self.patch_size
         H, Hd = int(D * self.mlp_ratio), int(Dd * self.mlp_ratio)
-        _check_parameters(
+        check_parameters(
             "masked brain model",
             {
                 "embed_dim": self.depth * (4 * D * D + 2 * D * H) + p * D,
@@ -186,7 +200,7 @@ class MBMConfig:
         Raises:
             ConfigError: unknown or missing keys, or invalid values (naming ``source`` if given).
         """
-        return _from_dict(cls, data, source)
+        return config_from_dict(cls, data, source)
 
 
 def mbm_tiny(num_voxels: int, **overrides: Any) -> MBMConfig:
@@ -771,7 +785,7 @@ class FMRIEncoder(nn.Module):
                 field="_global_pool",
             )
         try:
-            global_pool = _bool("_global_pool", meta["_global_pool"])
+            global_pool = check_bool("_global_pool", meta["_global_pool"])
         except ConfigError as exc:
             raise ConfigError(exc.detail, path=directory / CONFIG_NAME, field=exc.field) from None
         model = cls(config, global_pool=global_pool)
@@ -786,8 +800,6 @@ class FMRIEncoder(nn.Module):
 
 
 def _save_pretrained(module: nn.Module, directory: str | os.PathLike, class_name: str, config: dict) -> Path:
-    from mindvis.utils.io import atomic_write, safetensors_bytes, write_json
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
@@ -808,9 +820,6 @@ def read_model_json(path: Path, newest: int = FORMAT_VERSION) -> dict[str, Any]:
         CheckpointError: the file is missing, not JSON (malformed, nested too deeply, a number too long to
             read), not an object, or names a format version this mindvis does not read.
     """
-    from mindvis.errors import MindVisError
-    from mindvis.utils.io import read_json
-
     try:
         meta = read_json(path)
     except MindVisError as exc:
@@ -945,6 +954,232 @@ def load_state_dict_checked(
     module.load_state_dict(dict(state), strict=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Original stage-A checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+# The original's ``checkpoint.pth`` and ``fmri_encoder.pth`` hold ``{'model', 'optimizer', 'epoch', 'scaler',
+# 'config'}``: the masked autoencoder state dict, the training state, and a pickled ``config.Config_MBM_fMRI``
+# object. They are read with the restricted unpickler of :mod:`mindvis.safeload` (tensors, containers and inert
+# stand-ins for the config classes only).
+#
+# Sizes come from the tensors wherever they can: the patch size from ``patch_embed.proj.weight``, the widths
+# from the embedding layers, the encoder and decoder depths from the number of ``blocks.*`` and
+# ``decoder_blocks.*`` (the original config never stores the decoder depth), the MLP ratio from ``mlp.fc1``,
+# and the voxel count as ``(pos_embed.shape[1] - 1) * patch_size``. Head counts and masking settings, which
+# no tensor shape carries, come from the pickled config.
+
+#: Keys of an optional image-feature decoder the original can build (``use_nature_img_loss``); not ours.
+_FOREIGN_PREFIXES = ("nature_img_",)
+
+
+def _count_blocks(state: dict[str, Tensor], prefix: str) -> int:
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    idx = {int(m.group(1)) for k in state if (m := pat.match(k))}
+    if idx and idx != set(range(len(idx))):
+        raise CheckpointError(f"{prefix}.* indices are not contiguous from 0: {sorted(idx)}", field=prefix)
+    return len(idx)
+
+
+def _need(state: dict[str, Tensor], key: str, ndim: int, path: Path) -> Tensor:
+    t = state.get(key)
+    if not isinstance(t, Tensor):
+        raise CheckpointError("missing tensor in the stage-A state dict", path=path, field=f"model.{key}")
+    if t.ndim != ndim:
+        raise CheckpointError(
+            f"expected a {ndim}-D tensor, got shape {list(t.shape)}", path=path, field=f"model.{key}"
+        )
+    return t
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy of a pickled config value."""
+    if isinstance(value, SimpleNamespace):
+        return {k: _plain(v) for k, v in vars(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _config_get(cfg: dict[str, Any], name: str, default: Any) -> Any:
+    value = cfg.get(name, default)
+    return default if value is None and default is not None else value
+
+
+def load_original_mbm_checkpoint(
+    path: str | os.PathLike, overrides: dict[str, Any] | None = None
+) -> tuple[MBMConfig, dict[str, Tensor], dict[str, Any]]:
+    """Read an original stage-A checkpoint without executing code.
+
+    Args:
+        path: ``checkpoint.pth`` or ``fmri_encoder.pth`` (or a bare state dict saved with ``torch.save``).
+        overrides: MBMConfig fields to set explicitly, e.g. ``num_heads`` for a bare state dict with no
+            pickled config.
+
+    Returns:
+        config: our :class:`MBMConfig`, sizes taken from the tensors.
+        state: the model state dict, with our (identical) key names.
+        extra: ``epoch`` (int or None), ``original_config`` (dict or None), ``config_class``,
+            ``has_optimizer``, ``has_scaler`` and ``dropped_keys`` (keys of modules we do not build).
+
+    Raises:
+        CheckpointError: missing, truncated or refused file, or a state dict that is not a stage-A model.
+    """
+    path = Path(path)
+    obj = load_torch_file(path)
+    if isinstance(obj, dict) and "model" in obj:
+        state = obj["model"]
+        raw_cfg = obj.get("config")
+    elif isinstance(obj, dict) and "pos_embed" in obj:
+        state, raw_cfg = obj, None
+    else:
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"not a stage-A checkpoint: expected a dict with a 'model' state dict, got {keys}", path=path
+        )
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError("'model' is not a state dict of tensors", path=path, field="model")
+    state = dict(state)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    dropped = [k for k in state if k.startswith(_FOREIGN_PREFIXES)]
+    for k in dropped:
+        del state[k]
+    if dropped:
+        _logger.warning("%s: dropped %d keys of the optional image-feature decoder", path, len(dropped))
+
+    if raw_cfg is not None and not isinstance(raw_cfg, (SimpleNamespace, dict)):
+        raise CheckpointError(
+            f"unexpected config object of type {type(raw_cfg).__name__}", path=path, field="config"
+        )
+    cfg = _plain(raw_cfg) if raw_cfg is not None else {}
+    config_class = cfg.pop("_class", None) if isinstance(cfg, dict) else None
+
+    proj = _need(state, "patch_embed.proj.weight", 3, path)  # [D, 1, p]
+    pos = _need(state, "pos_embed", 3, path)  # [1, 1 + L, D]
+    dec = _need(state, "decoder_embed.weight", 2, path)  # [Dd, D]
+    fc1 = _need(state, "blocks.0.mlp.fc1.weight", 2, path)  # [H, D]
+    embed_dim, patch_size = int(proj.shape[0]), int(proj.shape[2])
+    hidden = int(fc1.shape[0])
+    if embed_dim < 1:
+        raise CheckpointError(
+            "the patch embedding has width 0", path=path, field="model.patch_embed.proj.weight"
+        )
+    mlp_ratio = _config_get(cfg, "mlp_ratio", hidden / embed_dim)
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not math.isfinite(mlp_ratio):
+        raise CheckpointError(
+            f"expected a finite number, got {mlp_ratio!r:.80}", path=path, field="config.mlp_ratio"
+        )
+    if int(embed_dim * mlp_ratio) != hidden:
+        _logger.warning(
+            "%s: config mlp_ratio %s does not give the stored MLP width %d", path, mlp_ratio, hidden
+        )
+        mlp_ratio = hidden / embed_dim
+    num_voxels = (int(pos.shape[1]) - 1) * patch_size
+    if "num_voxels" in cfg and cfg["num_voxels"] != num_voxels:
+        _logger.warning(
+            "%s: config num_voxels %s differs from the stored position table (%d); using %d",
+            path,
+            cfg["num_voxels"],
+            num_voxels,
+            num_voxels,
+        )
+    if "patch_size" in cfg and cfg["patch_size"] != patch_size:
+        raise CheckpointError(
+            f"config patch_size {cfg['patch_size']} differs from the patch embedding ({patch_size})",
+            path=path,
+            field="config.patch_size",
+        )
+    fields: dict[str, Any] = dict(
+        num_voxels=num_voxels,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=_count_blocks(state, "blocks"),
+        num_heads=_config_get(cfg, "num_heads", None),
+        decoder_embed_dim=int(dec.shape[0]),
+        decoder_depth=_count_blocks(state, "decoder_blocks"),
+        decoder_num_heads=_config_get(cfg, "decoder_num_heads", None),
+        mlp_ratio=mlp_ratio,
+        mask_ratio=_config_get(cfg, "mask_ratio", 0.75),
+        focus_range=_config_get(cfg, "focus_range", None),
+        focus_rate=_config_get(cfg, "focus_rate", 0.6),
+    )
+    fields.update(overrides or {})
+    for heads in ("num_heads", "decoder_num_heads"):
+        if fields[heads] is None:
+            raise CheckpointError(
+                f"the checkpoint carries no config, so {heads} is unknown; pass it as an override",
+                path=path,
+                field=heads,
+            )
+    for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+        if isinstance(fields[heads], int) and fields[heads] > 0 and fields[width] % fields[heads]:
+            raise CheckpointError(
+                f"stored width {fields[width]} is not divisible by config {heads} {fields[heads]}",
+                path=path,
+                field=f"config.{heads}",
+            )
+    if isinstance(fields["focus_range"], list):
+        fields["focus_range"] = tuple(fields["focus_range"])
+    try:
+        config = MBMConfig(**fields)
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"the stored sizes give an invalid model ({exc.detail})", path=path, field=exc.field
+        ) from None
+
+    # Check keys and shapes against the model these sizes describe, without allocating it.
+    with torch.device("meta"):
+        expected = MaskedBrainModel(config).state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {list(state[k].shape)} (expected {list(v.shape)})"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}")
+        if wrong:
+            parts.append(f"wrong shape {', '.join(wrong[:5])}")
+        raise CheckpointError(
+            "state dict does not match a stage-A model: " + "; ".join(parts), path=path, field="model"
+        )
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"non-finite values in {', '.join(nonfinite[:5])}", path=path, field="model")
+    state = {k: state[k].to(torch.float32) if state[k].is_floating_point() else state[k] for k in expected}
+
+    epoch = obj.get("epoch") if isinstance(obj, dict) and "model" in obj else None
+    extra: dict[str, Any] = {
+        "epoch": int(epoch) if isinstance(epoch, (int, float)) and math.isfinite(epoch) else None,
+        "original_config": cfg or None,
+        "config_class": config_class,
+        "has_optimizer": isinstance(obj, dict) and isinstance(obj.get("optimizer"), dict),
+        "has_scaler": isinstance(obj, dict) and bool(obj.get("scaler")),
+        "dropped_keys": dropped,
+    }
+    _logger.info(
+        "%s: stage-A model, %d voxels, %d x %d encoder, %d x %d decoder, epoch %s",
+        path,
+        config.num_voxels,
+        config.depth,
+        config.embed_dim,
+        config.decoder_depth,
+        config.decoder_embed_dim,
+        extra["epoch"],
+    )
+    return config, state, extra
+
+
 def load_mbm_weights(source: str | os.PathLike) -> tuple[MBMConfig, dict[str, Tensor]]:
     """Config and state dict of a stage-A model from our folder or an original ``.pth`` file.
 
@@ -957,8 +1192,6 @@ def load_mbm_weights(source: str | os.PathLike) -> tuple[MBMConfig, dict[str, Te
         config = MBMConfig.from_dict(meta, source=path / CONFIG_NAME)
         return config, load_safetensors(path / WEIGHTS_NAME)
     if path.is_file():
-        from mindvis.convert.mbm import load_original_mbm_checkpoint
-
         config, state, _extra = load_original_mbm_checkpoint(path)
         return config, state
     raise CheckpointError("no such checkpoint file or model folder", path=path)
@@ -983,6 +1216,7 @@ __all__ = [
     "interpolate_pos_embed",
     "load_mbm",
     "load_mbm_weights",
+    "load_original_mbm_checkpoint",
     "load_safetensors",
     "load_state_dict_checked",
     "read_model_json",

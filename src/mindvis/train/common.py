@@ -15,10 +15,9 @@ What each stage gets from here:
   norms and other 1-D tensors) and :class:`WarmupCosine` (linear warmup then half-cycle cosine, per
   iteration); :func:`make_adamw` (torch's fused AdamW kernel wherever it applies) and
   :func:`compile_for_training` (``--compile``: in-place ``torch.compile`` of a module's heavy parts).
-* Reproducibility: :func:`seed_everything`, :class:`EpochShuffleSampler` (the order of each epoch is a
-  function of seed and epoch, so a resumed run sees the same batches, and 1 process draws the same global
-  batches as several DDP processes) and :func:`is_primary_process` (global rank 0 before the trainer
-  exists, for work such as preparing the output folder).
+* Reproducibility: :func:`seed_everything` and :func:`is_primary_process` (global rank 0 before the trainer
+  exists, for work such as preparing the output folder); the data loaders of every stage draw their order
+  from :class:`mindvis.data.sampler.EpochShuffleSampler`.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,9 +42,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import RandomSampler
 
 from mindvis.errors import CheckpointError, ConfigError
+from mindvis.safeload import load_torch_file
 from mindvis.utils.io import atomic_dir, atomic_write, read_json, remove_stale_temps, write_json
 from mindvis.utils.steps import provenance
 
@@ -240,35 +239,6 @@ def seed_everything(seed: int) -> int:
     return pl.seed_everything(int(seed), workers=True, verbose=False)
 
 
-class EpochShuffleSampler(RandomSampler):
-    """A random order per epoch that depends only on ``(seed, epoch)``.
-
-    The permutation is ``torch.randperm(n)`` from a generator seeded with ``seed + epoch``, exactly as
-    ``DistributedSampler`` draws it. Lightning calls :meth:`set_epoch` at the start of every epoch, so a run
-    resumed from a checkpoint sees the same batches as an uninterrupted one. It is a ``RandomSampler`` so that
-    under DDP Lightning replaces it by ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``, which draws
-    the same permutation: the ranks' batches together then form the same global batches as one process with
-    the global batch size (any other sampler class would be wrapped, changing the order).
-    """
-
-    def __init__(self, num_samples: int, seed: int = 0):
-        super().__init__(range(int(num_samples)))
-        self.n = int(num_samples)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Optimisation helpers
 # ----------------------------------------------------------------------------------------------------------
@@ -405,8 +375,6 @@ def read_checkpoint_progress(path: str | os.PathLike) -> dict[str, int]:
     Raises:
         CheckpointError: missing, empty, truncated or corrupt file, or not a Lightning checkpoint.
     """
-    from mindvis.safeload import load_torch_file
-
     path = Path(path)
     ckpt = load_torch_file(path, mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
@@ -974,7 +942,6 @@ def fit(
 __all__ = [
     "BEST_WEIGHTS_DIR",
     "CHECKPOINT_DIR",
-    "EpochShuffleSampler",
     "FINAL_WEIGHTS_DIR",
     "LAST_CHECKPOINT",
     "LOGGER_KINDS",

@@ -57,8 +57,31 @@ import torch
 from torch import nn
 
 from mindvis.data.dataset import FMRIDataset
-from mindvis.data.paired import PairedAugmentConfig, PairedFMRIDataset
+from mindvis.data.formats.registry import list_subjects
+from mindvis.data.paired import PairedAugmentConfig, PairedFMRIDataset, sparse_voxel_dropout
+from mindvis.data.preprocess import PREPROCESSING_NAME, find_preprocessing, load_preprocessor, prepare_voxels
+from mindvis.data.sampler import EpochShuffleSampler
 from mindvis.errors import CheckpointError, ConfigError, DataError
+from mindvis.eval.suite import evaluate_reconstructions
+from mindvis.models.conditioning import ClassEmbedder, Conditioning
+from mindvis.models.ldm import DCLDM, LDMConfig, build_unet, prior_class_table
+from mindvis.models.mbm import FMRIEncoder, MaskedBrainModel
+from mindvis.pipeline import MindVisPipeline
+from mindvis.sampling import SAMPLERS
+from mindvis.train.common import (
+    TrainerConfig,
+    build_trainer,
+    find_resume_checkpoint,
+    fit,
+    is_primary_process,
+    make_adamw,
+    read_checkpoint_progress,
+    seed_everything,
+    write_run_config,
+)
+from mindvis.train.mbm import load_init_model
+from mindvis.train.prior import save_grid
+from mindvis.utils.io import prepare_output_dir, write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -71,7 +94,6 @@ TRAINABLE_PRESETS: dict[str, str] = {
 }
 #: The original's batch size per dataset (GOD 5, BOLD5000 25).
 DATASET_BATCH_SIZE: dict[str, int] = {"god": 5, "bold5000": 25}
-PREPROCESSING_NAME = "preprocessing.json"
 #: What `mindvis reconstruct` reads from a model folder.
 PIPELINE_PREPROCESS_NAME = "preprocess.json"
 SAMPLES_DIR = "samples"
@@ -192,8 +214,6 @@ class StageBConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        from mindvis.sampling import SAMPLERS
-
         if self.trainable not in TRAINABLE_PRESETS:
             raise ConfigError(
                 f"expected one of {', '.join(TRAINABLE_PRESETS)}, got {self.trainable!r}", field="trainable"
@@ -323,9 +343,6 @@ def load_prior(prior: str | os.PathLike | Any) -> Any:
     A class-conditional prior (``mindvis train-prior``, or a converted CompVis label2img) or an fMRI pipeline
     (its UNet and autoencoder are reused) are accepted.
     """
-    from mindvis.models.ldm import DCLDM
-    from mindvis.pipeline import MindVisPipeline
-
     if isinstance(prior, DCLDM):
         return prior
     if isinstance(prior, MindVisPipeline):
@@ -361,8 +378,6 @@ def build_stage_b_model(prior: Any, encoder: nn.Module, config: StageBConfig, so
     Raises:
         ConfigError: ``prior-classes`` with a prior that is not class-conditional.
     """
-    from mindvis.models.ldm import DCLDM, LDMConfig, build_unet
-
     ucfg = replace(prior.unet_config, time_cond=config.use_time_cond)
     unet = build_unet(ucfg)
     missing, unexpected = unet.load_state_dict(prior.unet.state_dict(), strict=False)
@@ -395,8 +410,6 @@ def build_stage_b_model(prior: Any, encoder: nn.Module, config: StageBConfig, so
 def prior_context_std(prior: Any) -> float | None:
     """How much the prior's own context varies between conditions: the std over its class embeddings (the null
     row left out), averaged over channels; ``None`` when the prior is not class-conditional."""
-    from mindvis.models.conditioning import ClassEmbedder
-
     cond = getattr(prior, "conditioner", None)
     if not isinstance(cond, ClassEmbedder) or cond.config.n_classes < 3:
         return None
@@ -431,28 +444,6 @@ def fit_token_stats(
         if context_std is None
         else f"{context_std:.3g} (the prior's class embeddings)",
     )
-
-
-def prior_class_table(
-    prior: Any, source: Any = None, field: str = "align_epochs", purpose: str = "the context warm start"
-) -> torch.Tensor:
-    """The prior's class embeddings ``[K, C]`` (the null row left out): the targets of :func:`align_context`
-    and the basis of a ``prior-classes`` context.
-
-    Raises:
-        ConfigError: the prior is not class-conditional.
-    """
-    from mindvis.models.conditioning import ClassEmbedder
-
-    cond = getattr(prior, "conditioner", None)
-    if not isinstance(cond, ClassEmbedder):
-        raise ConfigError(
-            f"{purpose} needs a class-conditional prior (mindvis train-prior or a converted "
-            f"label2img), but this one is conditioned by {type(cond).__name__}",
-            path=source,
-            field=field,
-        )
-    return cond.embedding.weight[:-1].detach().float().clone()
 
 
 def mixture_entropy(weights: torch.Tensor) -> torch.Tensor:
@@ -493,7 +484,7 @@ def align_context(
         model: the fMRI-conditioned DCLDM (its ``fmri_encoder`` and ``conditioner`` are trained in place).
         voxels: ``[N, V]`` preprocessed training fMRI; ``labels``: ``[N]`` class ids of their images, indexing
             ``class_table`` (``-1``, unknown, are left out).
-        class_table: ``[K, C]`` the prior's class embeddings (:func:`prior_class_table`).
+        class_table: ``[K, C]`` the prior's class embeddings (:func:`~mindvis.models.ldm.prior_class_table`).
         eval_sets: ``{name: (voxels, labels)}`` scored after training, without training on them.
 
     Returns:
@@ -503,8 +494,6 @@ def align_context(
     Raises:
         DataError: no labelled training sample, or a label outside the prior's classes.
     """
-    from mindvis.data.paired import sparse_voxel_dropout
-
     labels = np.asarray(labels).astype(np.int64)
     if labels.shape != (len(voxels),):
         raise DataError(
@@ -596,66 +585,12 @@ def build_encoder(mbm: Any, config: StageBConfig) -> nn.Module:
     Args:
         mbm: a stage A run folder, a saved model folder, an original ``.pth`` file, or a ``MaskedBrainModel``.
     """
-    from mindvis.models.mbm import FMRIEncoder, MaskedBrainModel
-    from mindvis.train.mbm import load_init_model
-
     model = mbm if isinstance(mbm, MaskedBrainModel) else load_init_model(mbm)
     if config.encoder_init == "random":
         torch.manual_seed(config.seed)
         _logger.info("fMRI encoder: random initialisation (no pretraining), %s", model.config.to_dict())
         return FMRIEncoder(model.config, global_pool=config.global_pool)
     return FMRIEncoder.from_mbm(model, global_pool=config.global_pool)
-
-
-def find_preprocessing(mbm: Any) -> Path | None:
-    """``preprocessing.json`` of a stage A run: in the folder given, or its parent (for ``run/model``)."""
-    if not isinstance(mbm, str | os.PathLike):
-        return None
-    p = Path(mbm)
-    for cand in (p / PREPROCESSING_NAME, p.parent / PREPROCESSING_NAME):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def prepare_voxels(
-    train: FMRIDataset,
-    test: FMRIDataset,
-    num_voxels: int,
-    patch_size: int,
-    preprocessor: Any = None,
-) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Preprocess both splits to the encoder's input width.
-
-    ``preprocessor`` (fitted, e.g. the stage A2 run's) is applied as it is; without one, a new one is fitted on
-    the training split: one global mean and std (as the original), wrap padding to the patch size and to the
-    encoder's ``num_voxels``.
-
-    Returns:
-        ``(train [N, V'], test [M, V'], preprocessor)``.
-
-    Raises:
-        DataError: the preprocessed width is not the encoder's.
-    """
-    from mindvis.data.preprocess import FMRIPreprocessor
-
-    if preprocessor is None:
-        preprocessor = FMRIPreprocessor(
-            normalize="global", patch_size=patch_size, pad_mode="wrap", length=num_voxels
-        )
-        preprocessor.fit(train.voxels, source=train.source)
-    xs = []
-    for ds in (train, test):
-        x = np.asarray(preprocessor.transform(ds.voxels, source=ds.source, split=ds.split), dtype=np.float32)
-        if x.shape[1] != num_voxels:
-            raise DataError(
-                f"the preprocessed fMRI has {x.shape[1]} voxels but the encoder takes {num_voxels} "
-                f"(raw {ds.num_voxels})",
-                path=ds.source,
-                field="voxels",
-            )
-        xs.append(x)
-    return xs[0], xs[1], preprocessor
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -753,7 +688,6 @@ def default_subject(dataset: str, data_dir: Any = None) -> str | None:
     """
     if str(dataset).lower() != "god":
         return None
-    from mindvis.data.formats.registry import list_subjects
 
     subjects = list_subjects("god", data_dir)
     if ORIGINAL_GOD_SUBJECT in subjects or not subjects:
@@ -832,8 +766,6 @@ class StageBModule(pl.LightningModule):
     # -- training -----------------------------------------------------------------------------------------
 
     def _condition(self, fmri: torch.Tensor, drop: float) -> Any:
-        from mindvis.models.conditioning import Conditioning
-
         cond = self.model.condition(fmri)
         if drop <= 0:
             return cond
@@ -867,8 +799,6 @@ class StageBModule(pl.LightningModule):
         return out.loss - self.config.basis_balance * balance
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        from mindvis.train.common import make_adamw
-
         params = [p for p in self.model.parameters() if p.requires_grad]
         return make_adamw(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
@@ -881,8 +811,6 @@ class StageBModule(pl.LightningModule):
     def generate(self, fmri: torch.Tensor, index: torch.Tensor, num_samples: int | None = None) -> np.ndarray:
         """``num_samples`` (default: the config's) images per item ``[B, S, H, W, 3]`` uint8; item ``i`` always
         uses seed ``seed + i``."""
-        from mindvis.pipeline import MindVisPipeline
-
         cfg = self.config
         with _keep_modes(self.model):
             pipe = MindVisPipeline(self.model)
@@ -1046,16 +974,12 @@ class StageBModule(pl.LightningModule):
 
     def _save_grid(self, index: np.ndarray, recons: np.ndarray, suffix: str = "") -> None:
         if self.trainer.is_global_zero and self.sample_dir is not None and self.val_gt is not None:
-            from mindvis.train.prior import save_grid
-
             k = min(self.config.grid_items, len(index))
             grid = np.concatenate([self.val_gt[index[:k], None], recons[:k]], axis=1)
             path = save_grid(grid, self.sample_dir / f"epoch{self.current_epoch:04d}{suffix}.png")
             _logger.info("validation samples: %s", path)
 
     def _metrics(self, recons: np.ndarray, index: np.ndarray, record: bool = True) -> dict[str, float]:
-        from mindvis.eval.suite import evaluate_reconstructions
-
         if self.val_gt is None or len(index) < 2:
             return {}
         with warnings.catch_warnings(), _quiet("mindvis.eval.suite"):
@@ -1086,9 +1010,6 @@ def save_stage_b_pipeline(
 ) -> Path:
     """A :class:`~mindvis.pipeline.MindVisPipeline` folder of the stage B model, with its fMRI preprocessing
     (``preprocess.json``, which ``mindvis reconstruct`` applies by default)."""
-    from mindvis.pipeline import MindVisPipeline
-    from mindvis.utils.io import write_json
-
     directory = Path(directory)
     with _keep_modes(model):
         # the config allows guidance only with conditioning dropout, so this is 1 for any other model
@@ -1135,8 +1056,6 @@ class StageBData(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        from mindvis.train.common import EpochShuffleSampler
-
         return torch.utils.data.DataLoader(
             self.train_set,
             batch_size=self.batch_size,
@@ -1210,19 +1129,6 @@ def train_stage_b(
         resume: continue from ``out_dir/checkpoints/last.ckpt``.
         overwrite: replace a non-empty ``out_dir``.
     """
-    from mindvis.data.preprocess import load_preprocessor
-    from mindvis.train.common import (
-        TrainerConfig,
-        build_trainer,
-        find_resume_checkpoint,
-        fit,
-        is_primary_process,
-        read_checkpoint_progress,
-        seed_everything,
-        write_run_config,
-    )
-    from mindvis.utils.io import prepare_output_dir, write_json
-
     trainer_config = trainer_config or TrainerConfig()
     out_dir = Path(out_dir)
     for ds, name in ((train, "train"), (test, "test")):

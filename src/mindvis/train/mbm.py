@@ -19,7 +19,8 @@ correlation on the data it tunes on (so ``val/corr`` is the fit to the tuning da
 ``best/`` is the best fit). Ours, ``god_fmri="train"`` (``mindvis finetune --a2-data train``), tunes on the
 training fMRI with 5 % held out for validation and keeps the test fMRI unseen until evaluation.
 
-Masking noise is a hash of ``(seed, epoch, sample index)`` (:func:`masking_noise`), not a draw from a global
+Masking noise is a hash of ``(seed, epoch, sample index)`` (:func:`mindvis.data.pretrain.masking_noise`, which
+:class:`~mindvis.data.pretrain.MBMDataModule` adds to every batch), not a draw from a global
 generator, so that a resumed run and a run on several DDP processes mask every sample exactly as one
 uninterrupted process does. Validation masks each held-out sample the same way in every epoch and logs the
 masked-patch reconstruction loss and the Pearson correlation between predicted and true voxels of the masked
@@ -40,20 +41,42 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 
-from mindvis.data.pretrain import MBMDataConfig, MBMDataModule
+from mindvis.data.preprocess import PREPROCESSING_NAME, choose_pad_mode, is_original_checkpoint
+from mindvis.data.pretrain import (
+    CORPUS_INDEX,
+    MBMDataConfig,
+    MBMDataModule,
+    VoxelCorpus,
+    build_corpus,
+    common_length,
+    plan_sources,
+    split_rows,
+)
 from mindvis.errors import CheckpointError, ConfigError
-from mindvis.models.mbm import MBM_VARIANTS, MaskedBrainModel, MBMConfig
-from mindvis.train.common import TrainerConfig, WarmupCosine, make_adamw, param_groups_weight_decay
+from mindvis.models.mbm import MBM_VARIANTS, MaskedBrainModel, MBMConfig, load_mbm
+from mindvis.train.common import (
+    FINAL_WEIGHTS_DIR,
+    TrainerConfig,
+    WarmupCosine,
+    build_trainer,
+    find_resume_checkpoint,
+    fit,
+    is_primary_process,
+    make_adamw,
+    param_groups_weight_decay,
+    read_checkpoint_progress,
+    read_run_config,
+    seed_everything,
+    write_run_config,
+)
+from mindvis.utils.io import atomic_dir, read_json, write_json
 
 _logger = logging.getLogger(__name__)
 
 Stage = Literal["pretrain", "finetune"]
-#: The masking-noise "epoch" used for validation: the same masks every epoch.
-VALIDATION_NOISE_KEY = 2**31 - 1
 
 #: The original recipes. ``warmup_fraction`` gives the warmup when ``warmup_epochs`` is not set (A1: 40 of 500
 #: epochs; A2: 2 of 15). The original tunes A2 for 15 epochs. Tuning on the *training* fMRI instead
@@ -315,34 +338,6 @@ def model_config_for(config: MBMTrainConfig, num_voxels: int) -> MBMConfig:
 # Masking noise and metrics
 # ----------------------------------------------------------------------------------------------------------
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def masking_noise(seed: int, epoch: int, indices: np.ndarray | Tensor, num_patches: int) -> np.ndarray:
-    """Uniform noise in [0, 1) for the masks of samples ``indices`` in ``epoch``: ``[B, L]`` float64.
-
-    A counter-based hash (splitmix64) of ``(seed, epoch, index, patch)``: the same sample gets the same mask
-    in the same epoch whatever the batch, process or worker that handles it.
-    """
-    idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64).astype(
-        np.uint64
-    )
-    with np.errstate(over="ignore"):
-        key = _splitmix64(np.asarray([seed], dtype=np.uint64))
-        key = _splitmix64(key ^ np.asarray([epoch], dtype=np.uint64))
-        per_sample = _splitmix64(key ^ idx)  # [B]
-        counter = per_sample[:, None] + np.arange(num_patches, dtype=np.uint64)[None, :] * _GOLDEN
-        bits = _splitmix64(counter)
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # 53-bit mantissa
-
 
 def masked_pearson(pred: Tensor, target: Tensor, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
     """Per-sample Pearson correlation between predicted and true voxels of the selected patches.
@@ -383,7 +378,7 @@ class MBMModule(pl.LightningModule):
 
     Batches are dicts ``{"fmri": [B, V], "index": [B], "noise": [B, L]}``; without ``noise`` the model draws
     its own masks from torch's generator. :class:`~mindvis.data.pretrain.MBMDataModule` adds the noise of
-    :func:`masking_noise` on the host before each batch moves to the device.
+    :func:`~mindvis.data.pretrain.masking_noise` on the host before each batch moves to the device.
     """
 
     def __init__(
@@ -482,7 +477,6 @@ def wait_for_file(path: Path, timeout_s: float = 3600.0, poll_s: float = 2.0) ->
         time.sleep(poll_s)
 
 
-PREPROCESSING_NAME = "preprocessing.json"
 DATA_DIR = "data"
 
 
@@ -522,9 +516,6 @@ def load_init_model(path: str | os.PathLike) -> MaskedBrainModel:
     Raises:
         CheckpointError: missing, truncated, corrupt or refused files.
     """
-    from mindvis.models.mbm import load_mbm
-    from mindvis.train.common import FINAL_WEIGHTS_DIR
-
     p = Path(path)
     if (p / FINAL_WEIGHTS_DIR / "model.safetensors").is_file() or (
         p / FINAL_WEIGHTS_DIR / "config.json"
@@ -543,10 +534,6 @@ def load_init_model(path: str | os.PathLike) -> MaskedBrainModel:
 def init_is_original(path: str | os.PathLike) -> bool:
     """Whether the ``--init`` model is an original MinD-Vis checkpoint: a ``.pth`` file, or a folder converted
     from one (its ``source.json`` says so)."""
-    from mindvis.data.preprocess import is_original_checkpoint
-    from mindvis.train.common import FINAL_WEIGHTS_DIR
-    from mindvis.utils.io import read_json
-
     p = Path(path)
     if p.is_file():
         return True
@@ -563,8 +550,6 @@ def init_pad_modes(path: str | os.PathLike) -> dict[str, str] | None:
     """The pad modes recorded by the mindvis run the ``--init`` model comes from (its ``preprocessing.json``),
     by subject name (``"god/sbj_1"``; ``""`` for a finetuning run's single preprocessing), or ``None`` when
     ``path`` is not a run folder."""
-    from mindvis.utils.io import read_json
-
     f = Path(path) / PREPROCESSING_NAME
     if not f.is_file():
         return None
@@ -592,8 +577,6 @@ def resolve_pad_mode(
     voxel count is the original padding rule's for every subject and not ours
     (:func:`~mindvis.data.preprocess.choose_pad_mode`). ``"wrap"`` otherwise and without a model.
     """
-    from mindvis.data.preprocess import choose_pad_mode
-
     if data.pad_mode != "auto":
         return data.pad_mode
     if init_model is None or not plans:
@@ -650,26 +633,6 @@ def run_mbm_stage(
     Raises:
         MindVisError subclasses for bad input, existing output, or unreadable checkpoints.
     """
-    from mindvis.data.pretrain import (
-        CORPUS_INDEX,
-        VoxelCorpus,
-        build_corpus,
-        common_length,
-        plan_sources,
-        split_rows,
-    )
-    from mindvis.train.common import (
-        build_trainer,
-        find_resume_checkpoint,
-        fit,
-        is_primary_process,
-        read_checkpoint_progress,
-        read_run_config,
-        seed_everything,
-        write_run_config,
-    )
-    from mindvis.utils.io import atomic_dir, write_json
-
     run_dir = Path(run_dir)
     primary = is_primary_process()
     data = config.data
@@ -809,10 +772,8 @@ __all__ = [
     "init_pad_modes",
     "resolve_pad_mode",
     "stage_data_settings",
-    "VALIDATION_NOISE_KEY",
     "make_datamodule",
     "masked_pearson",
-    "masking_noise",
     "model_config_for",
     "wait_for_file",
 ]

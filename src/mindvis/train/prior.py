@@ -32,7 +32,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mindvis.data.formats.common import NpzArchive
+from mindvis.data.sampler import EpochShuffleSampler
 from mindvis.errors import ConfigError, DataError, MindVisError, WeightsUnavailable
+from mindvis.eval.metrics import ssim_pairs
+from mindvis.models.conditioning import ClassEmbedder, ClassEmbedderConfig, Conditioning
+from mindvis.models.ldm import (
+    DCLDM,
+    LDMConfig,
+    build_unet,
+    build_vq,
+    ldm_preset,
+    vq_decode,
+    vq_encode,
+    vq_quantize,
+)
+from mindvis.pipeline import MindVisPipeline
+from mindvis.safeload import load_state_dict
+from mindvis.sampling import NoiseSchedule, run_sampler
+from mindvis.train.common import (
+    FINAL_WEIGHTS_DIR,
+    TrainerConfig,
+    build_trainer,
+    find_resume_checkpoint,
+    fit,
+    is_primary_process,
+    make_adamw,
+    read_checkpoint_progress,
+    seed_everything,
+    write_run_config,
+)
+from mindvis.utils.io import atomic_write, prepare_output_dir, read_json, write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -173,8 +203,6 @@ def load_image_corpus(
 
 
 def _read_corpus_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from mindvis.data.formats.common import NpzArchive
-
     # the images are memory-mapped (uncompressed members, as the simulator writes them): a corpus of any
     # size is read from disk as batches need it, not loaded whole
     try:
@@ -281,8 +309,6 @@ def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, t
     Returns:
         ``(psnr [B], ssim [B])`` float32 on the CPU.
     """
-    from mindvis.eval.metrics import ssim_pairs
-
     p, t = model_to_uint8(pred), model_to_uint8(target)
     mse = ((p.astype(np.float64) - t.astype(np.float64)) ** 2).reshape(len(p), -1).mean(1)
     psnr = 10.0 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
@@ -317,7 +343,6 @@ class LocalLPIPS(nn.Module):
         if not path.is_file():
             raise WeightsUnavailable("LPIPS backbone weights not found", path=path, field="lpips_weights")
         self.model = _LPIPS(pretrained=True, net=net, pnet_rand=True, pnet_tune=False, use_dropout=False)
-        from mindvis.safeload import load_state_dict
 
         try:
             state = load_state_dict(path)
@@ -508,8 +533,6 @@ class VQAutoencoderModule(pl.LightningModule):
         Returns:
             ``(z_q [B, D, h, w] straight-through, indices [B, h, w], codebook loss, commitment loss)``.
         """
-        from mindvis.models.ldm import vq_quantize
-
         with torch.no_grad():
             idx = vq_quantize(self.vq, h).indices  # [B, h, w], the same search decoding uses
         e = self.vq.quantize.embedding(idx).permute(0, 3, 1, 2)
@@ -765,8 +788,6 @@ def encode_corpus(
 
     With ``flip`` the horizontally flipped images follow the originals, doubling the training set.
     """
-    from mindvis.models.ldm import vq_encode
-
     was_training = vq.training
     vq.eval()
     device = next(vq.parameters()).device
@@ -877,7 +898,6 @@ class ClassPriorModule(pl.LightningModule):
         """The DCLDM to sample from and save: the EMA weights when EMA is on (sharing the VQ), else the model."""
         if self.ema is None:
             return self.model
-        from mindvis.models.ldm import DCLDM
 
         m = self.model
         return DCLDM(
@@ -930,8 +950,6 @@ class ClassPriorModule(pl.LightningModule):
             self.log("val/sample_acc", self.last_sample_accuracy, rank_zero_only=True)
 
     def configure_optimizers(self) -> Any:
-        from mindvis.train.common import make_adamw
-
         return make_adamw(
             self.trainable_parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
         )
@@ -966,9 +984,6 @@ def sample_class_grid(
     Returns:
         ``(images [num_classes * per_class, H, W, 3] uint8, labels [num_classes * per_class])``, class-major.
     """
-    from mindvis.models.conditioning import Conditioning
-    from mindvis.sampling import run_sampler
-
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
     labels = torch.arange(num_classes).repeat_interleave(per_class)
@@ -1001,8 +1016,6 @@ def save_grid(
     With ``row_labels`` a strip on the left names each row.
     """
     from PIL import Image, ImageDraw
-
-    from mindvis.utils.io import atomic_write
 
     images = np.asarray(images)
     if images.ndim != 5 or images.shape[-1] != 3:
@@ -1088,8 +1101,6 @@ class PriorTrainConfig:
 
     def ldm_config(self, num_classes: int) -> Any:
         """The :class:`~mindvis.models.ldm.LDMConfig` of the prior (no time conditioning)."""
-        from mindvis.models.ldm import LDMConfig, ldm_preset
-
         base = ldm_preset(self.preset, time_cond=False)
         vq_changes = dict(self.vq_model)
         if self.resolution is not None:
@@ -1142,10 +1153,6 @@ def warn_instance_norm(ldm: Any) -> list[str]:
 def build_class_prior(ldm_config: Any, num_classes: int, vq: nn.Module | None = None) -> nn.Module:
     """A class-conditional :class:`~mindvis.models.ldm.DCLDM`: UNet without time conditioning, a class embedding
     of ``num_classes + 1`` rows (the last is the null class) and the VQ (new, or the one given)."""
-    from mindvis.models.conditioning import ClassEmbedder, ClassEmbedderConfig
-    from mindvis.models.ldm import DCLDM, build_unet, build_vq
-    from mindvis.sampling import NoiseSchedule
-
     if ldm_config.unet.time_cond:
         raise ConfigError("the class-conditional prior is built without time conditioning", field="time_cond")
     emb = ClassEmbedder(ClassEmbedderConfig(n_classes=num_classes + 1, embed_dim=ldm_config.unet.context_dim))
@@ -1175,8 +1182,6 @@ class _Loaders(pl.LightningDataModule):
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        from mindvis.train.common import EpochShuffleSampler
-
         return torch.utils.data.DataLoader(
             self.train_set,
             batch_size=self.batch_size,
@@ -1193,8 +1198,6 @@ class _Loaders(pl.LightningDataModule):
 
 
 def _stage_done(stage_dir: Path, epochs: int, weights: Path) -> bool:
-    from mindvis.utils.io import read_json
-
     marker = stage_dir / "stage.json"
     if not marker.is_file() or not weights.is_dir():
         return False
@@ -1217,14 +1220,6 @@ def _run_stage(
     clip_grad: float | None,
     export: bool = True,
 ) -> pl.Trainer:
-    from mindvis.train.common import (
-        build_trainer,
-        find_resume_checkpoint,
-        fit,
-        read_checkpoint_progress,
-    )
-    from mindvis.utils.io import write_json
-
     tc = dataclasses.replace(
         trainer_config,
         max_epochs=max(epochs, 1),
@@ -1272,8 +1267,6 @@ def evaluate_vq(
         of the code histogram, ``num_codes`` and ``num_images``; with a classifier, ``class_accuracy_images``
         and ``class_accuracy_reconstructions``.
     """
-    from mindvis.models.ldm import vq_decode, vq_encode, vq_quantize
-
     vq.eval()
     device = next(vq.parameters()).device
     psnrs, ssims, recons = [], [], []
@@ -1382,16 +1375,6 @@ def train_prior(
     """
     from diffusers import VQModel
 
-    from mindvis.models.ldm import build_vq
-    from mindvis.train.common import (
-        FINAL_WEIGHTS_DIR,
-        TrainerConfig,
-        is_primary_process,
-        seed_everything,
-        write_run_config,
-    )
-    from mindvis.utils.io import prepare_output_dir, write_json
-
     trainer_config = trainer_config or TrainerConfig()
     out_dir = Path(out_dir)
     if resume:
@@ -1498,8 +1481,6 @@ def train_prior(
         )
     if is_primary_process():
         with torch.no_grad():
-            from mindvis.models.ldm import vq_decode, vq_encode
-
             show = held.images[:8]
             rec = model_to_uint8(vq_decode(vq, vq_encode(vq, images_to_model(show))))
         save_grid(np.stack([show, rec]), vq_dir / "recon_holdout.png", row_labels=["input", "VQ"])
@@ -1517,8 +1498,6 @@ def train_prior(
         prior, config.unet, corpus.class_names, sample_dir=unet_dir / "samples", classifier=classifier
     )
     if resume and _stage_done(unet_dir, config.unet_epochs, out_dir / "pipeline"):
-        from mindvis.pipeline import MindVisPipeline
-
         _logger.info("UNet: finished earlier, loading %s", out_dir / "pipeline")
         final = MindVisPipeline.from_pretrained(out_dir / "pipeline").model
     else:
@@ -1600,8 +1579,6 @@ def save_prior_pipeline(
     The class names go into ``model_index.json`` (``source.class_names``; the last embedding row is the null
     class).
     """
-    from mindvis.pipeline import MindVisPipeline
-
     was_training = model.training
     pipe = MindVisPipeline(model, default_sampler="ddim", default_steps=50)  # sets eval mode
     info = {

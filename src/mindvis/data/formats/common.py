@@ -45,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mindvis.data.dataset import FMRIDataset, Split
-from mindvis.errors import DataError, MindVisError
+from mindvis.errors import ConfigError, DataError, MindVisError
 
 _logger = logging.getLogger(__name__)
 
@@ -314,8 +314,6 @@ def default_data_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 def check_nan_policy(nan_policy: str) -> NanPolicy:
     if nan_policy not in NAN_POLICIES:
-        from mindvis.errors import ConfigError
-
         raise ConfigError(
             f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}", field="nan_policy"
         )

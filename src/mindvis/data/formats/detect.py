@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from mindvis.data.dataset import FMRIDataset
+from mindvis.data.formats.bold5000 import BOLD5000_ROIS, list_bold5000_subjects, load_bold5000
 from mindvis.data.formats.common import reading
+from mindvis.data.formats.god import find_god_images, god_roi_names, list_god_subjects, load_god
+from mindvis.data.formats.god_h5 import BDataFile, god_h5_subject, list_h5_files, load_god_h5
+from mindvis.data.formats.hcp_cifti import find_hcp_runs
+from mindvis.data.formats.nifti import list_nifti_subjects, load_nifti_dataset
+from mindvis.data.formats.nsd import IMAGES_FILE, list_nsd_subjects, load_nsd
+from mindvis.data.hcp import HCP_ROIS, list_hcp_subjects, load_hcp_subject
 from mindvis.errors import DataError, MindVisError
 
 _logger = logging.getLogger(__name__)
@@ -149,8 +156,6 @@ def _add(report: dict, subject: str, rois: list[str], splits: list[tuple[str, FM
 
 
 def _describe_god(p: Path, report: dict, problems: list[str], check_images: bool) -> None:
-    from mindvis.data.formats.god import find_god_images, god_roi_names, list_god_subjects, load_god
-
     folder = p.parent if p.is_file() else p
     subjects = [p.stem] if p.is_file() else list_god_subjects(folder)
     img = find_god_images(folder)
@@ -221,8 +226,6 @@ def _describe_synthetic(p: Path, report: dict, problems: list[str], check_images
 
 
 def _describe_god_h5(p: Path, report: dict, problems: list[str], check_images: bool) -> None:
-    from mindvis.data.formats.god_h5 import BDataFile, god_h5_subject, list_h5_files, load_god_h5
-
     for f in list_h5_files(p):
         rois: list[str] = []
         try:
@@ -240,8 +243,6 @@ def _describe_god_h5(p: Path, report: dict, problems: list[str], check_images: b
 
 
 def _describe_bold5000(p: Path, report: dict, problems: list[str], check_images: bool) -> None:
-    from mindvis.data.formats.bold5000 import BOLD5000_ROIS, list_bold5000_subjects, load_bold5000
-
     if not check_images:
         report["notes"].append("images in img_dict.npy not read (pass --check-images to read and check them)")
     for s in list_bold5000_subjects(p):
@@ -252,8 +253,6 @@ def _describe_bold5000(p: Path, report: dict, problems: list[str], check_images:
 
 
 def _describe_nsd(p: Path, report: dict, problems: list[str], check_images: bool) -> None:
-    from mindvis.data.formats.nsd import IMAGES_FILE, list_nsd_subjects, load_nsd
-
     img = p / IMAGES_FILE
     if img.is_file():
         import h5py
@@ -278,8 +277,6 @@ def _describe_nsd(p: Path, report: dict, problems: list[str], check_images: bool
 
 
 def _describe_hcp_npz(p: Path, report: dict, problems: list[str], check_images: bool) -> None:
-    from mindvis.data.hcp import HCP_ROIS, list_hcp_subjects, load_hcp_subject
-
     root = p.parent.parent if p.is_file() else p
     subjects = [p.parent.name] if p.is_file() else list_hcp_subjects(p)
     report["notes"].append(
@@ -294,8 +291,6 @@ def _describe_hcp_npz(p: Path, report: dict, problems: list[str], check_images: 
 
 
 def _describe_hcp_cifti(p: Path, report: dict, problems: list[str], check_images: bool) -> None:
-    from mindvis.data.formats.hcp_cifti import find_hcp_runs
-
     runs = find_hcp_runs(p)
     report["notes"].append(
         f"{len(runs)} subject(s) with CIFTI dtseries; run `mindvis data prepare-hcp {p} "
@@ -306,8 +301,6 @@ def _describe_hcp_cifti(p: Path, report: dict, problems: list[str], check_images
 
 
 def _describe_nifti(p: Path, report: dict, problems: list[str], check_images: bool) -> None:
-    from mindvis.data.formats.nifti import list_nifti_subjects, load_nifti_dataset
-
     try:
         subjects = list_nifti_subjects(p)
     except MindVisError as exc:

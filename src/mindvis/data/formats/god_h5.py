@@ -41,6 +41,7 @@ from mindvis.data.formats.common import (
     NanPolicy,
     NpzArchive,
     apply_nan_policy,
+    as_index,
     average_by_image,
     check_h5_dataset,
     check_nan_policy,
@@ -56,6 +57,7 @@ from mindvis.data.formats.god import (
     find_god_images,
     format_god_label,
     load_stimulus_tables,
+    read_class_index,
     split_god_label,
 )
 from mindvis.errors import DataError
@@ -339,8 +341,6 @@ def load_god_h5(
         labels = None
         class_path = folder / CLASS_INDEX_FILE
         if class_path.is_file():
-            from mindvis.data.formats.god import read_class_index
-
             wnid_to_class, _ = read_class_index(class_path)
             labels = np.asarray([wnid_to_class.get(int(c), -1) for c in cats], dtype=np.int64)
         return FMRIDataset(
@@ -384,8 +384,6 @@ def load_god_h5(
             if include_images:
                 images = imgs.get(img_key)
             if f"{split}_labels" in imgs:
-                from mindvis.data.formats.common import as_index
-
                 image_labels = as_index(
                     imgs.get(f"{split}_labels", mmap=False), path=img_path, field=f"{split}_labels"
                 )
