@@ -25,6 +25,9 @@ def _check_run(result, preset):
     assert set(probe["conditioning_use"]) == {"stage_b/model"}
     assert all(math.isfinite(u["gap_percent"]) for u in probe["conditioning_use"].values())
     assert "Where the stimulus information goes" in result.report.read_text()
+    assert "ceilings of the semantic metric" in result.report.read_text()
+    ceilings = json.loads((run / "report" / "stand_ins.json").read_text())
+    assert 0.0 <= ceilings["judge"] <= 1.0 and ceilings["samples"], ceilings
     metrics = json.loads((run / "eval" / "method" / "metrics.json").read_text())
     values = [a["value"] for m in metrics["metrics"] for a in m["aggregates"].values()]
     assert values and all(math.isfinite(v) for v in values)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mindvis.departures import in_force
+from mindvis.errors import MindVisError
 from mindvis.eval.report import write_report
 from mindvis.eval.suite import metric_rows
 from mindvis.utils.io import atomic_write, read_json, write_json
@@ -256,6 +257,77 @@ def above_chance_summary(table: list[dict[str, Any]], label: str) -> str:
     return f"{label} is above chance beyond its 95% interval on {len(above)} of {total} figures: {', '.join(above)}."
 
 
+def stand_ins_summary(run_dir: Path) -> dict[str, Any]:
+    """The ceilings of the semantic metric in this run: how often the judge names a never-seen image's class,
+    and how often the prior's class samples are judged as their class (without guidance and with it).
+
+    From the shipped prior's evaluation (``prior/ARTIFACT.json``) when the run used the shipped stand-ins;
+    otherwise from what the run's own judge and prior recorded in training (``classifier/config.json``,
+    ``prior/metrics.json``). Missing figures are None.
+    """
+    out: dict[str, Any] = {"source": None, "judge": None, "judge_where": None, "samples": {}}
+    artifact = run_dir / "prior" / "ARTIFACT.json"
+    clf = run_dir / "classifier" / "config.json"
+    try:
+        ev = read_json(artifact).get("evaluation") if artifact.is_file() else None
+        if ev:
+            out["source"] = "shipped"
+            out["judge"] = ev.get("judge", {}).get("accuracy")
+            out["judge_where"] = "composites of never-seen test-split objects"
+            out["samples"] = {
+                f"{float(v['guidance_scale']):g}": v["accuracy"] for v in ev.get("class_samples", {}).values()
+            }
+            return out
+        if clf.is_file():
+            out["source"] = "trained in this run"
+            out["judge"] = read_json(clf).get("held_out_accuracy")
+            out["judge_where"] = "held-out corpus images"
+        metrics = run_dir / "prior" / "metrics.json"
+        if metrics.is_file():
+            cs = read_json(metrics).get("class_samples") or {}
+            if "accuracy" in cs:
+                out["samples"] = {f"{float(cs.get('guidance_scale', 1.0)):g}": cs["accuracy"]}
+    except (MindVisError, KeyError, TypeError, ValueError) as exc:
+        _logger.warning("the stand-ins' figures could not be read: %s", exc)
+    return out
+
+
+def stand_ins_section(run_dir: Path, guidance: float | None) -> str:
+    """HTML: the judge's and the prior's figures as the ceilings of the semantic metric, with the shipped
+    evaluation's figures (confusion matrix, class samples) when there are any."""
+    info = stand_ins_summary(run_dir)
+    if info["judge"] is None and not info["samples"]:
+        return ""
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    samples = (
+        ", ".join(
+            f"{pct(a)} at guidance {g}"
+            for g, a in sorted(info["samples"].items(), key=lambda kv: float(kv[0]))
+        )
+        or "(not measured)"
+    )
+    used = f" This run samples at guidance {guidance:g}." if guidance is not None else ""
+    figs = ""
+    for name, alt in (
+        ("class_samples.png", "class samples"),
+        ("judge_confusion.png", "judge confusion matrix"),
+    ):
+        png = run_dir / "prior" / "evaluation" / name
+        if png.is_file():
+            figs += f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"> '
+    return f"""<h2>The judge and the prior: the ceilings of the semantic metric</h2>
+<p>The benchmark's stand-ins for the original's ViT-H/14 judge and ImageNet label2img prior ({
+        html.escape(str(info["source"]))
+    }). The judge names the class of {pct(info["judge"])} of {
+        html.escape(str(info["judge_where"]))
+    }; of the prior's class samples, the judge assigns to the requested class
+{html.escape(samples)}.{
+        html.escape(used)
+    } A reconstruction is judged right no more often than the judge is right,
+and no more often than the prior can draw the class: these are the ceilings of the semantic figures above.</p>
+{figs}"""
+
+
 def probe_section(run_dir: Path) -> str:
     """HTML of the ``probe/`` step: the linear-probe table, its chart and the conditioning-use figures."""
     path = run_dir / "probe" / "probe.json"
@@ -306,6 +378,7 @@ def write_demo_report(
     out.mkdir(parents=True, exist_ok=True)
     table = headline_table(evals)
     write_json(out / "headline.json", table)
+    write_json(out / "stand_ins.json", stand_ins_summary(run_dir))
     labels = list(evals)
     results = [read_json(Path(d) / "metrics.json") for d in evals.values()]
     try:
@@ -371,6 +444,7 @@ th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
 {f'<img alt="training curves" src="data:image/png;base64,{curves}">' if curves else "<p>(no curves logged)</p>"}
 <p>Stage B's points at 0 epochs are validations before the diffusion finetune (<code>--validate-start</code>): the
 untrained model and, with a context warm start, the model right after it.</p>
+{stand_ins_section(run_dir, preset.reconstruct.get("guidance-scale"))}
 {probe_section(run_dir)}
 {timing}
 </body></html>"""
