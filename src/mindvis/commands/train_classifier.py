@@ -30,9 +30,9 @@ def register(app: typer.Typer) -> None:
             "small",
             "--preset",
             help="Training settings: small (the quick demo judge) or judge (the 20-class corpus judge: a "
-            "deeper CNN, minutes on one core). Options given explicitly override the preset.",
+            "deeper CNN, about 30 minutes on one core). Options given explicitly override the preset.",
         ),
-        epochs: int | None = typer.Option(None, help="Training epochs [small: 10, judge: 6]."),
+        epochs: int | None = typer.Option(None, help="Training epochs [small: 10, judge: 20]."),
         input_size: int | None = typer.Option(
             None, help="Network input size (images are resized to it) [32]."
         ),

