@@ -197,8 +197,9 @@ def evaluate_stand_ins(
         100 * vq["class_accuracy_reconstructions"],
         100 * vq["judge_accuracy_kept"],
     )
+    scales = sorted({1.0, float(guidance_scale)})  # without guidance, and at the demo's scale
     samples: dict[str, Any] = {}
-    for scale in sorted({1.0, float(guidance_scale)}):
+    for scale in scales:
         s = class_sample_accuracy(
             model, fn, list(names), per_class, steps, sampler, seed=seed, guidance_scale=scale
         )
@@ -220,15 +221,13 @@ def evaluate_stand_ins(
     with_rec = _vq_pairs(model, images[first])
     save_grid(_upscale(with_rec, figure_scale), out_dir / FIGURES["vq"], row_labels=["image", "VQ"])
     grids = []
-    for scale in sorted({1.0, float(guidance_scale)}):
+    for scale in scales:
         imgs, _ = sample_class_grid(model, k, 2, steps, sampler, seed=seed, guidance_scale=scale)
         grids.append(imgs.reshape(k, 2, *imgs.shape[1:]))
     cols = np.concatenate(grids, axis=1)  # [K, 2 * scales, H, W, 3]
     save_grid(_upscale(cols, figure_scale), out_dir / FIGURES["samples"], row_labels=list(names))
     result["figures"].update(vq=FIGURES["vq"], samples=FIGURES["samples"])
-    result["figures"]["samples_columns"] = [
-        f"guidance {s:g}" for s in sorted({1.0, float(guidance_scale)}) for _ in (0, 1)
-    ]
+    result["figures"]["samples_columns"] = [f"guidance {s:g}" for s in scales for _ in (0, 1)]
     write_json(out_dir / "evaluation.json", result)
     return result
 
