@@ -59,7 +59,7 @@ BENCHMARK20: dict[str, Any] = {
         "preset": "tiny",
         "vq": ["n_embed=512", "norm_groups=8"],
         "unet": ["model_channels=64", "norm_groups=8"],
-        "vq-epochs": 3,
+        "vq-epochs": 12,
         "vq-batch-size": 32,
         "vq-lr": 0.0005,
         "unet-epochs": 12,
