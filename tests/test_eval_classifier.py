@@ -159,3 +159,23 @@ def test_torchvision_classifier_from_a_local_file(tmp_path):
     out = clf.predict(np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8))
     assert out.probs.shape == (3, 1000) and out.features.shape == (3, 1024)
     assert len(clf.class_names) == 1000
+
+
+def test_blur_augmentation_smooths_the_chosen_share_and_is_checked():
+    from mindvis.errors import ConfigError
+    from mindvis.eval.classifier import _augment
+
+    x = torch.rand(64, 3, 16, 16)  # white noise: any resolution drop lowers its pixel variance
+    with pytest.raises(ConfigError, match="blur"):
+        ClassifierConfig(blur=1.5)
+    gen = torch.Generator().manual_seed(0)
+    sharp = _augment(x, gen, blur=0.0)
+    gen = torch.Generator().manual_seed(0)
+    # blur 0 draws no extra random numbers: the augmentation of existing judges is unchanged
+    assert torch.equal(_augment(x, gen, blur=0.0), sharp)
+    var = _augment(x, torch.Generator().manual_seed(1), blur=1.0).var(dim=(1, 2, 3))
+    var_sharp = sharp.var(dim=(1, 2, 3))
+    assert float(var.max()) < float(var_sharp.min())
+    half = _augment(x, torch.Generator().manual_seed(2), blur=0.5).var(dim=(1, 2, 3))
+    smoothed = int((half < float(var_sharp.min()) * 0.95).sum())
+    assert 16 <= smoothed <= 48

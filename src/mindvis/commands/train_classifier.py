@@ -39,6 +39,13 @@ def register(app: typer.Typer) -> None:
         holdout: float | None = typer.Option(
             None, help="Share of the corpus held out to measure accuracy [small: 0.15, judge: 0.1]."
         ),
+        blur: float | None = typer.Option(
+            None,
+            min=0.0,
+            max=1.0,
+            help="Share of training images whose resolution is dropped to between half and all of the input "
+            "size and restored, so that smooth images (such as VQ decodes) are judged too [0].",
+        ),
         seed: int = typer.Option(0, help="Seed of the split, initialisation and augmentation.", **SEED_RANGE),
         force: bool = typer.Option(False, "--force", help="Retrain even when the cached hash matches."),
         overwrite: bool = typer.Option(
@@ -68,7 +75,7 @@ def register(app: typer.Typer) -> None:
                 f"unknown classifier preset {preset!r} (choose {', '.join(CLASSIFIER_PRESETS)})",
                 field="preset",
             )
-        given = {"epochs": epochs, "input_size": input_size, "holdout_fraction": holdout}
+        given = {"epochs": epochs, "input_size": input_size, "holdout_fraction": holdout, "blur": blur}
         settings = {**CLASSIFIER_PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
         config = ClassifierConfig(**settings, seed=seed)
         images, labels, names, desc, groups = load_training_corpus(corpus, exclude=exclude_test, groups=True)

@@ -93,6 +93,10 @@ class ClassifierConfig:
         epochs, batch_size, lr, weight_decay: AdamW with a one-cycle schedule.
         holdout_fraction: stratified share of the training corpus held out to measure accuracy.
         augment: random horizontal flips and small random affine shifts/zooms during training.
+        blur: with augmentation, the share of training images whose resolution is dropped (antialiased resize
+            down to between half and all of ``input_size``, then back up, one size per batch): the judge then
+            names the class of smooth images too, such as the VQ decoder's, as an ImageNet classifier trained
+            on upscaled random crops does.
         seed: split, initialisation and augmentation seed.
     """
 
@@ -106,6 +110,7 @@ class ClassifierConfig:
     weight_decay: float = 5e-4
     holdout_fraction: float = 0.15
     augment: bool = True
+    blur: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -116,6 +121,8 @@ class ClassifierConfig:
             raise ConfigError(f"widths must be 4 positive ints, got {self.widths}", field="widths")
         if self.arch not in ARCHS:
             raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}", field="arch")
+        if not 0.0 <= self.blur <= 1.0:
+            raise ConfigError(f"blur must be in [0, 1], got {self.blur}", field="blur")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("label_smoothing must be in [0, 1)", field="label_smoothing")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -350,12 +357,20 @@ def _check_rgb(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def _augment(x, gen):
-    """Random horizontal flip and a small random affine (shift up to 10%, zoom 0.9..1.1) per image."""
+def _augment(x, gen, blur: float = 0.0):
+    """Random horizontal flip and a small random affine (shift up to 10%, zoom 0.9..1.1) per image; a share
+    ``blur`` of the images is resized down (antialiased) to one random size in ``[H/2, H)`` and back up."""
     import torch
     import torch.nn.functional as F
 
     b = x.shape[0]
+    if blur > 0:
+        h = x.shape[-1]
+        size = int(torch.randint(h // 2, h, (1,), generator=gen))
+        low = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        smooth = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        pick = torch.rand(b, generator=gen) < blur
+        x = torch.where(pick.view(b, 1, 1, 1), smooth, x)
     flip = torch.rand(b, generator=gen) < 0.5
     x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
     scale = 0.9 + 0.2 * torch.rand(b, generator=gen)
@@ -528,7 +543,7 @@ def train_benchmark_classifier(
         total = 0.0
         for a in range(0, len(perm), config.batch_size):
             b = perm[a : a + config.batch_size]
-            xb = _augment(x_tr[b], gen) if config.augment else x_tr[b]
+            xb = _augment(x_tr[b], gen, config.blur) if config.augment else x_tr[b]
             loss = F.cross_entropy(model(xb), y_tr[b], label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
