@@ -16,6 +16,8 @@ from mindvis.eval.classifier import (
     CLASSIFIER_PRESETS,
     BenchmarkClassifier,
     ClassifierConfig,
+)
+from mindvis.eval.classifier_training import (
     _stratified_split,
     load_training_corpus,
     train_benchmark_classifier,

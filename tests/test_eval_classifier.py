@@ -14,9 +14,8 @@ from mindvis.eval.classifier import (
     ClassifierConfig,
     TorchvisionClassifier,
     load_classifier,
-    load_training_corpus,
-    train_benchmark_classifier,
 )
+from mindvis.eval.classifier_training import load_training_corpus, train_benchmark_classifier
 
 TINY = dict(input_size=16, widths=(8, 16, 16, 16), epochs=4, batch_size=32, lr=5e-3)
 
@@ -75,7 +74,7 @@ def test_trains_beats_chance_saves_and_caches(tmp_path):
 
 
 def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    import mindvis.eval.classifier as clf_mod
+    import mindvis.eval.classifier_training as clf_mod
 
     images, labels, names = synthetic_corpus(n_per_class=16)
     cfg = ClassifierConfig(**{**TINY, "epochs": 3})
@@ -163,7 +162,7 @@ def test_torchvision_classifier_from_a_local_file(tmp_path):
 
 def test_blur_augmentation_smooths_the_chosen_share_and_is_checked():
     from mindvis.errors import ConfigError
-    from mindvis.eval.classifier import _augment
+    from mindvis.eval.classifier_training import _augment
 
     x = torch.rand(64, 3, 16, 16)  # white noise: any resolution drop lowers its pixel variance
     with pytest.raises(ConfigError, match="blur"):

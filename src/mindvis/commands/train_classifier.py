@@ -62,9 +62,8 @@ def register(app: typer.Typer) -> None:
             CLASSIFIER_PRESETS,
             ClassifierConfig,
             check_classifier_output,
-            load_training_corpus,
-            train_benchmark_classifier,
         )
+        from mindvis.eval.classifier_training import load_training_corpus, train_benchmark_classifier
 
         console = Console()
         check_output_apart(out, {"--corpus": corpus, "--exclude-test": exclude_test})
