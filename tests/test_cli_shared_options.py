@@ -132,3 +132,53 @@ def test_ridge_dual_matches_the_primal_solution_and_picks_by_leave_one_out():
         return float(np.mean(errs))
 
     assert loo(alpha) <= min(loo(a) for a in (1e-3, 1.0, 1e6)) + 1e-12
+
+
+def test_stage_b_options_are_generated_from_its_config(monkeypatch):
+    """Every ``setting`` of StageBConfig is an option of ``mindvis train`` with the field's default and help, and
+    the values given on the command line reach the config the training gets."""
+    from mindvis.cli import app
+    from mindvis.config import settings_of
+    from mindvis.train import ldm
+    from mindvis.train.config import StageBConfig
+
+    params = {p.name: p for p in _params(app, "train")}
+    settings = settings_of(StageBConfig)
+    assert len(settings) >= 25
+    for f in settings:
+        assert f.name in params, f.name
+        assert params[f.name].default == f.default, f.name
+        assert params[f.name].help == f.metadata["help"], f.name
+    assert (
+        "--steps" in params["sample_steps"].opts
+        and "--no-time-cond" in params["use_time_cond"].secondary_opts
+    )
+
+    got: dict = {}
+
+    def fake_train(prior, mbm, train_ds, test_ds, out, config, trainer_config, **kw):
+        got["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(ldm, "train_stage_b", fake_train)
+    monkeypatch.setattr(
+        "mindvis.commands.train.load_dataset", lambda *a, **k: type("D", (), {"subject": "s"})()
+    )
+    args = ["train", "--prior", "p", "--mbm", "m", "--out", "o", "--dataset", "bold5000", "--subject", "s"]
+    flags = [
+        "--steps",
+        "7",
+        "--no-time-cond",
+        "--clip-grad",
+        "0",
+        "--val-schedule",
+        "full",
+        "--random-encoder",
+    ]
+    result = CliRunner().invoke(app, args + flags + ["--seed", "5"])
+    assert result.exit_code == 0, result.output
+    cfg = got["config"]
+    assert (cfg.sample_steps, cfg.use_time_cond, cfg.clip_grad, cfg.val_schedule) == (7, False, None, "full")
+    assert (cfg.encoder_init, cfg.seed, cfg.batch_size, cfg.lr) == ("random", 5, 25, StageBConfig.lr)
+    result = CliRunner().invoke(app, args + ["--val-schedule", "sometimes"])
+    assert result.exit_code != 0 and "val_schedule" in str(result.exception)  # the CLI prints it in one line

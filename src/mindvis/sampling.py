@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mindvis.config import ConfigMixin, check_int
 from mindvis.errors import ConfigError
-from mindvis.models.config import ConfigMixin, check_int
 
 _logger = logging.getLogger(__name__)
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
+from mindvis.config import settings_of
 from mindvis.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -91,6 +93,37 @@ def add_options(specs: list[OptionSpec]) -> Callable[[F], F]:
         return func
 
     return decorate
+
+
+def config_options(cls: type, exclude: tuple[str, ...] = ()) -> list[OptionSpec]:
+    """The options of the fields of config dataclass ``cls`` declared with :func:`mindvis.config.setting`.
+
+    Each option takes the field's name, type, default and help text, and the flag ``--<name-with-dashes>``
+    (``--x/--no-x`` for a bool) unless the field names its own; a ``Literal`` type becomes ``str`` (the
+    config's ``__post_init__`` refuses other values with the field named). ``exclude`` leaves fields out (a
+    command that sets them another way).
+    """
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in settings_of(cls):
+        if f.name in exclude:
+            continue
+        annotation = hints[f.name]
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is typing.Literal:
+            annotation = str
+        elif any(typing.get_origin(a) is typing.Literal for a in args):
+            annotation = str | None
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        if annotation is bool and "/" not in flag:
+            flag = f"{flag}/--no-{flag[2:]}"
+        specs.append(OptionSpec(f.name, annotation, f.default, (flag,), f.metadata["help"]))
+    return specs
+
+
+def config_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The values of :func:`config_options` options of ``cls`` among a command's ``values``."""
+    return {f.name: values[f.name] for f in settings_of(cls) if f.name in values}
 
 
 def with_help(specs: tuple[OptionSpec, ...], **helps: str) -> list[OptionSpec]:

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mindvis.config import MAX_ROWS, ConfigMixin, check_bool, check_int, check_parameters
 from mindvis.errors import ConfigError, DataError
-from mindvis.models.config import MAX_ROWS, ConfigMixin, check_bool, check_int, check_parameters
 
 _logger = logging.getLogger(__name__)
 

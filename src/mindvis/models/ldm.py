@@ -30,15 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mindvis.errors import ConfigError
-from mindvis.models.conditioning import (
-    COND_TOKENS,
-    ClassEmbedder,
-    Conditioning,
-    DCConditioner,
-    DCConditionerConfig,
-)
-from mindvis.models.config import (
+from mindvis.config import (
     MAX_DEPTH,
     MAX_LEVELS,
     MAX_ROWS,
@@ -49,6 +41,14 @@ from mindvis.models.config import (
     check_int,
     check_int_tuple,
     check_parameters,
+)
+from mindvis.errors import ConfigError
+from mindvis.models.conditioning import (
+    COND_TOKENS,
+    ClassEmbedder,
+    Conditioning,
+    DCConditioner,
+    DCConditionerConfig,
 )
 from mindvis.sampling import NoiseSchedule
 

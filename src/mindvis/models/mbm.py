@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mindvis.errors import CheckpointError, ConfigError, DataError, MindVisError
-from mindvis.models.config import (
+from mindvis.config import (
     MAX_DEPTH,
     MAX_VOXELS,
     check_bool,
@@ -46,6 +45,7 @@ from mindvis.models.config import (
     check_parameters,
     config_from_dict,
 )
+from mindvis.errors import CheckpointError, ConfigError, DataError, MindVisError
 from mindvis.safeload import load_torch_file
 from mindvis.utils.io import atomic_write, read_json, safetensors_bytes, write_json
 

@@ -1,10 +1,14 @@
-"""What the model configs share: size limits, field checks, and conversion to and from JSON.
+"""What the settings dataclasses share: size limits, field checks, command-line help, and JSON.
 
 Every config dataclass of :mod:`mindvis.models` (and the noise schedule's, :mod:`mindvis.sampling`) checks its
 fields in ``__post_init__`` with the ``check_*`` functions here and reads and writes JSON through
 :class:`ConfigMixin`. A config file comes from outside (a model folder, a converted checkpoint), so every
 check raises :class:`~mindvis.errors.ConfigError` naming the field, and the sizes are bounded before anything
 is allocated.
+
+A training config declares the fields a command exposes with :func:`setting`: the default and the ``--help``
+text are written once, in the dataclass, and the command's options are generated from them
+(:func:`mindvis.commands._options.config_options`), so the library and the command line cannot disagree.
 """
 
 from __future__ import annotations
@@ -91,6 +95,23 @@ def check_parameters(what: str, parts: Mapping[str, int]) -> None:
         )
 
 
+def setting(default: Any, help: str, *, flag: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option.
+
+    Args:
+        default: the field's default, which is also the option's.
+        help: the option's ``--help`` text (the field's documentation for users).
+        flag: the option's flag when it is not ``--<name-with-dashes>`` (``--x/--no-x`` for a bool), e.g.
+            ``"--steps"`` for ``sample_steps``.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
+
+def settings_of(cls: type) -> list[dataclasses.Field]:
+    """The fields of ``cls`` declared with :func:`setting`, in order."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
 def config_from_dict(cls: type, data: Mapping[str, Any], source: Any = None) -> Any:
     """Build a config dataclass from a JSON dict (keys starting with ``_`` are metadata and ignored).
 
@@ -164,4 +185,6 @@ __all__ = [
     "check_int_tuple",
     "check_parameters",
     "config_from_dict",
+    "setting",
+    "settings_of",
 ]

@@ -1,0 +1,267 @@
+"""The settings of stage B (:class:`StageBConfig`), apart from the training code so that ``mindvis train``
+builds its options from them without loading torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from mindvis.config import setting
+from mindvis.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mindvis.data.paired import PairedAugmentConfig
+
+TrainableName = Literal["original", "cond-only", "full"]
+#: Our preset names -> :meth:`mindvis.models.ldm.DCLDM.named_trainable_parameters` presets.
+TRAINABLE_PRESETS: dict[str, str] = {
+    "original": "original",
+    "cond-only": "cond_stage",
+    "full": "unet_and_cond",
+}
+#: The original's batch size per dataset (GOD 5, BOLD5000 25).
+DATASET_BATCH_SIZE: dict[str, int] = {"god": 5, "bold5000": 25}
+#: What the fMRI context may be (:attr:`StageBConfig.context_basis`).
+CONTEXT_BASES = ("free", "prior-classes")
+#: What ``StageBConfig.val_schedule`` may be: the original's quick/full schedule, or a full pass every time.
+VAL_SCHEDULES = ("original", "full")
+#: Prefix of the quick pass's figures (``val_schedule="original"``); full-pass figures are ``val/<key>``.
+QUICK_PREFIX = "val/quick/"
+
+
+@dataclass
+class StageBConfig:
+    """Settings of one stage B finetune; the defaults are the original's, except where a help text says
+    "not in the original".
+
+    The fields declared with :func:`~mindvis.config.setting` are the options of ``mindvis train``, generated from
+    them with their default and help text (``mindvis train --help`` lists them). The others:
+
+    Attributes:
+        dataset: the dataset kind, used only to resolve ``batch_size`` (``--dataset``).
+        quick_items, quick_samples: with ``val_schedule="original"``, the quick pass's test items (the first 5) and
+            images per item (3; at most ``num_samples``); see the module docstring of :mod:`mindvis.train.ldm`.
+        full_val_every: with ``original``, every this many validations is a full pass (15).
+        full_val_threshold: with ``original``, the quick pass's 50-way semantic top-1 above which a full pass
+            follows (0.15); for other n (and the stand-in without a classifier) the same distance above chance,
+            see :func:`mindvis.train.ldm.full_pass_trigger`.
+        encoder_init: ``pretrained`` (the stage A encoder) or ``random`` (the "no pretraining" ablation,
+            ``--random-encoder``).
+        grid_items: rows of the saved sample grid.
+        n_way: n of the n-way metrics logged at validation.
+        eval_trials: random trials per n-way metric at validation.
+        seed: seed of initialisation, data order, timesteps and the validation samples (``--seed``).
+        num_workers: data-loader workers (``--num-workers``).
+    """
+
+    trainable: TrainableName = setting(
+        "original",
+        "original (encoder, conditioner, cross-attention + norm2), cond-only, or full (whole UNet).",
+    )
+    lr: float = setting(5.3e-5, "AdamW learning rate.")
+    weight_decay: float = setting(0.01, "AdamW weight decay (torch's default, as the original).")
+    batch_size: int | None = setting(
+        None,
+        "Batch per device [default: the original's for the dataset: 5 for GOD, 25 for BOLD5000, else 5].",
+    )
+    dataset: str = "god"
+    epochs: int = setting(500, "Training epochs.")
+    clip_grad: float | None = setting(0.5, "Gradient-norm clip (0: off).")
+    val_every: int = setting(5, "Validate every N epochs.")
+    val_schedule: Literal["original", "full"] = setting(
+        "original",
+        "original (the original's): a quick pass (first 5 test items x 3 samples, logged as "
+        "val/quick/...), and a full pass (every item x --num-samples, logged as val/...) when its top-1 "
+        "exceeds 0.15 or at every 15th validation (and, not in the original, at the first and last "
+        "validation of a run). full (not in the original, about 16x the compute): a full pass every time. "
+        "The best checkpoint is chosen on full-pass figures in both.",
+    )
+    quick_items: int = 5
+    quick_samples: int = 3
+    full_val_every: int = 15
+    full_val_threshold: float = 0.15
+    image_size: int | None = setting(None, "Resolution [default: the prior's].")
+    crop_ratio: float = setting(0.2, "Random crop removes this fraction.")
+    crop_p: float = setting(0.5, "Probability of the random crop.")
+    sparse_rate: float = setting(
+        0.0,
+        "Fraction of voxels zeroed per training sample. 0 (the default) is the original's behaviour: its "
+        "dropout is a no-op. 0.2 (not in the original) drops what the paper describes.",
+    )
+    cond_dropout: float = setting(0.0, "Conditioning dropout for classifier-free guidance (0: off).")
+    global_pool: bool = setting(False, "Mean-pool fMRI tokens.")
+    use_time_cond: bool = setting(True, "Time-embedding conditioning.", flag="--time-cond/--no-time-cond")
+    use_cross_attn: bool = setting(True, "Cross-attention conditioning.", flag="--cross-attn/--no-cross-attn")
+    standardize_tokens: bool = setting(
+        False,
+        "Z-score the encoder tokens with training statistics before the conditioner (not in the "
+        "original; helps small encoders whose tokens vary little between samples).",
+    )
+    context_basis: Literal["free", "prior-classes"] = setting(
+        "free",
+        "free (the original) or prior-classes (not in the original): every context token is a "
+        "softmax mixture of the class-conditional prior's class embeddings, so the UNet reads the fMRI "
+        "from the start and stage B learns from the diffusion loss alone, without class labels.",
+    )
+    basis_balance: float = setting(
+        0.0,
+        "With --context-basis prior-classes: weight of the reward for using all classes across a "
+        "batch (the entropy of its mean mixture); keeps label-free training from sending every fMRI to "
+        "one class. 0: off.",
+    )
+    align_epochs: int = setting(
+        0,
+        "Context warm start (not in the original; 0: off): first train the encoder and conditioner "
+        "for N epochs so that each training fMRI's context is the prior's embedding of its image's class. "
+        "Needs a class-conditional prior and labelled training images.",
+    )
+    align_lr: float = setting(1e-3, "Adam learning rate of the warm start.")
+    validate_start: bool = setting(
+        False,
+        "Also validate the untrained model and, with --align-epochs, the model right after the warm "
+        "start (validation_start.json), so the validation curve starts before training.",
+    )
+    encoder_init: Literal["pretrained", "random"] = "pretrained"
+    num_samples: int = setting(5, "Images per test item in a full validation pass.")
+    sampler: str = setting("plms", "plms, ddim or dpmsolver++.")
+    sample_steps: int = setting(250, "Sampler steps at validation.", flag="--steps")
+    guidance_scale: float = setting(
+        1.0, "Classifier-free guidance of the validation samples (1: off; needs --cond-dropout)."
+    )
+    val_items: int | None = setting(None, "Test items generated at validation (default: all).")
+    grid_items: int = 10
+    n_way: tuple[int, ...] = (2, 10, 50)
+    eval_trials: int = 50
+    monitor: str = setting(
+        "auto",
+        "Metric for the best checkpoint, e.g. val/ident_pcc_2way (auto: the largest feasible n-way "
+        "semantic top-1 with a classifier, else that). Full-pass figures only.",
+    )
+    seed: int = 2022
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE_PRESETS:
+            raise ConfigError(
+                f"expected one of {', '.join(TRAINABLE_PRESETS)}, got {self.trainable!r}", field="trainable"
+            )
+        if self.batch_size is None:
+            self.batch_size = DATASET_BATCH_SIZE.get(str(self.dataset).lower(), 5)
+        for name in (
+            "batch_size",
+            "epochs",
+            "val_every",
+            "num_samples",
+            "sample_steps",
+            "grid_items",
+            "eval_trials",
+            "quick_items",
+            "quick_samples",
+            "full_val_every",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"expected an integer >= 1, got {v!r}", field=name)
+        for name in ("lr", "align_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, int | float) and v > 0):
+                raise ConfigError(f"expected a positive number, got {v!r}", field=name)
+        if isinstance(self.align_epochs, bool) or not (
+            isinstance(self.align_epochs, int) and self.align_epochs >= 0
+        ):
+            raise ConfigError(f"expected an integer >= 0, got {self.align_epochs!r}", field="align_epochs")
+        if self.weight_decay < 0:
+            raise ConfigError(f"expected >= 0, got {self.weight_decay}", field="weight_decay")
+        if self.clip_grad == 0:
+            self.clip_grad = None  # 0 turns clipping off, as on the command line
+        if self.clip_grad is not None and self.clip_grad < 0:
+            raise ConfigError(f"expected >= 0, got {self.clip_grad}", field="clip_grad")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ConfigError(
+                f"expected a probability in [0, 1), got {self.cond_dropout}", field="cond_dropout"
+            )
+        if not (isinstance(self.guidance_scale, int | float) and math.isfinite(self.guidance_scale)):
+            raise ConfigError(
+                f"expected a finite number, got {self.guidance_scale!r}", field="guidance_scale"
+            )
+        if self.guidance_scale != 1.0 and self.cond_dropout <= 0:
+            raise ConfigError(
+                "guidance needs the null condition trained: give cond_dropout > 0 as well",
+                field="guidance_scale",
+            )
+        if not (self.use_time_cond or self.use_cross_attn):
+            raise ConfigError(
+                "at least one of the time and cross-attention conditioning must be on", field="use_time_cond"
+            )
+        if self.context_basis not in CONTEXT_BASES:
+            raise ConfigError(
+                f"expected one of {', '.join(CONTEXT_BASES)}, got {self.context_basis!r}",
+                field="context_basis",
+            )
+        if isinstance(self.basis_balance, bool) or not (
+            isinstance(self.basis_balance, int | float) and self.basis_balance >= 0
+        ):
+            raise ConfigError(f"expected a number >= 0, got {self.basis_balance!r}", field="basis_balance")
+        if self.basis_balance and self.context_basis == "free":
+            raise ConfigError(
+                "the balance term needs a context basis: give context_basis prior-classes as well",
+                field="basis_balance",
+            )
+        if self.encoder_init not in ("pretrained", "random"):
+            raise ConfigError(
+                f"expected pretrained or random, got {self.encoder_init!r}", field="encoder_init"
+            )
+        if self.val_schedule not in VAL_SCHEDULES:
+            raise ConfigError(
+                f"expected one of {', '.join(VAL_SCHEDULES)}, got {self.val_schedule!r}", field="val_schedule"
+            )
+        if isinstance(self.full_val_threshold, bool) or not (
+            isinstance(self.full_val_threshold, int | float) and 0.0 <= self.full_val_threshold <= 1.0
+        ):
+            raise ConfigError(
+                f"expected a top-1 accuracy in [0, 1], got {self.full_val_threshold!r}",
+                field="full_val_threshold",
+            )
+        from mindvis.sampling import SAMPLERS  # torch; a command's --help reads this module
+
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"expected one of {', '.join(SAMPLERS)}, got {self.sampler!r}", field="sampler")
+        if self.val_items is not None and self.val_items < 2:
+            raise ConfigError(
+                f"validation needs at least 2 test items, got {self.val_items}", field="val_items"
+            )
+        if self.monitor != "auto" and not str(self.monitor).startswith("val/"):
+            raise ConfigError(
+                f"expected 'auto' or a validation metric such as val/ident_pcc_2way, got {self.monitor!r}",
+                field="monitor",
+            )
+        if str(self.monitor).startswith(QUICK_PREFIX):
+            full_name = "val/" + self.monitor[len(QUICK_PREFIX) :]
+            raise ConfigError(
+                f"the best checkpoint is chosen on full-pass figures: give {full_name} instead of {self.monitor!r}",
+                field="monitor",
+            )
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError(f"expected an image size >= 8, got {self.image_size}", field="image_size")
+        self.n_way = tuple(int(n) for n in self.n_way)
+        _ = self.augment  # validates the augmentation values
+
+    @property
+    def augment(self) -> PairedAugmentConfig:
+        from mindvis.data.paired import PairedAugmentConfig  # torch; a command's --help reads this module
+
+        return PairedAugmentConfig(
+            crop_ratio=self.crop_ratio, crop_p=self.crop_p, sparse_rate=self.sparse_rate
+        )
+
+    @property
+    def model_preset(self) -> str:
+        """The :class:`~mindvis.models.ldm.DCLDM` preset name of ``trainable``."""
+        return TRAINABLE_PRESETS[self.trainable]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["n_way"] = list(self.n_way)
+        return d
