@@ -1,4 +1,4 @@
-"""The GOD reader on the simulator's output (``mindvis.data.synthetic`` writes the MinD-Vis GOD layout).
+"""The GOD reader on the simulator's output (``mindvis.synthcortex`` writes the MinD-Vis GOD layout).
 
 The simulator is run once on a tiny configuration with a stimulus folder written here, so nothing is
 downloaded.
@@ -13,7 +13,7 @@ from PIL import Image
 from mindvis.data.formats.detect import describe, detect_format
 from mindvis.data.formats.registry import list_subjects, load_dataset
 
-synthetic = pytest.importorskip("mindvis.data.synthetic")
+synthetic = pytest.importorskip("mindvis.synthcortex")
 
 
 @pytest.fixture(scope="module")

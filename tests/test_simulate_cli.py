@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mindvis.cli import main
-from mindvis.data import stimuli as stim
+from mindvis.synthcortex import sources
 
 SMALL_ARGS = [
     "--voxels",
@@ -40,8 +40,8 @@ SMALL_ARGS = [
 def stimulus_source(tmp_path_factory, monkeypatch):
     """Use the installed Fashion-MNIST; where it is missing, a Fashion-MNIST-format stand-in."""
     if not (
-        stim._idx_files(stim.FASHION_MNIST_SYSTEM_DIR, "train")
-        and stim._idx_files(stim.FASHION_MNIST_SYSTEM_DIR, "test")
+        sources._idx_files(sources.FASHION_MNIST_SYSTEM_DIR, "train")
+        and sources._idx_files(sources.FASHION_MNIST_SYSTEM_DIR, "test")
     ):
         from test_stimuli import write_fake_fashion_mnist
 
@@ -49,7 +49,7 @@ def stimulus_source(tmp_path_factory, monkeypatch):
         if not folder.exists():
             write_fake_fashion_mnist(folder, 600, 300)
         monkeypatch.setenv("MINDVIS_FASHION_MNIST", str(folder))
-    stim._load_fashion_mnist.cache_clear()
+    sources._load_fashion_mnist.cache_clear()
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:
@@ -149,7 +149,7 @@ def test_missing_stimulus_source_exits_2(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "no-fmnist"
     empty.mkdir()
     monkeypatch.setenv("MINDVIS_FASHION_MNIST", str(empty))
-    stim._load_fashion_mnist.cache_clear()
+    sources._load_fashion_mnist.cache_clear()
     out_dir = tmp_path / "synth"
     rc, _, err = _run(capsys, "simulate", "--out", str(out_dir), *SMALL_ARGS)
     assert rc == 2

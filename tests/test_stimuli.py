@@ -1,4 +1,4 @@
-"""Stimulus sources and composition (mindvis.data.stimuli)."""
+"""Stimulus sources and composition (mindvis.synthcortex.sources, mindvis.synthcortex.stimuli)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mindvis.data import stimuli as stim
 from mindvis.errors import ConfigError, DataError
+from mindvis.synthcortex import sources
+from mindvis.synthcortex import stimuli as stim
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -48,9 +49,9 @@ def write_fake_fashion_mnist(folder: Path, n_train: int = 400, n_test: int = 200
 
 
 def _clear_caches() -> None:
-    stim._load_fashion_mnist.cache_clear()
-    stim._load_animal_mnist.cache_clear()
-    stim._load_image_folder.cache_clear()
+    sources._load_fashion_mnist.cache_clear()
+    sources._load_animal_mnist.cache_clear()
+    sources._load_image_folder.cache_clear()
 
 
 @pytest.fixture
@@ -63,8 +64,8 @@ def fake_fmnist(tmp_path, monkeypatch):
 
 
 def test_idx_loader_reads_both_splits(fake_fmnist):
-    train = stim.load_objects("fashion-mnist", "train")
-    test = stim.load_objects("fashion-mnist", "test")
+    train = sources.load_objects("fashion-mnist", "train")
+    test = sources.load_objects("fashion-mnist", "test")
     assert train.images.shape == (400, 28, 28) and train.images.dtype == np.uint8
     assert test.images.shape == (200, 28, 28)
     assert train.labels.dtype == np.int64 and set(np.unique(train.labels)) == set(range(10))
@@ -81,7 +82,7 @@ def test_idx_loader_rejects_corrupt_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDVIS_FASHION_MNIST", str(folder))
     _clear_caches()
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
-        stim.load_objects("fashion-mnist", "train")
+        sources.load_objects("fashion-mnist", "train")
     _clear_caches()
 
 
@@ -91,7 +92,7 @@ def test_missing_source_names_the_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDVIS_FASHION_MNIST", str(empty))
     _clear_caches()
     with pytest.raises(DataError) as info:
-        stim.load_objects("fashion-mnist", "train")
+        sources.load_objects("fashion-mnist", "train")
     msg = str(info.value)
     assert str(empty) in msg and "MINDVIS_FASHION_MNIST" in msg and "\n" not in msg
 
@@ -110,7 +111,7 @@ def test_make_stimulus_set_is_seeded_and_balanced(fake_fmnist):
     assert np.array_equal(a, b) and np.array_equal(la, lb)
     assert not np.array_equal(a, c)
     assert np.bincount(la, minlength=10).tolist() == [6] * 10
-    assert names == list(stim.FASHION_MNIST_CLASSES)
+    assert names == list(sources.FASHION_MNIST_CLASSES)
     # every image has an object in a colour over a textured background: pixels vary within an image
     assert (a.reshape(60, -1, 3).std(axis=1).mean(axis=1) > 10).all()
 
@@ -123,8 +124,8 @@ def test_resolution_option(fake_fmnist):
 
 
 def test_composition_places_object_where_it_says(fake_fmnist):
-    bank = stim.load_objects("fashion-mnist", "train")
-    empty = stim.ObjectBank(
+    bank = sources.load_objects("fashion-mnist", "train")
+    empty = sources.ObjectBank(
         np.zeros_like(bank.images), bank.labels, bank.class_names, bank.source, bank.split
     )
     s = stim.compose(bank, np.arange(40), np.random.default_rng(0), resolution=64)
@@ -145,7 +146,7 @@ def test_composition_places_object_where_it_says(fake_fmnist):
 
 
 def test_shape_descriptor_ignores_position_and_colour(fake_fmnist):
-    bank = stim.load_objects("fashion-mnist", "train")
+    bank = sources.load_objects("fashion-mnist", "train")
     s1 = stim.compose(bank, np.arange(10), np.random.default_rng(1), 32)
     s2 = stim.compose(bank, np.arange(10), np.random.default_rng(2), 32)
     assert not np.array_equal(s1.images, s2.images)
@@ -154,7 +155,7 @@ def test_shape_descriptor_ignores_position_and_colour(fake_fmnist):
 
 
 def test_sample_objects_excludes_and_balances(fake_fmnist):
-    bank = stim.load_objects("fashion-mnist", "train")
+    bank = sources.load_objects("fashion-mnist", "train")
     rng = np.random.default_rng(0)
     first = stim.sample_objects(bank, 100, rng)
     second = stim.sample_objects(bank, 200, rng, exclude=first)
@@ -163,7 +164,7 @@ def test_sample_objects_excludes_and_balances(fake_fmnist):
 
 
 def test_texture_bank():
-    bank = stim.load_texture_bank(128)
+    bank = sources.load_texture_bank(128)
     assert bank.ndim == 4 and bank.shape[1:] == (128, 128, 3) and bank.shape[0] >= 8
     assert bank.dtype == np.float32 and bank.min() >= 0.0 and bank.max() <= 1.0
 
@@ -172,9 +173,9 @@ def _write_animal(folder: Path, n_per_class: int = 12) -> None:
     folder.mkdir(parents=True)
     imgs, _ = fake_objects(10 * n_per_class, 5)
     labels = np.repeat(np.arange(10), n_per_class).astype(np.int64)
-    with gzip.open(folder / stim.ANIMAL_MNIST_FILES[0], "wb") as fh:
+    with gzip.open(folder / sources.ANIMAL_MNIST_FILES[0], "wb") as fh:
         pickle.dump(imgs, fh)
-    with gzip.open(folder / stim.ANIMAL_MNIST_FILES[1], "wb") as fh:
+    with gzip.open(folder / sources.ANIMAL_MNIST_FILES[1], "wb") as fh:
         pickle.dump(labels, fh)
 
 
@@ -183,8 +184,8 @@ def test_animal_mnist_split_and_restricted_unpickling(tmp_path, monkeypatch):
     _write_animal(folder)
     monkeypatch.setenv("MINDVIS_ANIMAL_MNIST", str(folder))
     _clear_caches()
-    train = stim.load_objects("animal-mnist", "train")
-    test = stim.load_objects("animal-mnist", "test")
+    train = sources.load_objects("animal-mnist", "train")
+    test = sources.load_objects("animal-mnist", "test")
     assert len(train) == 100 and len(test) == 20  # the last sixth of each class is the test split
     assert train.class_names[0] == "Bear"
     imgs, labels, names = stim.make_stimulus_set(10, resolution=32, source="animal-mnist", split="test")
@@ -194,11 +195,11 @@ def test_animal_mnist_split_and_restricted_unpickling(tmp_path, monkeypatch):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    with gzip.open(folder / stim.ANIMAL_MNIST_FILES[1], "wb") as fh:
+    with gzip.open(folder / sources.ANIMAL_MNIST_FILES[1], "wb") as fh:
         pickle.dump(Evil(), fh)
     _clear_caches()
     with pytest.raises(DataError, match="not allowed"):
-        stim.load_objects("animal-mnist", "train")
+        sources.load_objects("animal-mnist", "train")
     _clear_caches()
 
 
@@ -219,4 +220,9 @@ def test_image_folder_source(tmp_path):
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
     with pytest.raises(DataError):
         stim.make_stimulus_set(2, source=f"folder:{tmp_path / 'photos' / 'train' / 'cats'}x")
+    # rendered into a given array (how the corpus file is written), a folder's photos land in it
+    bank = sources.load_objects(f"folder:{tmp_path / 'photos'}", "train")
+    out = np.zeros((4, 24, 24, 3), np.uint8)
+    got = stim.compose(bank, np.arange(4), np.random.default_rng(0), resolution=24, out=out)
+    assert got.images is out and out.std() > 20
     _clear_caches()

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mindvis.data import stimuli as stim
-from mindvis.data import synthetic as syn
+from mindvis import synthcortex as syn
 from mindvis.errors import ConfigError, OutputExistsError
+from mindvis.synthcortex import sources
 from mindvis.utils.io import file_sha256
 
 #: a tiny experiment: every count is an option, so tests run in seconds
@@ -36,8 +36,8 @@ def stimulus_source(tmp_path_factory):
     """Use the installed Fashion-MNIST; where it is missing, a Fashion-MNIST-format stand-in."""
     with pytest.MonkeyPatch.context() as mp:
         if not (
-            stim._idx_files(stim.FASHION_MNIST_SYSTEM_DIR, "train")
-            and stim._idx_files(stim.FASHION_MNIST_SYSTEM_DIR, "test")
+            sources._idx_files(sources.FASHION_MNIST_SYSTEM_DIR, "train")
+            and sources._idx_files(sources.FASHION_MNIST_SYSTEM_DIR, "test")
         ):
             from test_stimuli import write_fake_fashion_mnist
 
@@ -340,8 +340,8 @@ def test_output_layout(small_folder):
 def test_corpus_has_no_test_objects():
     cfg = _small_config(corpus_size=200)
     plan = syn.make_stimuli(cfg)
-    train_bank = stim.load_objects(cfg.source, "train")
-    test_bank = stim.load_objects(cfg.source, "test")
+    train_bank = sources.load_objects(cfg.source, "train")
+    test_bank = sources.load_objects(cfg.source, "test")
     # the corpus and the GOD training images come from the source's train split, disjoint objects;
     # the GOD test images from its test split
     assert len(np.intersect1d(plan.corpus.object_index, plan.train.object_index)) == 0
@@ -386,7 +386,7 @@ def test_existing_output_and_failures_leave_no_partial_folder(tmp_path, monkeypa
         raise RuntimeError("disk on fire")
 
     fresh = tmp_path / "fresh"
-    monkeypatch.setattr(syn, "_write_rest_subject", boom)
+    monkeypatch.setattr("mindvis.synthcortex.run._write_rest_subject", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         syn.simulate(_small_config(), fresh)
     assert not fresh.exists()

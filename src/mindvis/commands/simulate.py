@@ -56,8 +56,8 @@ def simulate(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mindvis.data.synthetic import SynthConfig
-    from mindvis.data.synthetic import simulate as run_simulation
+    from mindvis.synthcortex import SynthConfig
+    from mindvis.synthcortex import simulate as run_simulation
 
     overrides: dict[str, Any] = {
         "seed": seed,

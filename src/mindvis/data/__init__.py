@@ -1,4 +1,4 @@
-"""fMRI datasets: the common in-memory form, preprocessing, readers of real formats, and the simulator."""
+"""fMRI datasets: the common in-memory form, preprocessing, and readers of real formats."""
 
 from mindvis.data.dataset import FMRIDataset
 

@@ -2,7 +2,7 @@
 
 The penalty is chosen by the exact leave-one-out (PRESS) error of the ridge smoother, computed for every
 candidate from one eigendecomposition of the ``N x N`` kernel. Used by the ridge baseline
-(:mod:`mindvis.baselines`) and the simulator's calibration decoders (:mod:`mindvis.data.synthetic`).
+(:mod:`mindvis.baselines`) and the simulator's calibration decoders (:mod:`mindvis.synthcortex.calibration`).
 """
 
 from __future__ import annotations
