@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mindvis.data import stimuli as stim
-from mindvis.data import synthetic as syn
+from mindvis import synthcortex as syn
 from mindvis.errors import ConfigError
 from mindvis.eval.classifier import (
     CLASSIFIER_PRESETS,
@@ -22,6 +21,8 @@ from mindvis.eval.classifier_training import (
     load_training_corpus,
     train_benchmark_classifier,
 )
+from mindvis.synthcortex import sources
+from mindvis.synthcortex import stimuli as stim
 from test_stimuli import _clear_caches, _write_animal, write_fake_fashion_mnist
 
 SMALL = {
@@ -45,21 +46,21 @@ def both_sources(tmp_path, monkeypatch):
     _write_animal(tmp_path / "am", n_per_class=12)
     monkeypatch.setenv("MINDVIS_ANIMAL_MNIST", str(tmp_path / "am"))
     _clear_caches()
-    stim._load_combined.cache_clear()
+    sources._load_combined.cache_clear()
     yield tmp_path
     _clear_caches()
-    stim._load_combined.cache_clear()
+    sources._load_combined.cache_clear()
 
 
 def test_combined_source_has_20_classes_and_disjoint_splits(both_sources):
-    assert stim.parse_source("fashion+animal") == ("fashion+animal", None)
-    train = stim.load_objects("fashion+animal", "train")
-    test = stim.load_objects("fashion+animal", "test")
+    assert sources.parse_source("fashion+animal") == ("fashion+animal", None)
+    train = sources.load_objects("fashion+animal", "train")
+    test = sources.load_objects("fashion+animal", "test")
     fm_train, am_train = (
-        stim.load_objects("fashion-mnist", "train"),
-        stim.load_objects("animal-mnist", "train"),
+        sources.load_objects("fashion-mnist", "train"),
+        sources.load_objects("animal-mnist", "train"),
     )
-    assert train.class_names == stim.FASHION_MNIST_CLASSES + stim.ANIMAL_MNIST_CLASSES
+    assert train.class_names == sources.FASHION_MNIST_CLASSES + sources.ANIMAL_MNIST_CLASSES
     assert len(train) == len(fm_train) + len(am_train) and len(test) == 200 + 20
     # Animal-MNIST's classes follow Fashion-MNIST's, each source keeps its own split
     assert (train.labels[len(fm_train) :] == am_train.labels + 10).all()
@@ -71,7 +72,7 @@ def test_combined_source_has_20_classes_and_disjoint_splits(both_sources):
 
 def test_equal_classes_reuses_small_classes():
     labels = np.repeat(np.arange(3), [50, 50, 4])
-    bank = stim.ObjectBank(np.zeros((104, 28, 28), np.uint8), labels, ("a", "b", "c"), "x", "train")
+    bank = sources.ObjectBank(np.zeros((104, 28, 28), np.uint8), labels, ("a", "b", "c"), "x", "train")
     rng = np.random.default_rng(0)
     idx = stim.sample_objects(bank, 60, rng, exclude=np.array([0, 100]), equal_classes=True)
     assert np.bincount(labels[idx], minlength=3).tolist() == [20, 20, 20]
@@ -83,7 +84,7 @@ def test_equal_classes_reuses_small_classes():
 
 
 def test_compose_into_memmap_gives_the_same_images(tmp_path, both_sources):
-    bank = stim.load_objects("fashion+animal", "train")
+    bank = sources.load_objects("fashion+animal", "train")
     idx = np.arange(0, len(bank), 37)
     ref = stim.compose(bank, idx, np.random.default_rng(3), 16, chunk=8)
     out = np.lib.format.open_memmap(tmp_path / "x.npy", "w+", np.uint8, (len(idx), 16, 16, 3))

@@ -11,7 +11,7 @@ from skimage.metrics import structural_similarity
 
 from mindvis.errors import ConfigError
 from mindvis.eval import metrics as M
-from mindvis.eval.images import to_float_resized
+from mindvis.utils.images import to_float_resized
 
 
 def _probs_with_rank(n_items: int, n_classes: int, beaters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

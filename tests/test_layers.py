@@ -13,12 +13,17 @@ The layers, lowest first (a module takes the layer of the longest entry that nam
 ===========  ====================================================  ================================================
 layer        modules                                               why here
 ===========  ====================================================  ================================================
-base         ``mindvis`` (the package), ``errors``                 the version and the exceptions every layer raises
-utils        ``utils.*``                                           file output, hashing, provenance, linear algebra:
-                                                                   nothing about fMRI, images or models
-data         ``data.*``, ``safeload``                              reading files from outside (``safeload`` shares
-                                                                   the readers' size checks), datasets,
-                                                                   preprocessing, data loaders and their samplers
+base         ``mindvis`` (the package), ``errors``,                the version, the exceptions every layer raises,
+             ``config``                                            and what every settings dataclass shares
+utils        ``utils.*``                                           file output, hashing, provenance, linear algebra,
+                                                                   image arrays (``utils.images``: resizing, grids,
+                                                                   PNG files): nothing about fMRI or models
+data         ``data.*``, ``safeload``,                             reading files from outside (``safeload`` shares
+             ``synthcortex.*``                                     the readers' size checks), datasets,
+                                                                   preprocessing, data loaders and their samplers;
+                                                                   the simulator that writes data in the real
+                                                                   formats (it reads its stimulus sources through
+                                                                   ``safeload``)
 models       ``models.*``, ``sampling``                            the networks, their configs and loaders, and the
                                                                    noise schedules and samplers a model runs with
 pipeline     ``pipeline``                                          a model with its preprocessing and sampler, and
@@ -71,9 +76,9 @@ PACKAGE = "mindvis"
 
 #: The layers, lowest first: ``(name, entries)``; an entry is a module or a package (then also its modules).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("mindvis", "mindvis.errors")),
+    ("base", ("mindvis", "mindvis.errors", "mindvis.config")),
     ("utils", ("mindvis.utils",)),
-    ("data", ("mindvis.data", "mindvis.safeload")),
+    ("data", ("mindvis.data", "mindvis.safeload", "mindvis.synthcortex")),
     ("models", ("mindvis.models", "mindvis.sampling")),
     ("pipeline", ("mindvis.pipeline",)),
     (

@@ -13,10 +13,10 @@ from mindvis.data.paired import (
     check_image_sizes,
     images_to_tensor,
     random_crop,
-    resize_images,
     sparse_voxel_dropout,
 )
 from mindvis.errors import ConfigError, DataError
+from mindvis.utils.images import resize_tensor
 
 
 def _data(n=12, v=100, m=4, size=20, seed=0):
@@ -105,7 +105,7 @@ def test_training_images_are_cropped_then_resized():
     never = PairedFMRIDataset(voxels, images, ids, 32, augment=PairedAugmentConfig(crop_p=0.0, sparse_rate=0))
     test = PairedFMRIDataset(voxels, images, ids, 32, train=False)
     for i in range(4):
-        plain = resize_images(images_to_tensor(images[ids[i]]), 32)
+        plain = resize_tensor(images_to_tensor(images[ids[i]]), 32)
         assert always[i]["image"].shape == (3, 32, 32)
         assert not torch.allclose(always[i]["image"], plain)
         assert torch.equal(never[i]["image"], plain)

@@ -495,7 +495,7 @@ def test_random_encoder_ablation(prior_dir, mbm_dir):
 @pytest.mark.slow
 def test_two_process_cpu_ddp(prior_dir, mbm_dir, tmp_path):
     """``mindvis train --devices 2 --strategy ddp`` on the CPU (gloo): both ranks train, rank 0 writes."""
-    from mindvis.data.synthetic import SynthConfig, simulate
+    from mindvis.synthcortex import SynthConfig, simulate
 
     sim = tmp_path / "sim"
     simulate(

@@ -474,7 +474,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_cli_pretrain_then_finetune_on_synthcortex(tmp_path, capsys):
-    from mindvis.data.synthetic import SynthConfig, simulate
+    from mindvis.synthcortex import SynthConfig, simulate
 
     sim = tmp_path / "sim"
     cfg = SynthConfig.preset(

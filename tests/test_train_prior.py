@@ -21,7 +21,6 @@ from mindvis.train.prior import (
     UNetTrainConfig,
     VQAutoencoderModule,
     VQTrainConfig,
-    _Loaders,
     build_class_prior,
     codebook_usage,
     encode_corpus,
@@ -30,6 +29,7 @@ from mindvis.train.prior import (
     sample_class_grid,
     train_prior,
 )
+from mindvis.train.prior.run import _Loaders
 
 RES = 32  # tiny preset at 32 px: 8 x 8 x 3 latents
 

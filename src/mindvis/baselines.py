@@ -15,6 +15,8 @@ import torch
 
 from mindvis.data.dataset import FMRIDataset
 from mindvis.errors import DataError
+from mindvis.models.ldm import images_to_uint8
+from mindvis.utils.images import images_to_model
 from mindvis.utils.linalg import ridge_dual, standardise_columns
 
 _logger = logging.getLogger(__name__)
@@ -42,7 +44,6 @@ def ridge_reconstruct(
         ``(images uint8 [M, 1, H, W, 3], info)`` with the chosen penalty and the training-set latent R².
     """
     from mindvis.train.ldm import load_prior
-    from mindvis.train.prior import images_to_model
 
     if not train.paired:
         raise DataError("the ridge baseline needs paired training images", path=train.source, field="images")
@@ -71,6 +72,6 @@ def ridge_reconstruct(
     zp = torch.from_numpy(pred.reshape(len(pred), *shape).astype(np.float32))
     for i in range(0, len(zp), batch_size):
         dec = model.decode_latents(zp[i : i + batch_size])
-        # the original's conversion: clamp((x + 1) / 2, 0, 1) * 255, truncated
-        out.append((((dec.float() + 1) / 2).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        # the original's conversion: 255 * clamp((x + 1) / 2), truncated
+        out.append(images_to_uint8(dec).numpy())
     return np.concatenate(out)[:, None], {"alpha": float(alpha), "train_latent_r2": r2}

@@ -17,14 +17,8 @@ import typer
 from mindvis.commands._options import SEED_RANGE
 from mindvis.data.formats.registry import load_dataset
 from mindvis.errors import ConfigError, DataError
-from mindvis.utils.io import (
-    atomic_dir,
-    atomic_write,
-    check_output_apart,
-    prepare_output_dir,
-    save_npz_atomic,
-    write_json,
-)
+from mindvis.utils.images import image_grid, save_png
+from mindvis.utils.io import atomic_dir, check_output_apart, prepare_output_dir, save_npz_atomic, write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -263,37 +257,6 @@ def _list(items: np.ndarray, limit: int = 8) -> str:
     return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
-
-
-def make_grid(images: np.ndarray, ground_truth: np.ndarray | None = None, pad: int = 2) -> np.ndarray:
-    """``images: [N, S, H, W, 3]`` (+ ``ground_truth: [N, h, w, 3]``) -> one uint8 picture, a row per item."""
-    n, s, h, w, _ = images.shape
-    cols = s + (ground_truth is not None)
-    grid = np.full((n * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        row = []
-        if ground_truth is not None:
-            row.append(_resize(ground_truth[i], h))
-        row.extend(images[i])
-        for j, tile in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y : y + h, x : x + w] = tile
-    return grid
-
-
-def _save_png(path: Path, img: np.ndarray) -> None:
-    from PIL import Image
-
-    with atomic_write(path, "wb") as fh:
-        Image.fromarray(img).save(fh, format="PNG")
-
-
 def write_outputs(
     out: Path,
     images: np.ndarray,
@@ -307,8 +270,8 @@ def write_outputs(
         (tmp / "samples").mkdir()
         for i in range(images.shape[0]):
             for s in range(images.shape[1]):
-                _save_png(tmp / "samples" / f"item{i:04d}_s{s}.png", images[i, s])
-        _save_png(tmp / "grid.png", make_grid(images, ground_truth))
+                save_png(tmp / "samples" / f"item{i:04d}_s{s}.png", images[i, s])
+        save_png(tmp / "grid.png", image_grid(images, ground_truth))
         arrays: dict[str, np.ndarray] = {"images": images, "seeds": np.asarray(seeds, dtype=np.int64)}
         if ground_truth is not None:
             arrays["ground_truth"] = ground_truth

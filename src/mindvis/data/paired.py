@@ -5,7 +5,7 @@ augmentations:
 
 * **Image random crop**: with probability ``crop_p`` (0.5) a square of side ``S - int(crop_ratio * S)``
   (``crop_ratio`` 0.2) is cut at a random place from the ``S``-pixel stimulus, then every image is resized to
-  the training resolution.
+  the training resolution (antialiased bilinear, :func:`mindvis.utils.images.resize_tensor`).
 * **Sparse voxel dropout**: ``int(sparse_rate * V)`` randomly chosen voxels of each training sample are set to
   zero (``sparse_rate`` 0.2). After the usual normalisation zero is the training mean, so a dropped voxel
   carries no information.
@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from mindvis.data.dataset import FMRIDataset
 from mindvis.errors import ConfigError, DataError
+from mindvis.utils.images import resize_tensor
 
 _logger = logging.getLogger(__name__)
 
@@ -69,16 +69,6 @@ def images_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.uint8:
         raise DataError(f"images must be uint8, got {x.dtype}", field="images")
     return x.movedim(-1, -3).to(torch.float32).div(127.5).sub(1.0)
-
-
-def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize float images ``x: [B, 3, H, W]`` (or ``[3, H, W]``) to ``size x size`` (bilinear, antialiased)."""
-    squeeze = x.ndim == 3
-    if squeeze:
-        x = x.unsqueeze(0)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.squeeze(0) if squeeze else x
 
 
 def random_crop(
@@ -252,11 +242,11 @@ class PairedFMRIDataset(Dataset):
 
     def image(self, i: int) -> torch.Tensor:
         """The un-augmented image of sample ``i``: ``[3, S, S]`` in ``[-1, 1]``."""
-        return resize_images(images_to_tensor(self.images[int(self.image_ids[i])]), self.image_size)
+        return resize_tensor(images_to_tensor(self.images[int(self.image_ids[i])]), self.image_size)
 
     def ground_truth(self) -> np.ndarray:
         """``[N, S, S, 3]`` uint8: the image each sample saw, resized to the training resolution."""
-        x = resize_images(images_to_tensor(self.images[self.image_ids.numpy()]), self.image_size)
+        x = resize_tensor(images_to_tensor(self.images[self.image_ids.numpy()]), self.image_size)
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).numpy()
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -265,7 +255,7 @@ class PairedFMRIDataset(Dataset):
         if self.train:
             img = random_crop(img, self.augment.crop_ratio, self.augment.crop_p)
             fmri = sparse_voxel_dropout(fmri, self.augment.sparse_rate)
-        img = resize_images(img, self.image_size)
+        img = resize_tensor(img, self.image_size)
         label = -1 if self.labels is None else int(self.labels[i])
         return {"fmri": fmri, "image": img, "label": torch.tensor(label), "index": torch.tensor(i)}
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from mindvis.errors import CheckpointError, ConfigError, DataError, WeightsUnavailable
-from mindvis.eval.images import to_float_resized
 from mindvis.safeload import load_state_dict
+from mindvis.utils.images import to_float_resized
 from mindvis.utils.io import (
     atomic_dir,
     atomic_write,

@@ -28,8 +28,8 @@ from mindvis.eval.classifier import (
     _check_rgb,
     check_classifier_output,
 )
-from mindvis.eval.images import to_float_resized
 from mindvis.safeload import load_torch_file
+from mindvis.utils.images import to_float_resized
 from mindvis.utils.io import atomic_write
 from mindvis.utils.steps import provenance
 

@@ -21,7 +21,7 @@ Rules, so that a bad input fails loudly instead of giving a wrong number:
   (npz ``ids`` or file names) the names must agree position by position;
 - grayscale versus RGB is refused unless ``gray_to_rgb=True`` (the gray channel is then repeated);
 - a reconstruction resolution that differs from the ground truth's is allowed: each metric resizes to its
-  own documented resolution (:func:`resize_images`, antialiased bilinear);
+  own documented resolution (:func:`mindvis.utils.images.resize_images`, antialiased bilinear);
 - a file that cannot be decoded raises :class:`~mindvis.errors.DataError` naming that file.
 """
 
@@ -36,10 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from mindvis.errors import DataError
+from mindvis.utils.images import PNG_JPEG_EXTENSIONS
+
+# re-exported: mindvis.eval.classifier and mindvis.eval.classifier_training import it from here
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 RECON_FILE = "reconstructions.npz"
 _SAMPLE_NAME = re.compile(r"^(?P<item>.+?)[_-]s(?P<k>\d+)$")
 
@@ -67,48 +69,6 @@ class EvalImages:
     @property
     def n_samples(self) -> int:
         return int(self.recons.shape[1])
-
-
-def resize_images(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize uint8 images with antialiased bilinear interpolation (torch), rounding back to uint8.
-
-    Args:
-        images: ``[..., H, W, 3]`` uint8.
-        size: target ``(height, width)`` or one int for a square.
-
-    Returns:
-        ``[..., h, w, 3]`` uint8; the input itself when it already has that size.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    h, w = (size, size) if isinstance(size, int) else size
-    if images.shape[-3:-1] == (h, w):
-        return images
-    lead = images.shape[:-3]
-    flat = images.reshape((-1,) + images.shape[-3:])
-    out = np.empty((flat.shape[0], h, w, 3), dtype=np.uint8)
-    for start in range(0, flat.shape[0], 64):
-        x = torch.from_numpy(np.ascontiguousarray(flat[start : start + 64])).permute(0, 3, 1, 2).float()
-        y = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        out[start : start + 64] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return out.reshape(lead + (h, w, 3))
-
-
-def to_float_resized(images: np.ndarray, size: int | tuple[int, int]):
-    """``[B, H, W, 3]`` uint8 -> ``[B, 3, h, w]`` float32 torch tensor in [0, 1], antialiased bilinear resize.
-
-    Unlike :func:`resize_images` the result is not re-quantised to uint8 (used by the NSD-style metrics and
-    the network inputs).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    h, w = (size, size) if isinstance(size, int) else size
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-2:] != (h, w):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
-    return x
 
 
 def _check_array(arr: np.ndarray, what: str, path: str, field: str, ndim_rgb: int) -> np.ndarray:
@@ -153,9 +113,9 @@ def read_image_file(path: str | Path) -> np.ndarray:
 
 
 def _read_folder(folder: Path) -> tuple[list[str], list[np.ndarray]]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PNG_JPEG_EXTENSIONS)
     if not files:
-        raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in folder", path=folder)
+        raise DataError(f"no image files ({', '.join(PNG_JPEG_EXTENSIONS)}) in folder", path=folder)
     images = [read_image_file(p) for p in files]
     shapes = {im.shape[:2] for im in images}
     if len(shapes) > 1:

@@ -52,7 +52,7 @@ from typing import Literal
 import numpy as np
 
 from mindvis.errors import ConfigError
-from mindvis.eval.images import to_float_resized
+from mindvis.utils.images import to_float_resized
 
 logger = logging.getLogger(__name__)
 

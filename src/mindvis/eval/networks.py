@@ -34,9 +34,9 @@ import numpy as np
 
 from mindvis.errors import CheckpointError, MindVisError, WeightsUnavailable
 from mindvis.eval.classifier import load_state_dict_file
-from mindvis.eval.images import to_float_resized
 from mindvis.eval.metrics import feature_corr_matrix, two_way_identification
 from mindvis.safeload import load_state_dict
+from mindvis.utils.images import to_float_resized
 
 logger = logging.getLogger(__name__)
 

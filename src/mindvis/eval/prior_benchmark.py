@@ -25,21 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mindvis.data.stimuli import make_stimulus_set
 from mindvis.errors import ConfigError
 from mindvis.eval.classifier import BenchmarkClassifier
 from mindvis.eval.probe import prior_class_signal
 from mindvis.models.ldm import vq_decode, vq_encode
+from mindvis.synthcortex import make_stimulus_set
 from mindvis.train.ldm import load_prior
-from mindvis.train.prior import (
-    class_sample_accuracy,
-    classifier_callable,
-    evaluate_vq,
-    images_to_model,
-    model_to_uint8,
-    sample_class_grid,
-    save_grid,
-)
+from mindvis.train.prior import class_sample_accuracy, classifier_callable, evaluate_vq, sample_class_grid
+from mindvis.utils.images import image_grid, images_to_model, model_to_uint8, save_png
 from mindvis.utils.io import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
@@ -219,13 +212,14 @@ def evaluate_stand_ins(
     # figures: one image per class and its VQ reconstruction; two samples per class without and with guidance
     first = [int(np.flatnonzero(labels == c)[0]) for c in range(k) if (labels == c).any()]
     with_rec = _vq_pairs(model, images[first])
-    save_grid(_upscale(with_rec, figure_scale), out_dir / FIGURES["vq"], row_labels=["image", "VQ"])
+    vq_grid = image_grid(_upscale(with_rec, figure_scale), row_labels=["image", "VQ"])
+    save_png(out_dir / FIGURES["vq"], vq_grid)
     grids = []
     for scale in scales:
         imgs, _ = sample_class_grid(model, k, 2, steps, sampler, seed=seed, guidance_scale=scale)
         grids.append(imgs.reshape(k, 2, *imgs.shape[1:]))
     cols = np.concatenate(grids, axis=1)  # [K, 2 * scales, H, W, 3]
-    save_grid(_upscale(cols, figure_scale), out_dir / FIGURES["samples"], row_labels=list(names))
+    save_png(out_dir / FIGURES["samples"], image_grid(_upscale(cols, figure_scale), row_labels=list(names)))
     result["figures"].update(vq=FIGURES["vq"], samples=FIGURES["samples"])
     result["figures"]["samples_columns"] = [f"guidance {s:g}" for s in scales for _ in (0, 1)]
     write_json(out_dir / "evaluation.json", result)

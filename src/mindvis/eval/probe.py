@@ -34,13 +34,14 @@ import numpy as np
 import torch
 
 from mindvis.data.dataset import FMRIDataset
-from mindvis.data.paired import images_to_tensor, resize_images
+from mindvis.data.paired import images_to_tensor
 from mindvis.data.preprocess import find_preprocessing, load_preprocessor, prepare_voxels
 from mindvis.errors import DataError
 from mindvis.eval.metrics import pcc_matrix, two_way_identification
 from mindvis.models.ldm import prior_class_table
 from mindvis.models.mbm import FMRIEncoder, load_mbm_weights
 from mindvis.pipeline import MindVisPipeline
+from mindvis.utils.images import resize_tensor
 from mindvis.utils.linalg import ridge_dual, standardise_columns
 
 _logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def _pixels(ds: FMRIDataset) -> np.ndarray | None:
         return None
     x = images_to_tensor(ds.sample_images())
     if max(x.shape[-2:]) > PIXEL_SIZE:
-        x = resize_images(x, PIXEL_SIZE)
+        x = resize_tensor(x, PIXEL_SIZE)
     return x.reshape(len(x), -1).double().numpy()
 
 
@@ -252,7 +253,7 @@ def _denoising_losses(
 
 
 def _latents(model: Any, images: np.ndarray) -> torch.Tensor:
-    return model.encode_images(resize_images(images_to_tensor(images), int(model.vq_config.resolution)))
+    return model.encode_images(resize_tensor(images_to_tensor(images), int(model.vq_config.resolution)))
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from mindvis.errors import DataError
-from mindvis.eval.images import resize_images
 from mindvis.eval.suite import metric_rows
+from mindvis.utils.images import image_grid, png_bytes
 from mindvis.utils.io import atomic_write, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -67,14 +67,6 @@ def _fmt_ci(ci) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _png_bytes_from_array(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _fig_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -84,27 +76,11 @@ def _fig_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def image_grid(
-    recons: np.ndarray, gt: np.ndarray, items: list[int] | None = None, cell: int | None = None, gap: int = 4
-) -> np.ndarray:
-    """One row per item: the ground truth, a gap, then its samples. ``-> [rows*h, cols*w, 3]`` uint8.
-
-    ``cell`` defaults to the ground-truth size, capped at 96 px.
-    """
-    items = list(range(len(gt))) if items is None else items
-    cell = cell or min(96, max(gt.shape[1:3]))
-    s = recons.shape[1]
-    g = resize_images(gt[items], cell)
-    r = resize_images(recons[items], cell)
-    rows, cols = len(items), s + 1
-    out = np.full((rows * (cell + gap) + gap, cols * (cell + gap) + 3 * gap, 3), 255, dtype=np.uint8)
-    for row in range(rows):
-        y = gap + row * (cell + gap)
-        out[y : y + cell, gap : gap + cell] = g[row]
-        for k in range(s):
-            x = 4 * gap + (k + 1) * (cell + gap) - gap
-            out[y : y + cell, x : x + cell] = r[row, k]
-    return out
+def _grid_png(recons: np.ndarray, gt: np.ndarray, items: list[int], gap: int = 4) -> bytes:
+    """PNG of one row per item: the ground truth, a gap three times as wide, then its samples; every image at
+    the ground-truth size capped at 96 px (:func:`mindvis.utils.images.image_grid`)."""
+    cell = min(96, max(gt.shape[1:3]))
+    return png_bytes(image_grid(recons[items], gt[items], size=cell, pad=gap, gt_gap=2 * gap))
 
 
 def _distribution_png(results: dict) -> bytes | None:
@@ -372,7 +348,7 @@ def write_report(
             body.append(f"<h2>Distributions</h2>{_img_tag(dist, 'metric distributions')}")
         if recons is not None and gt is not None:
             items = list(range(min(len(gt), max_grid_items)))
-            grid = _png_bytes_from_array(image_grid(recons, gt, items))
+            grid = _grid_png(recons, gt, items)
             with atomic_write(out_dir / "grid.png") as fh:
                 fh.write(grid)
             written["grid"] = out_dir / "grid.png"
@@ -382,8 +358,7 @@ def write_report(
             )
             metric, best, worst = best_worst_items(res)
             if metric is not None and best:
-                bw = image_grid(recons, gt, best + worst)
-                png = _png_bytes_from_array(bw)
+                png = _grid_png(recons, gt, best + worst)
                 with atomic_write(out_dir / "best_worst.png") as fh:
                     fh.write(png)
                 written["best_worst"] = out_dir / "best_worst.png"

@@ -40,8 +40,9 @@ from mindvis.errors import ConfigError, WeightsUnavailable
 from mindvis.eval import metrics as M
 from mindvis.eval.classifier import ImageClassifier
 from mindvis.eval.fid import fid_summary, load_inception
-from mindvis.eval.images import pair_images, resize_images
+from mindvis.eval.images import pair_images
 from mindvis.eval.networks import LPIPSAlex, MetricWeights, nsd_network_scores
+from mindvis.utils.images import resize_images
 from mindvis.utils.steps import provenance
 
 logger = logging.getLogger(__name__)

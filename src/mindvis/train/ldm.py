@@ -49,7 +49,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -58,7 +58,7 @@ from torch import nn
 
 from mindvis.data.dataset import FMRIDataset
 from mindvis.data.formats.registry import list_subjects
-from mindvis.data.paired import PairedAugmentConfig, PairedFMRIDataset, sparse_voxel_dropout
+from mindvis.data.paired import PairedFMRIDataset, sparse_voxel_dropout
 from mindvis.data.preprocess import PREPROCESSING_NAME, find_preprocessing, load_preprocessor, prepare_voxels
 from mindvis.data.sampler import EpochShuffleSampler
 from mindvis.errors import CheckpointError, ConfigError, DataError
@@ -67,7 +67,6 @@ from mindvis.models.conditioning import ClassEmbedder, Conditioning
 from mindvis.models.ldm import DCLDM, LDMConfig, build_unet, prior_class_table
 from mindvis.models.mbm import FMRIEncoder, MaskedBrainModel
 from mindvis.pipeline import MindVisPipeline
-from mindvis.sampling import SAMPLERS
 from mindvis.train.common import (
     TrainerConfig,
     build_trainer,
@@ -79,257 +78,25 @@ from mindvis.train.common import (
     seed_everything,
     write_run_config,
 )
+from mindvis.train.config import (
+    QUICK_PREFIX,
+    StageBConfig,
+)
 from mindvis.train.mbm import load_init_model
-from mindvis.train.prior import save_grid
+from mindvis.utils.images import image_grid, save_png
 from mindvis.utils.io import prepare_output_dir, write_json
 
 _logger = logging.getLogger(__name__)
 
-TrainableName = Literal["original", "cond-only", "full"]
-#: Our preset names -> :meth:`mindvis.models.ldm.DCLDM.named_trainable_parameters` presets.
-TRAINABLE_PRESETS: dict[str, str] = {
-    "original": "original",
-    "cond-only": "cond_stage",
-    "full": "unet_and_cond",
-}
-#: The original's batch size per dataset (GOD 5, BOLD5000 25).
-DATASET_BATCH_SIZE: dict[str, int] = {"god": 5, "bold5000": 25}
 #: What `mindvis reconstruct` reads from a model folder.
 PIPELINE_PREPROCESS_NAME = "preprocess.json"
 SAMPLES_DIR = "samples"
-#: What the fMRI context may be (:attr:`StageBConfig.context_basis`).
-CONTEXT_BASES = ("free", "prior-classes")
 #: The context warm start's record in a stage B run folder.
 ALIGN_NAME = "align.json"
 #: The validations before training (``StageBConfig.validate_start``) in a stage B run folder.
 VALIDATION_START_NAME = "validation_start.json"
-#: What ``StageBConfig.val_schedule`` may be: the original's quick/full schedule, or a full pass every time.
-VAL_SCHEDULES = ("original", "full")
-#: Prefix of the quick pass's figures (``val_schedule="original"``); full-pass figures are ``val/<key>``.
-QUICK_PREFIX = "val/quick/"
 #: The subject of the original's released GOD checkpoint and the one its stage B config trains on.
 ORIGINAL_GOD_SUBJECT = "sbj_3"
-
-
-@dataclass
-class StageBConfig:
-    """Settings of one stage B finetune (defaults: the original's).
-
-    Attributes:
-        trainable: which parameters are trained (``original``, ``cond-only``, ``full``).
-        lr: AdamW learning rate (5.3e-5).
-        weight_decay: AdamW weight decay (torch's default 0.01, as the original).
-        batch_size: per-process batch; ``None`` takes the original's for ``dataset`` (GOD 5, BOLD5000 25; else 5).
-        dataset: the dataset kind, used only to resolve ``batch_size``.
-        epochs: training epochs (500).
-        clip_grad: gradient-norm clipping (0.5).
-        val_every: validation every this many epochs (5).
-        val_schedule: ``original`` (default; a quick pass, and a full pass when it scores well or every
-            ``full_val_every``-th validation) or ``full`` (ours: a full pass at every validation); see the module
-            docstring.
-        quick_items, quick_samples: the quick pass's test items (the first 5) and images per item (3; at most
-            ``num_samples``).
-        full_val_every: with ``original``, every this many validations is a full pass (15).
-        full_val_threshold: with ``original``, the quick pass's 50-way semantic top-1 above which a full pass
-            follows (0.15); for other n (and the stand-in without a classifier) the same distance above chance,
-            see :func:`full_pass_trigger`.
-        image_size: training and generation resolution; ``None`` takes the prior's.
-        crop_ratio, crop_p: random crop augmentation (0.2, p 0.5).
-        sparse_rate: fraction of voxels zeroed in each training sample (0: none, the original's behaviour, whose
-            dropout is a no-op; 0.2 drops what the original meant to drop).
-        cond_dropout: probability of training an item with the null condition (for classifier-free guidance;
-            0 = off, as the original).
-        global_pool: mean-pool the fMRI tokens (the original's stage B default is False).
-        use_time_cond, use_cross_attn: the two conditioning paths (the paper's ablation switches one off).
-        standardize_tokens: z-score the encoder tokens with fixed statistics of the training fMRI before the
-            conditioner (not in the original; see :mod:`mindvis.models.conditioning`).
-        context_basis: ``free`` (the original: the conditioner's context is any vector) or ``prior-classes``
-            (not in the original: every context token is a softmax mixture of the class-conditional prior's class
-            embeddings, so the UNet only sees contexts between conditions it knows; stage B then needs no class
-            labels and no warm start; guidance compares against the prior's own null condition; see
-            :class:`~mindvis.models.conditioning.DCConditioner`).
-        basis_balance: with ``prior-classes``, the weight of a term that rewards the entropy of the batch's
-            mean mixture over the classes (0: off). Without labels, the diffusion loss alone first drives every
-            context to the one class that fits all images best; this keeps the classes in use (as in
-            information-maximising clustering) and leaves each sample's own mixture free.
-        align_epochs: epochs of the context warm start before the diffusion finetune (0: none, as the original;
-            see :func:`align_context`). Needs a class-conditional prior and class labels of the training images.
-        align_lr: Adam learning rate of the warm start.
-        validate_start: also validate before any training and, with a warm start, right after it, so that the
-            validation curve starts from the untrained model (``validation_start.json``; not in the original).
-        encoder_init: ``pretrained`` (the stage A encoder) or ``random`` (the "no pretraining" ablation).
-        num_samples: images generated per test item at a full validation pass (5).
-        sampler, sample_steps: how they are generated (PLMS 250).
-        guidance_scale: classifier-free guidance of the validation samples against the null condition (1: none,
-            as the original; other values need ``cond_dropout`` > 0 so that the null condition is trained).
-        val_items: how many test items to generate for at validation (``None``: all).
-        grid_items: rows of the saved sample grid.
-        n_way: n of the n-way metrics logged at validation.
-        eval_trials: random trials per n-way metric at validation.
-        monitor: metric that picks the best checkpoint (``auto``: the largest feasible n-way semantic accuracy
-            with a classifier, else 2-way identification by pixel correlation). Logged names are ``val/<key>``,
-            full-pass figures only (``val/quick/`` figures cannot be monitored).
-        seed: seed of initialisation, data order, timesteps and the validation samples.
-        num_workers: data-loader workers.
-    """
-
-    trainable: TrainableName = "original"
-    lr: float = 5.3e-5
-    weight_decay: float = 0.01
-    batch_size: int | None = None
-    dataset: str = "god"
-    epochs: int = 500
-    clip_grad: float | None = 0.5
-    val_every: int = 5
-    val_schedule: Literal["original", "full"] = "original"
-    quick_items: int = 5
-    quick_samples: int = 3
-    full_val_every: int = 15
-    full_val_threshold: float = 0.15
-    image_size: int | None = None
-    crop_ratio: float = 0.2
-    crop_p: float = 0.5
-    sparse_rate: float = 0.0
-    cond_dropout: float = 0.0
-    global_pool: bool = False
-    use_time_cond: bool = True
-    use_cross_attn: bool = True
-    standardize_tokens: bool = False
-    context_basis: Literal["free", "prior-classes"] = "free"
-    basis_balance: float = 0.0
-    align_epochs: int = 0
-    align_lr: float = 1e-3
-    validate_start: bool = False
-    encoder_init: Literal["pretrained", "random"] = "pretrained"
-    num_samples: int = 5
-    sampler: str = "plms"
-    sample_steps: int = 250
-    guidance_scale: float = 1.0
-    val_items: int | None = None
-    grid_items: int = 10
-    n_way: tuple[int, ...] = (2, 10, 50)
-    eval_trials: int = 50
-    monitor: str = "auto"
-    seed: int = 2022
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.trainable not in TRAINABLE_PRESETS:
-            raise ConfigError(
-                f"expected one of {', '.join(TRAINABLE_PRESETS)}, got {self.trainable!r}", field="trainable"
-            )
-        if self.batch_size is None:
-            self.batch_size = DATASET_BATCH_SIZE.get(str(self.dataset).lower(), 5)
-        for name in (
-            "batch_size",
-            "epochs",
-            "val_every",
-            "num_samples",
-            "sample_steps",
-            "grid_items",
-            "eval_trials",
-            "quick_items",
-            "quick_samples",
-            "full_val_every",
-        ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"expected an integer >= 1, got {v!r}", field=name)
-        for name in ("lr", "align_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not (isinstance(v, int | float) and v > 0):
-                raise ConfigError(f"expected a positive number, got {v!r}", field=name)
-        if isinstance(self.align_epochs, bool) or not (
-            isinstance(self.align_epochs, int) and self.align_epochs >= 0
-        ):
-            raise ConfigError(f"expected an integer >= 0, got {self.align_epochs!r}", field="align_epochs")
-        if self.weight_decay < 0:
-            raise ConfigError(f"expected >= 0, got {self.weight_decay}", field="weight_decay")
-        if self.clip_grad is not None and self.clip_grad < 0:
-            raise ConfigError(f"expected >= 0, got {self.clip_grad}", field="clip_grad")
-        if not 0.0 <= self.cond_dropout < 1.0:
-            raise ConfigError(
-                f"expected a probability in [0, 1), got {self.cond_dropout}", field="cond_dropout"
-            )
-        if not (isinstance(self.guidance_scale, int | float) and math.isfinite(self.guidance_scale)):
-            raise ConfigError(
-                f"expected a finite number, got {self.guidance_scale!r}", field="guidance_scale"
-            )
-        if self.guidance_scale != 1.0 and self.cond_dropout <= 0:
-            raise ConfigError(
-                "guidance needs the null condition trained: give cond_dropout > 0 as well",
-                field="guidance_scale",
-            )
-        if not (self.use_time_cond or self.use_cross_attn):
-            raise ConfigError(
-                "at least one of the time and cross-attention conditioning must be on", field="use_time_cond"
-            )
-        if self.context_basis not in CONTEXT_BASES:
-            raise ConfigError(
-                f"expected one of {', '.join(CONTEXT_BASES)}, got {self.context_basis!r}",
-                field="context_basis",
-            )
-        if isinstance(self.basis_balance, bool) or not (
-            isinstance(self.basis_balance, int | float) and self.basis_balance >= 0
-        ):
-            raise ConfigError(f"expected a number >= 0, got {self.basis_balance!r}", field="basis_balance")
-        if self.basis_balance and self.context_basis == "free":
-            raise ConfigError(
-                "the balance term needs a context basis: give context_basis prior-classes as well",
-                field="basis_balance",
-            )
-        if self.encoder_init not in ("pretrained", "random"):
-            raise ConfigError(
-                f"expected pretrained or random, got {self.encoder_init!r}", field="encoder_init"
-            )
-        if self.val_schedule not in VAL_SCHEDULES:
-            raise ConfigError(
-                f"expected one of {', '.join(VAL_SCHEDULES)}, got {self.val_schedule!r}", field="val_schedule"
-            )
-        if isinstance(self.full_val_threshold, bool) or not (
-            isinstance(self.full_val_threshold, int | float) and 0.0 <= self.full_val_threshold <= 1.0
-        ):
-            raise ConfigError(
-                f"expected a top-1 accuracy in [0, 1], got {self.full_val_threshold!r}",
-                field="full_val_threshold",
-            )
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"expected one of {', '.join(SAMPLERS)}, got {self.sampler!r}", field="sampler")
-        if self.val_items is not None and self.val_items < 2:
-            raise ConfigError(
-                f"validation needs at least 2 test items, got {self.val_items}", field="val_items"
-            )
-        if self.monitor != "auto" and not str(self.monitor).startswith("val/"):
-            raise ConfigError(
-                f"expected 'auto' or a validation metric such as val/ident_pcc_2way, got {self.monitor!r}",
-                field="monitor",
-            )
-        if str(self.monitor).startswith(QUICK_PREFIX):
-            full_name = "val/" + self.monitor[len(QUICK_PREFIX) :]
-            raise ConfigError(
-                f"the best checkpoint is chosen on full-pass figures: give {full_name} instead of {self.monitor!r}",
-                field="monitor",
-            )
-        if self.image_size is not None and self.image_size < 8:
-            raise ConfigError(f"expected an image size >= 8, got {self.image_size}", field="image_size")
-        self.n_way = tuple(int(n) for n in self.n_way)
-        _ = self.augment  # validates the augmentation values
-
-    @property
-    def augment(self) -> PairedAugmentConfig:
-        return PairedAugmentConfig(
-            crop_ratio=self.crop_ratio, crop_p=self.crop_p, sparse_rate=self.sparse_rate
-        )
-
-    @property
-    def model_preset(self) -> str:
-        """The :class:`~mindvis.models.ldm.DCLDM` preset name of ``trainable``."""
-        return TRAINABLE_PRESETS[self.trainable]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["n_way"] = list(self.n_way)
-        return d
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -975,8 +742,8 @@ class StageBModule(pl.LightningModule):
     def _save_grid(self, index: np.ndarray, recons: np.ndarray, suffix: str = "") -> None:
         if self.trainer.is_global_zero and self.sample_dir is not None and self.val_gt is not None:
             k = min(self.config.grid_items, len(index))
-            grid = np.concatenate([self.val_gt[index[:k], None], recons[:k]], axis=1)
-            path = save_grid(grid, self.sample_dir / f"epoch{self.current_epoch:04d}{suffix}.png")
+            grid = image_grid(recons[:k], ground_truth=self.val_gt[index[:k]])
+            path = save_png(self.sample_dir / f"epoch{self.current_epoch:04d}{suffix}.png", grid)
             _logger.info("validation samples: %s", path)
 
     def _metrics(self, recons: np.ndarray, index: np.ndarray, record: bool = True) -> dict[str, float]:
