@@ -182,3 +182,18 @@ def test_stage_b_options_are_generated_from_its_config(monkeypatch):
     assert (cfg.encoder_init, cfg.seed, cfg.batch_size, cfg.lr) == ("random", 5, 25, StageBConfig.lr)
     result = CliRunner().invoke(app, args + ["--val-schedule", "sometimes"])
     assert result.exit_code != 0 and "val_schedule" in str(result.exception)  # the CLI prints it in one line
+
+
+def test_vq_options_of_train_prior_are_generated_from_its_config():
+    from mindvis.cli import app
+    from mindvis.commands._options import config_values
+    from mindvis.config import settings_of
+    from mindvis.train.config import VQTrainConfig
+
+    params = {p.name: p for p in _params(app, "train-prior")}
+    for f in settings_of(VQTrainConfig):
+        p = params["vq_" + f.name]
+        assert (p.default, p.help) == (f.default, f.metadata["help"]), f.name
+    assert "--vq-lr" in params["vq_lr"].opts and "--gan-start" in params["vq_gan_start_step"].opts
+    values = {"vq_lr": 0.5, "vq_recon_loss": "l2", "unet_lr": 9.0}
+    assert config_values(VQTrainConfig, values, prefix="vq_") == {"lr": 0.5, "recon_loss": "l2"}

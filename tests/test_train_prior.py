@@ -11,6 +11,7 @@ import torch
 
 from mindvis.errors import ConfigError, DataError, WeightsUnavailable
 from mindvis.train.common import TrainerConfig
+from mindvis.train.config import VQTrainConfig
 from mindvis.train.prior import (
     ClassPriorModule,
     ImageCorpus,
@@ -20,7 +21,6 @@ from mindvis.train.prior import (
     PriorTrainConfig,
     UNetTrainConfig,
     VQAutoencoderModule,
-    VQTrainConfig,
     build_class_prior,
     codebook_usage,
     encode_corpus,
@@ -223,6 +223,40 @@ def test_vq_training_with_gan_and_dead_code_reinit(tmp_path):
         "val/dead_codes",
     ):
         assert key in logged and np.isfinite(float(logged[key])), key
+
+
+def test_classifier_perceptual_term_trains_the_vq(tmp_path):
+    """The perceptual term on a corpus classifier's features: zero for equal images, larger for unlike ones,
+    gradients to the reconstruction only; a VQ step with it runs, and it cannot be combined with LPIPS."""
+    from mindvis.eval.classifier import ClassifierConfig
+    from mindvis.eval.classifier_training import train_benchmark_classifier
+    from mindvis.models.ldm import build_vq
+    from mindvis.train.prior.losses import ClassifierPerceptual
+    from test_eval_classifier import TINY, synthetic_corpus
+
+    images, labels, names = synthetic_corpus(n_per_class=8, size=RES)
+    train_benchmark_classifier(
+        images, labels, names, tmp_path / "clf", ClassifierConfig(**{**TINY, "epochs": 1})
+    )
+    term = ClassifierPerceptual(tmp_path / "clf")
+    x = torch.rand(4, 3, RES, RES) * 2 - 1
+    assert float(term(x, x)) == pytest.approx(0.0, abs=1e-6)
+    near, far = float(term(x + 0.02 * torch.randn_like(x), x)), float(term(-x, x))
+    assert 0 < near < far
+    rec = x.clone().requires_grad_(True)
+    term(rec, x.flip(0)).backward()
+    assert rec.grad is not None and rec.grad.abs().sum() > 0
+    assert all(p.grad is None for p in term.parameters())  # the classifier stays frozen
+    with pytest.raises(ConfigError, match="one perceptual term"):
+        VQTrainConfig(lpips_weights="a.pth", perceptual_classifier=str(tmp_path / "clf"))
+
+    torch.manual_seed(0)
+    cfg = VQTrainConfig(lr=1e-3, perceptual_classifier=str(tmp_path / "clf"))
+    module = VQAutoencoderModule(build_vq(_config().ldm_config(3).vq), cfg)
+    assert isinstance(module.lpips, ClassifierPerceptual) and module.lpips.training is False
+    c = _corpus(n=8)
+    trainer = _fit(module, _Loaders(ImageLabelDataset(c), ImageLabelDataset(c), 4, seed=0), tmp_path / "run")
+    assert np.isfinite(float(trainer.callback_metrics["train/lpips_epoch"]))
 
 
 def test_lpips_needs_real_local_weights(tmp_path, caplog):

@@ -95,13 +95,14 @@ def add_options(specs: list[OptionSpec]) -> Callable[[F], F]:
     return decorate
 
 
-def config_options(cls: type, exclude: tuple[str, ...] = ()) -> list[OptionSpec]:
+def config_options(cls: type, exclude: tuple[str, ...] = (), prefix: str = "") -> list[OptionSpec]:
     """The options of the fields of config dataclass ``cls`` declared with :func:`mindvis.config.setting`.
 
     Each option takes the field's name, type, default and help text, and the flag ``--<name-with-dashes>``
     (``--x/--no-x`` for a bool) unless the field names its own; a ``Literal`` type becomes ``str`` (the
     config's ``__post_init__`` refuses other values with the field named). ``exclude`` leaves fields out (a
-    command that sets them another way).
+    command that sets them another way). ``prefix`` goes before each option's parameter name (not its flag), for
+    a command that takes the settings of two configs with fields of the same name (whose flags then differ).
     """
     hints = typing.get_type_hints(cls)
     specs = []
@@ -117,13 +118,13 @@ def config_options(cls: type, exclude: tuple[str, ...] = ()) -> list[OptionSpec]
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         if annotation is bool and "/" not in flag:
             flag = f"{flag}/--no-{flag[2:]}"
-        specs.append(OptionSpec(f.name, annotation, f.default, (flag,), f.metadata["help"]))
+        specs.append(OptionSpec(prefix + f.name, annotation, f.default, (flag,), f.metadata["help"]))
     return specs
 
 
-def config_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """The values of :func:`config_options` options of ``cls`` among a command's ``values``."""
-    return {f.name: values[f.name] for f in settings_of(cls) if f.name in values}
+def config_values(cls: type, values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The field values of ``cls`` among a command's ``values`` of its :func:`config_options` options."""
+    return {f.name: values[prefix + f.name] for f in settings_of(cls) if prefix + f.name in values}
 
 
 def with_help(specs: tuple[OptionSpec, ...], **helps: str) -> list[OptionSpec]:

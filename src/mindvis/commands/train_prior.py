@@ -16,12 +16,15 @@ import typer
 
 from mindvis.commands._options import (
     add_options,
+    config_options,
+    config_values,
     load_classifier_option,
     set_threads,
     trainer_config,
     trainer_options,
 )
 from mindvis.errors import ConfigError
+from mindvis.train.config import VQTrainConfig
 from mindvis.utils.io import check_output_apart
 
 
@@ -51,7 +54,8 @@ def resolve_corpus_path(path: Path) -> Path:
 def register(app: typer.Typer) -> None:
     @app.command("train-prior")
     @add_options(
-        trainer_options(
+        config_options(VQTrainConfig, prefix="vq_")
+        + trainer_options(
             seed=0,
             precision="auto",
             precision_help="auto (bf16-mixed on GPUs, 32 on CPUs), 32, bf16-mixed, 16-mixed.",
@@ -94,34 +98,7 @@ def register(app: typer.Typer) -> None:
         unet_epochs: int = typer.Option(60, "--unet-epochs", help="UNet training epochs."),
         vq_batch_size: int = typer.Option(16, "--vq-batch-size", help="VQ batch per device."),
         unet_batch_size: int = typer.Option(64, "--unet-batch-size", help="UNet batch per device."),
-        vq_lr: float = typer.Option(2e-4, "--vq-lr", help="VQ Adam learning rate."),
         unet_lr: float = typer.Option(2e-4, "--unet-lr", help="UNet AdamW learning rate."),
-        recon_loss: str = typer.Option("l1", "--recon-loss", help="l1 or l2."),
-        codebook_weight: float = typer.Option(1.0, "--codebook-weight", help="Codebook loss weight."),
-        commitment_weight: float = typer.Option(0.25, "--commitment-weight", help="Commitment loss weight."),
-        gan_weight: float = typer.Option(0.0, "--gan-weight", help="Patch-GAN weight (0: no discriminator)."),
-        gan_start: int = typer.Option(0, "--gan-start", help="Step at which the GAN terms start."),
-        lpips_weights: Path | None = typer.Option(
-            None,
-            "--lpips-weights",
-            help="Local torchvision backbone "
-            "weights for the LPIPS term (without them there is no "
-            "perceptual term).",
-        ),
-        lpips_net: str = typer.Option("vgg", "--lpips-net", help="LPIPS backbone: vgg, alex or squeeze."),
-        lpips_weight: float = typer.Option(1.0, "--lpips-weight", help="LPIPS weight."),
-        codebook_ema: bool = typer.Option(
-            True,
-            "--codebook-ema/--no-codebook-ema",
-            help="Update codes as moving averages of their encoder outputs (online k-means) instead of by the "
-            "codebook loss.",
-        ),
-        dead_code_reinit: bool = typer.Option(
-            True,
-            "--dead-code-reinit/--no-dead-code-reinit",
-            help="Re-initialise unused codes from encoder outputs.",
-        ),
-        dead_code_every: int = typer.Option(100, "--dead-code-every", help="Steps per dead-code window."),
         ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA of the UNet weights."),
         ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA decay."),
         class_dropout: float = typer.Option(
@@ -155,7 +132,6 @@ def register(app: typer.Typer) -> None:
         from mindvis.train.prior import (
             PriorTrainConfig,
             UNetTrainConfig,
-            VQTrainConfig,
             classifier_callable,
             load_image_corpus,
             train_prior,
@@ -174,21 +150,7 @@ def register(app: typer.Typer) -> None:
             final_samples_per_class=final_samples,
             seed=shared["seed"],
             num_workers=shared["num_workers"],
-            vq=VQTrainConfig(
-                lr=vq_lr,
-                recon_loss=recon_loss,
-                codebook_weight=codebook_weight,  # type: ignore[arg-type]
-                commitment_weight=commitment_weight,
-                gan_weight=gan_weight,
-                gan_start_step=gan_start,
-                lpips_weights=None if lpips_weights is None else str(lpips_weights),
-                lpips_net=lpips_net,
-                lpips_weight=lpips_weight,  # type: ignore[arg-type]
-                codebook_ema=codebook_ema,
-                dead_code_reinit=dead_code_reinit,
-                dead_code_every=dead_code_every,
-                flip=flip,
-            ),
+            vq=VQTrainConfig(**config_values(VQTrainConfig, shared, prefix="vq_"), flip=flip),
             unet=UNetTrainConfig(
                 lr=unet_lr,
                 ema_decay=ema_decay if ema else None,
@@ -202,9 +164,13 @@ def register(app: typer.Typer) -> None:
             unet_model=parse_assignments(unet_model, "--unet"),
         )
 
-        check_output_apart(
-            out, {"--corpus": corpus, "--lpips-weights": lpips_weights, "--classifier": classifier}
-        )
+        inputs = {
+            "--corpus": corpus,
+            "--lpips-weights": config.vq.lpips_weights,
+            "--perceptual-classifier": config.vq.perceptual_classifier,
+            "--classifier": classifier,
+        }
+        check_output_apart(out, {k: None if v is None else Path(v) for k, v in inputs.items()})
         images = load_image_corpus(
             resolve_corpus_path(corpus), config.ldm_config(2).vq.resolution, resize_mixed=resize_mixed
         )

@@ -1,5 +1,6 @@
-"""The settings of stage B (:class:`StageBConfig`), apart from the training code so that ``mindvis train``
-builds its options from them without loading torch.
+"""The settings of the training stages, apart from the training code, so that the commands build their
+options from them (:func:`~mindvis.config.setting`) without loading torch: stage B (:class:`StageBConfig`) and
+the image prior's VQ autoencoder (:class:`VQTrainConfig`).
 """
 
 from __future__ import annotations
@@ -265,3 +266,88 @@ class StageBConfig:
         d = asdict(self)
         d["n_way"] = list(self.n_way)
         return d
+
+
+@dataclass
+class VQTrainConfig:
+    """Training settings of the VQ autoencoder.
+
+    The fields declared with :func:`~mindvis.config.setting` are options of ``mindvis train-prior``, generated
+    from them with their default and help text. The others:
+
+    Attributes:
+        codebook_decay: decay of the codes' moving averages with ``codebook_ema``.
+        lpips_net: LPIPS backbone (``vgg``, ``alex`` or ``squeeze``).
+        disc_lr: discriminator learning rate (``None``: ``lr``).
+        disc_layers, disc_channels: discriminator size.
+        grad_clip: gradient norm clip (``None``: off).
+        flip: random horizontal flips of training images (the prior's ``--flip``).
+    """
+
+    lr: float = setting(2e-4, "VQ Adam learning rate (betas 0.5, 0.9 as VQGAN).", flag="--vq-lr")
+    recon_loss: Literal["l1", "l2"] = setting("l1", "Pixel reconstruction loss: l1 or l2.")
+    codebook_weight: float = setting(
+        1.0, "Weight of the codebook loss |sg[h] - e|^2 (unused with --codebook-ema)."
+    )
+    codebook_ema: bool = setting(
+        True,
+        "Update codes as moving averages of their encoder outputs (online k-means, van den Oord et al. 2017) "
+        "instead of by the codebook loss; converges much faster from a random start.",
+    )
+    codebook_decay: float = 0.99
+    commitment_weight: float = setting(0.25, "Commitment loss weight (beta of |h - sg[e]|^2).")
+    lpips_weight: float = setting(
+        1.0, "Weight of the perceptual term (LPIPS or --perceptual-classifier).", flag="--lpips-weight"
+    )
+    lpips_weights: str | None = setting(
+        None,
+        "Local torchvision backbone weights for the LPIPS term (without them, or --perceptual-classifier, "
+        "there is no perceptual term).",
+    )
+    lpips_net: Literal["vgg", "alex", "squeeze"] = setting("vgg", "LPIPS backbone: vgg, alex or squeeze.")
+    perceptual_classifier: str | None = setting(
+        None,
+        "A benchmark classifier folder whose CNN features give the perceptual term instead of LPIPS (when no "
+        "ImageNet backbone is at hand); train it apart from the judge (another seed or architecture).",
+    )
+    gan_weight: float = setting(0.0, "Patch-GAN weight (0: no discriminator).")
+    gan_start_step: int = setting(0, "Step at which the GAN terms start.", flag="--gan-start")
+    disc_lr: float | None = None
+    disc_layers: int = 3
+    disc_channels: int = 64
+    dead_code_reinit: bool = setting(True, "Re-initialise unused codes from encoder outputs.")
+    dead_code_every: int = setting(100, "Steps per dead-code window.")
+    grad_clip: float | None = 1.0
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"must be positive, got {self.lr}", field="vq.lr")
+        if self.recon_loss not in ("l1", "l2"):
+            raise ConfigError(f"must be 'l1' or 'l2', got {self.recon_loss!r}", field="vq.recon_loss")
+        for name in ("codebook_weight", "commitment_weight", "lpips_weight", "gan_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", field=f"vq.{name}")
+        if self.dead_code_every < 1:
+            raise ConfigError(f"must be >= 1, got {self.dead_code_every}", field="vq.dead_code_every")
+        if not 0.0 < self.codebook_decay < 1.0:
+            raise ConfigError(f"must be in (0, 1), got {self.codebook_decay}", field="vq.codebook_decay")
+        if self.lpips_net not in ("vgg", "alex", "squeeze"):
+            raise ConfigError(f"must be vgg, alex or squeeze, got {self.lpips_net!r}", field="vq.lpips_net")
+        if self.lpips_weights is not None and self.perceptual_classifier is not None:
+            raise ConfigError(
+                "give one perceptual term: LPIPS weights or a perceptual classifier, not both",
+                field="vq.perceptual_classifier",
+            )
+
+    @property
+    def use_gan(self) -> bool:
+        return self.gan_weight > 0
+
+    @property
+    def use_lpips(self) -> bool:
+        return self.lpips_weights is not None and self.lpips_weight > 0
+
+    @property
+    def use_perceptual_classifier(self) -> bool:
+        return self.perceptual_classifier is not None and self.lpips_weight > 0

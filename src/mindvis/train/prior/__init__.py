@@ -22,7 +22,7 @@ The modules, each importing only those listed before it:
   :func:`sample_class_grid`, :func:`save_prior_pipeline`;
 - :mod:`~mindvis.train.prior.evaluate`: :func:`psnr_ssim`, :func:`codebook_usage`, :func:`evaluate_vq`,
   :func:`class_sample_accuracy`, :func:`classifier_callable`;
-- :mod:`~mindvis.train.prior.vq`: :class:`VQTrainConfig`, :class:`VQAutoencoderModule`;
+- :mod:`~mindvis.train.prior.vq`: :class:`VQAutoencoderModule` (its settings: :class:`mindvis.train.config.VQTrainConfig`);
 - :mod:`~mindvis.train.prior.unet`: :class:`UNetTrainConfig`, :class:`LatentLabelDataset`, :func:`encode_corpus`,
   :class:`ClassPriorModule`;
 - :mod:`~mindvis.train.prior.run`: :class:`PriorTrainConfig` and :func:`train_prior`, the whole run.
@@ -48,7 +48,7 @@ from mindvis.train.prior.model import (
 )
 from mindvis.train.prior.run import PriorTrainConfig, train_prior
 from mindvis.train.prior.unet import ClassPriorModule, LatentLabelDataset, UNetTrainConfig, encode_corpus
-from mindvis.train.prior.vq import VQAutoencoderModule, VQTrainConfig
+from mindvis.train.prior.vq import VQAutoencoderModule
 
 __all__ = [
     "ClassPriorModule",
@@ -60,7 +60,6 @@ __all__ = [
     "PriorTrainConfig",
     "UNetTrainConfig",
     "VQAutoencoderModule",
-    "VQTrainConfig",
     "build_class_prior",
     "class_sample_accuracy",
     "classifier_callable",

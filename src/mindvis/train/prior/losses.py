@@ -1,4 +1,5 @@
-"""The perceptual and adversarial parts of the VQ autoencoder's loss: LPIPS on a local backbone and the
+"""The perceptual and adversarial parts of the VQ autoencoder's loss: LPIPS on a local backbone, a perceptual
+distance on the features of a CNN trained on the corpus (where no ImageNet backbone is at hand), and the
 patch-GAN discriminator."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from mindvis.errors import MindVisError, WeightsUnavailable
+from mindvis.eval.classifier import BenchmarkClassifier
 from mindvis.safeload import load_state_dict
 
 _logger = logging.getLogger(__name__)
@@ -72,6 +74,58 @@ class LocalLPIPS(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``x, y: [B, 3, H, W]`` in ``[-1, 1]`` -> mean LPIPS distance (scalar)."""
         return self.model(x, y).mean()
+
+
+class ClassifierPerceptual(nn.Module):
+    """A perceptual distance on the activations of a benchmark classifier CNN trained on the image corpus.
+
+    LPIPS compares images by the activations of an ImageNet network; the original's VQ-f4 was trained with it.
+    Where no ImageNet weights are available, a CNN trained to name the corpus's classes plays the same part: the
+    autoencoder is pushed to keep what tells the classes apart (shape, texture), not only the pixels' mean. As in
+    LPIPS, the activations after each ReLU are unit-normalised along the channels and their squared
+    differences averaged over channels and positions; the layers are weighted equally (LPIPS's learned
+    per-channel weights exist only for its ImageNet backbones). Use a classifier other than the one that judges
+    the results (another seed or architecture), so that the judge stays independent of the training.
+
+    Args:
+        folder: a classifier folder written by ``mindvis train-classifier``.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        super().__init__()
+        clf = BenchmarkClassifier.load(folder)
+        self.body = clf.model.body
+        self.size = int(clf.config.input_size)
+        self.register_buffer("mean", torch.as_tensor(clf.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.as_tensor(clf.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.train(False)
+        for p in self.body.parameters():
+            p.requires_grad_(False)
+        _logger.info("perceptual loss on the features of the classifier %s", folder)
+
+    def train(self, mode: bool = True) -> ClassifierPerceptual:  # always in eval mode (batch-norm statistics)
+        return super().train(False)
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x + 1.0) / 2.0  # [-1, 1] -> [0, 1], the classifier's input scale
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+            )
+        h = (x - self.mean) / self.std
+        feats = []
+        for layer in self.body:
+            h = layer(h)
+            if isinstance(layer, nn.ReLU):
+                feats.append(h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10))
+        return feats
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x, y: [B, 3, H, W]`` in ``[-1, 1]`` -> mean distance (scalar); gradients flow to ``x`` only."""
+        fx = self._features(x)
+        with torch.no_grad():
+            fy = self._features(y)
+        return torch.stack([(a - b).pow(2).sum(dim=1).mean() for a, b in zip(fx, fy, strict=True)]).mean()
 
 
 class PatchDiscriminator(nn.Module):

@@ -29,6 +29,7 @@ from mindvis.train.common import (
     seed_everything,
     write_run_config,
 )
+from mindvis.train.config import VQTrainConfig
 from mindvis.train.prior.corpus import ImageCorpus, ImageLabelDataset
 from mindvis.train.prior.evaluate import class_sample_accuracy, evaluate_vq
 from mindvis.train.prior.model import (
@@ -38,7 +39,7 @@ from mindvis.train.prior.model import (
     warn_instance_norm,
 )
 from mindvis.train.prior.unet import ClassPriorModule, LatentLabelDataset, UNetTrainConfig, encode_corpus
-from mindvis.train.prior.vq import VQAutoencoderModule, VQTrainConfig
+from mindvis.train.prior.vq import VQAutoencoderModule
 from mindvis.utils.images import image_grid, images_to_model, model_to_uint8, save_png
 from mindvis.utils.io import prepare_output_dir, read_json, write_json
 
@@ -201,10 +202,10 @@ def _run_stage(
 
 
 def _log_lpips_availability(config: VQTrainConfig) -> None:
-    if config.lpips_weights is None:
+    if config.lpips_weights is None and config.perceptual_classifier is None:
         _logger.warning(
-            "LPIPS perceptual loss: off (no local backbone weights; pass --lpips-weights FILE to "
-            "use it). The VQ trains with pixel, codebook and commitment losses%s.",
+            "perceptual loss: off (no local LPIPS backbone weights or perceptual classifier; pass "
+            "--lpips-weights FILE or --perceptual-classifier DIR to use one). The VQ trains with pixel, codebook and commitment losses%s.",
             " and the patch-GAN" if config.use_gan else "",
         )
 

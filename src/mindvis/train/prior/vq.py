@@ -4,89 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mindvis.errors import ConfigError
 from mindvis.models.ldm import vq_quantize
+from mindvis.train.config import VQTrainConfig
 from mindvis.train.prior.evaluate import codebook_usage, psnr_ssim
-from mindvis.train.prior.losses import LocalLPIPS, PatchDiscriminator
+from mindvis.train.prior.losses import ClassifierPerceptual, LocalLPIPS, PatchDiscriminator
 
 _logger = logging.getLogger(__name__)
-
-
-@dataclass
-class VQTrainConfig:
-    """Training settings of the VQ autoencoder.
-
-    Attributes:
-        lr: Adam learning rate of the autoencoder (betas 0.5, 0.9 as VQGAN).
-        recon_loss: pixel reconstruction loss.
-        codebook_weight: weight of ``|sg[h] - e|^2`` (moves the codes; unused with ``codebook_ema``).
-        codebook_ema: update the codes as exponential moving averages of the encoder outputs assigned to
-            them (online k-means, van den Oord et al. 2017, appendix) instead of by the codebook loss; this
-            converges much faster from a random start.
-        codebook_decay: decay of those averages.
-        commitment_weight: ``beta`` of ``|h - sg[e]|^2`` (keeps the encoder near its codes).
-        lpips_weight: weight of the LPIPS term; used only when ``lpips_weights`` is given.
-        lpips_weights: local torchvision backbone weights for LPIPS (``None``: no perceptual term).
-        lpips_net: LPIPS backbone.
-        gan_weight: patch-GAN generator weight (0 turns the discriminator off).
-        gan_start_step: optimizer step at which the adversarial terms start.
-        disc_lr: discriminator learning rate (``None``: ``lr``).
-        disc_layers, disc_channels: discriminator size.
-        dead_code_reinit: re-initialise codes unused for ``dead_code_every`` steps from encoder outputs.
-        dead_code_every: window length (steps) for dead-code detection.
-        grad_clip: gradient norm clip (``None``: off).
-        flip: random horizontal flips of training images.
-    """
-
-    lr: float = 2e-4
-    recon_loss: Literal["l1", "l2"] = "l1"
-    codebook_weight: float = 1.0
-    codebook_ema: bool = True
-    codebook_decay: float = 0.99
-    commitment_weight: float = 0.25
-    lpips_weight: float = 1.0
-    lpips_weights: str | None = None
-    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
-    gan_weight: float = 0.0
-    gan_start_step: int = 0
-    disc_lr: float | None = None
-    disc_layers: int = 3
-    disc_channels: int = 64
-    dead_code_reinit: bool = True
-    dead_code_every: int = 100
-    grad_clip: float | None = 1.0
-    flip: bool = True
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"must be positive, got {self.lr}", field="vq.lr")
-        if self.recon_loss not in ("l1", "l2"):
-            raise ConfigError(f"must be 'l1' or 'l2', got {self.recon_loss!r}", field="vq.recon_loss")
-        for name in ("codebook_weight", "commitment_weight", "lpips_weight", "gan_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", field=f"vq.{name}")
-        if self.dead_code_every < 1:
-            raise ConfigError(f"must be >= 1, got {self.dead_code_every}", field="vq.dead_code_every")
-        if not 0.0 < self.codebook_decay < 1.0:
-            raise ConfigError(f"must be in (0, 1), got {self.codebook_decay}", field="vq.codebook_decay")
-        if self.lpips_net not in ("vgg", "alex", "squeeze"):
-            raise ConfigError(f"must be vgg, alex or squeeze, got {self.lpips_net!r}", field="vq.lpips_net")
-
-    @property
-    def use_gan(self) -> bool:
-        return self.gan_weight > 0
-
-    @property
-    def use_lpips(self) -> bool:
-        return self.lpips_weights is not None and self.lpips_weight > 0
 
 
 class VQAutoencoderModule(pl.LightningModule):
@@ -112,10 +42,14 @@ class VQAutoencoderModule(pl.LightningModule):
         self.discriminator = (
             PatchDiscriminator(config.disc_channels, config.disc_layers) if config.use_gan else None
         )
-        self.lpips = LocalLPIPS(config.lpips_weights, config.lpips_net) if config.use_lpips else None
-        if self.lpips is None:
+        self.lpips: nn.Module | None = None
+        if config.use_lpips:
+            self.lpips = LocalLPIPS(config.lpips_weights, config.lpips_net)
+        elif config.use_perceptual_classifier:
+            self.lpips = ClassifierPerceptual(config.perceptual_classifier)
+        else:
             _logger.info(
-                "no LPIPS backbone weights given (--lpips-weights): training the VQ without a "
+                "no LPIPS backbone weights or perceptual classifier given: training the VQ without a "
                 "perceptual loss term"
             )
         self.dead_codes_reset = 0
