@@ -1,9 +1,11 @@
 """Build the embedded benchmark's two stand-ins: the image prior and the judge (``src/mindvis/assets/synthcortex-20``).
 
-They play the parts of the original's ImageNet label2img LDM and ViT-H/14 classifier. The build runs three
+They play the parts of the original's ImageNet label2img LDM and ViT-H/14 classifier. The build runs four
 ``mindvis`` commands in a work folder: ``simulate --source fashion+animal`` writes a 60k-image composite corpus of
 all of Fashion-MNIST and Animal-MNIST (20 classes, training-split objects only), ``train-classifier --preset
-judge`` trains the judge and ``train-prior`` the VQ-f4 + class-conditional UNet. Then the artifact is written:
+judge`` trains the judge, ``train-classifier --preset small --seed 1`` a second CNN whose features give the VQ's
+perceptual loss (the original's LPIPS needs ImageNet weights), and ``train-prior`` the VQ-f4 +
+class-conditional UNet. Then the artifact is written:
 the pipeline and the judge (float16 weights), the training metrics, ``ARTIFACT.json`` (the exact commands, the
 corpus hash, the wall times) and the evaluation of exactly the shipped weights on composites of the sources'
 never-seen test-split objects (:mod:`mindvis.eval.prior_benchmark`: the judge's accuracy and confusion matrix,
@@ -45,7 +47,7 @@ from mindvis.utils.io import (
 )
 from mindvis.utils.steps import provenance
 
-#: The 20-class benchmark build: every setting of its three commands.
+#: The 20-class benchmark build: every setting of its four commands.
 BENCHMARK20: dict[str, Any] = {
     "simulate": {
         "seed": 0,
@@ -55,11 +57,14 @@ BENCHMARK20: dict[str, Any] = {
         "corpus-size": 60000,
     },
     "classifier": {"preset": "judge", "threads": 1},
+    # the perceptual term of the VQ's loss (no ImageNet LPIPS backbone here): a CNN other than the judge
+    "perceptual": {"preset": "small", "seed": 1, "threads": 1},
     "prior": {
         "preset": "tiny",
         "vq": ["n_embed=512", "norm_groups=8"],
         "unet": ["model_channels=64", "norm_groups=8"],
         "vq-epochs": 12,
+        "perceptual-classifier": "perceptual",
         "vq-batch-size": 32,
         "vq-lr": 0.0005,
         "unet-epochs": 12,
@@ -84,7 +89,7 @@ BENCHMARK20: dict[str, Any] = {
 
 
 def settings_for(corpus: str = "fashion+animal") -> dict[str, Any]:
-    """The settings of the build's three commands (a copy; ``fashion+animal`` is the only corpus)."""
+    """The settings of the build's four commands (a copy; ``fashion+animal`` is the only corpus)."""
     if corpus != "fashion+animal":
         raise SystemExit(f"unknown corpus {corpus!r}: this script builds the fashion+animal stand-ins")
     return json.loads(json.dumps(BENCHMARK20))
@@ -113,7 +118,7 @@ def build(corpus: str, work: Path, with_prior: bool = True) -> dict[str, list[st
     """Run the missing steps inside ``work``; returns the command of each step (paths relative to ``work``)."""
     s = settings_for(corpus)
     res = int(s["simulate"].get("resolution", 64))
-    sim, clf, prior = Path("sim"), Path("classifier"), Path("prior")
+    sim, clf, prior, perceptual = Path("sim"), Path("classifier"), Path("prior"), Path("perceptual")
     corpus_npz = sim / "stimuli" / "corpus.npz"
     commands = {
         "simulate": ["simulate", "--out", str(sim), "--overwrite", *_args(s["simulate"])],
@@ -126,6 +131,16 @@ def build(corpus: str, work: Path, with_prior: bool = True) -> dict[str, list[st
             "--out",
             str(clf),
             *_args(s["classifier"]),
+        ],
+        "perceptual": [
+            "train-classifier",
+            "--corpus",
+            str(corpus_npz),
+            "--exclude-test",
+            str(sim / "GOD" / f"images_{res}.npz"),
+            "--out",
+            str(perceptual),
+            *_args(s["perceptual"]),
         ],
         "prior": [
             "train-prior",
@@ -146,6 +161,8 @@ def build(corpus: str, work: Path, with_prior: bool = True) -> dict[str, list[st
             _timed("simulate", lambda: run_cli(commands["simulate"]))
         if not (clf / "config.json").is_file():  # resumes from clf/training-state.pt when interrupted
             _timed("classifier", lambda: run_cli(commands["classifier"]))
+        if with_prior and not (perceptual / "config.json").is_file():
+            _timed("perceptual", lambda: run_cli(commands["perceptual"]))
         if with_prior and not (prior / "metrics.json").is_file():
             resume = (
                 ["--resume"] if any(prior.rglob("*.ckpt")) else (["--overwrite"] if prior.exists() else [])
@@ -232,6 +249,7 @@ def write_artifact(corpus: str, work: Path, out: Path, commands: dict[str, list[
             "command": "mindvis " + " ".join(commands["prior"]),
             "simulate": "mindvis " + " ".join(commands["simulate"]),
             "classifier": "mindvis " + " ".join(commands["classifier"]),
+            "perceptual": "mindvis " + " ".join(commands["perceptual"]),
             "paths": "relative to the build's work folder",
             "corpus_sha256": file_sha256(work / "sim" / "stimuli" / "corpus.npz"),
             "wall_seconds": seconds,

@@ -173,6 +173,25 @@ def test_build_prior_records_relative_paths(tmp_path):
     s = build_prior.settings_for()
     assert s["simulate"]["source"] == "fashion+animal" and s["simulate"]["corpus-size"] >= 50000
     assert s["classifier"]["preset"] == "judge" and s["prior"]["ema"] is True
+    # the VQ's perceptual term comes from a CNN other than the judge
+    assert s["prior"]["perceptual-classifier"] == "perceptual"
+    assert (s["perceptual"]["preset"], s["perceptual"].get("seed", 0)) != (s["classifier"]["preset"], 0)
+    # every flag of the build is an option of its command
+    from typer.main import get_command
+
+    from mindvis.cli import app
+
+    commands = get_command(app).commands
+    for step, command in (
+        ("simulate", "simulate"),
+        ("classifier", "train-classifier"),
+        ("perceptual", "train-classifier"),
+        ("prior", "train-prior"),
+    ):
+        flags = {o for p in commands[command].params for o in (*p.opts, *p.secondary_opts)}
+        for arg in build_prior._args(s[step]):
+            if arg.startswith("--"):
+                assert arg in flags, (step, arg)
 
 
 def test_stand_ins_are_scored_on_never_seen_test_composites(tmp_path, both_sources):
