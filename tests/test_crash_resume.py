@@ -262,7 +262,7 @@ def one_thread():
 
 def test_resume_from_the_final_checkpoint_exports_the_model(tmp_path, one_thread):
     """Killed after the last checkpoint but before ``model/`` was written: ``--resume`` writes ``model/``."""
-    from mindvis.models.mbm import load_safetensors
+    from mindvis.models.folder import load_safetensors
     from mindvis.train.mbm import run_mbm_stage
     from test_train_mbm import tiny_config, write_lowrank_hcp
 
@@ -509,7 +509,7 @@ def _timed_run(cmd: list[str], env: dict, first_file: Path) -> tuple[float, floa
 
 @pytest.mark.slow
 def test_kill_loop_pretrain_resumes_to_the_same_weights(tmp_path):
-    from mindvis.models.mbm import load_safetensors
+    from mindvis.models.folder import load_safetensors
     from test_train_mbm import write_lowrank_hcp
 
     cycles = int(os.environ.get("MINDVIS_KILL_CYCLES", "16"))

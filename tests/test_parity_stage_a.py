@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from conftest import parity_dir
 from mindvis.convert.mbm import convert_mbm_checkpoint
 from mindvis.errors import CheckpointError, OutputExistsError
+from mindvis.models.folder import load_state_dict_checked
 from mindvis.models.mbm import (
     FMRIEncoder,
     MaskedBrainModel,
     load_original_mbm_checkpoint,
-    load_state_dict_checked,
 )
 
 # Suggested tolerances for a float32 CPU reimplementation (reference README, section 9).

@@ -585,7 +585,7 @@ def test_stage_a_preprocessing_is_found_and_applied(tmp_path):
 @pytest.mark.slow
 def test_stage_b_compiled_run_matches_eager(prior_dir, mbm_dir, tmp_path, caplog):
     """``--compile``: the UNet and the encoder run compiled; the exported weights keep their names and match."""
-    from mindvis.models.mbm import load_safetensors
+    from mindvis.models.folder import load_safetensors
 
     tr, te = _datasets()
     train_stage_b(prior_dir, mbm_dir, tr, te, tmp_path / "eager", _config(), _trainer())

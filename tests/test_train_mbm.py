@@ -20,7 +20,8 @@ from mindvis.cli import main
 from mindvis.data.preprocess import FMRIPreprocessor
 from mindvis.data.pretrain import masking_noise
 from mindvis.errors import CheckpointError, ConfigError
-from mindvis.models.mbm import MaskedBrainModel, load_safetensors, mbm_tiny
+from mindvis.models.folder import load_safetensors
+from mindvis.models.mbm import MaskedBrainModel, mbm_tiny
 from mindvis.train.common import (
     CSVMetricsLogger,
     WarmupCosine,

@@ -39,15 +39,15 @@ from mindvis.models.conditioning import (
     DCConditioner,
     DCConditionerConfig,
 )
-from mindvis.models.ldm import DCLDM, UNetConfig, VQConfig, images_to_uint8
-from mindvis.models.mbm import (
-    FMRIEncoder,
-    _read_config_json,
-    _save_pretrained,
+from mindvis.models.folder import (
     load_safetensors,
     load_state_dict_checked,
+    read_folder_config,
     read_model_json,
+    save_model_folder,
 )
+from mindvis.models.ldm import DCLDM, UNetConfig, VQConfig, images_to_uint8
+from mindvis.models.mbm import FMRIEncoder
 from mindvis.sampling import (
     DEFAULT_STEPS,
     SAMPLERS,
@@ -297,11 +297,11 @@ class MindVisPipeline:
                 m.fmri_encoder.save_pretrained(tmp / "fmri_encoder")
                 components["fmri_encoder"] = type(m.fmri_encoder).__name__
             cname = type(m.conditioner).__name__
-            _save_pretrained(m.conditioner, tmp / "conditioner", cname, m.conditioner.config.to_dict())
+            save_model_folder(m.conditioner, tmp / "conditioner", cname, m.conditioner.config.to_dict())
             components["conditioner"] = cname
-            _save_pretrained(m.unet, tmp / "unet", "UNet2DConditionModel", m.unet_config.to_dict())
+            save_model_folder(m.unet, tmp / "unet", "UNet2DConditionModel", m.unet_config.to_dict())
             components["unet"] = "UNet2DConditionModel"
-            _save_pretrained(m.vq, tmp / "vq", "VQModel", m.vq_config.to_dict())
+            save_model_folder(m.vq, tmp / "vq", "VQModel", m.vq_config.to_dict())
             components["vq"] = "VQModel"
             write_json(
                 tmp / "scheduler" / "config.json",
@@ -336,7 +336,7 @@ class MindVisPipeline:
 
         Every JSON file is checked before anything is built: wrong types, missing keys and sizes beyond the
         bounds of :mod:`mindvis.models.ldm` are refused naming the file and the field, and weights are checked
-        for keys, shapes and dtypes (see :func:`~mindvis.models.mbm.load_state_dict_checked`).
+        for keys, shapes and dtypes (see :func:`~mindvis.models.folder.load_state_dict_checked`).
 
         Raises:
             CheckpointError: the folder or a component file is missing, corrupt, of the wrong type or shape,
@@ -358,7 +358,7 @@ class MindVisPipeline:
             )
 
         encoder = FMRIEncoder.from_pretrained(d / "fmri_encoder") if "fmri_encoder" in comps else None
-        cmeta = _read_config_json(d / "conditioner")
+        cmeta = read_folder_config(d / "conditioner")
         cname = cmeta.get("_class_name", comps["conditioner"])
         if not isinstance(cname, str) or cname not in _COMPONENT_CLASSES["conditioner"]:
             raise CheckpointError(
@@ -371,8 +371,8 @@ class MindVisPipeline:
         if encoder is not None:
             _check_encoder_fits(encoder, conditioner, d / "conditioner" / "config.json")
         load_into(conditioner, "conditioner")
-        ucfg = UNetConfig.from_dict(_read_config_json(d / "unet"), source=d / "unet" / "config.json")
-        vcfg = VQConfig.from_dict(_read_config_json(d / "vq"), source=d / "vq" / "config.json")
+        ucfg = UNetConfig.from_dict(read_folder_config(d / "unet"), source=d / "unet" / "config.json")
+        vcfg = VQConfig.from_dict(read_folder_config(d / "vq"), source=d / "vq" / "config.json")
         smeta = read_model_json(d / "scheduler" / "config.json")
         schedule = NoiseSchedule(NoiseScheduleConfig.from_dict(smeta, source=d / "scheduler" / "config.json"))
         steps = index.get("default_steps")

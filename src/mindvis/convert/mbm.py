@@ -3,8 +3,8 @@ model folder format.
 
 The original file is read by :func:`mindvis.models.mbm.load_original_mbm_checkpoint` (which also lets
 :func:`~mindvis.models.mbm.load_mbm` and :meth:`~mindvis.models.mbm.FMRIEncoder.from_mbm` take the original
-files directly); :func:`convert_mbm_checkpoint` writes what it reads as a folder of ours, with a record of the
-source file.
+files directly; the file layout itself is :mod:`mindvis.models.mbm_original`'s); :func:`convert_mbm_checkpoint`
+writes what it reads as a folder of ours (:mod:`mindvis.models.folder`), with a record of the source file.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from mindvis.models.mbm import MaskedBrainModel, load_original_mbm_checkpoint, load_state_dict_checked
+from mindvis.models.folder import load_state_dict_checked
+from mindvis.models.mbm import MaskedBrainModel, load_original_mbm_checkpoint
 from mindvis.utils.io import atomic_dir, file_sha256, prepare_output_dir, write_json
 
 _logger = logging.getLogger(__name__)

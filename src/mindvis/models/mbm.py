@@ -15,21 +15,23 @@ the token sequence ``[N, L, D]`` (or its mean, ``[N, 1, D]``) that conditions st
 Parameter names are those of the original checkpoints (``cls_token``, ``pos_embed``, ``mask_token``,
 ``decoder_pos_embed``, ``patch_embed.proj``, ``blocks.i.*``, ``norm``, ``decoder_embed``,
 ``decoder_blocks.i.*``, ``decoder_norm``, ``decoder_pred``), so a converted original state dict loads with
-``strict=True``. :func:`load_original_mbm_checkpoint` reads the original's checkpoint files, so that
-:func:`load_mbm` and :meth:`FMRIEncoder.from_mbm` take them as they take our folders.
+``strict=True``.
+
+Saved models are folders of :mod:`mindvis.models.folder` (``config.json`` with the :class:`MBMConfig` fields,
+``model.safetensors``). :func:`load_original_mbm_checkpoint` turns an original checkpoint file, read by
+:mod:`mindvis.models.mbm_original`, into an :class:`MBMConfig` and a state dict checked against the model it
+describes, so that :func:`load_mbm` and :meth:`FMRIEncoder.from_mbm` take the original's files as they take our
+folders.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -45,16 +47,19 @@ from mindvis.config import (
     check_parameters,
     config_from_dict,
 )
-from mindvis.errors import CheckpointError, ConfigError, DataError, MindVisError
-from mindvis.safeload import load_torch_file
-from mindvis.utils.io import atomic_write, read_json, safetensors_bytes, write_json
+from mindvis.errors import CheckpointError, ConfigError, DataError
+from mindvis.models.folder import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_safetensors,
+    load_state_dict_checked,
+    read_folder_config,
+    save_model_folder,
+    state_dict_mismatch,
+)
+from mindvis.models.mbm_original import read_original_mbm_file
 
 _logger = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-#: Version of our saved-folder layout, written into config.json as ``_format_version``.
-FORMAT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -591,7 +596,7 @@ class MaskedBrainModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each file atomically)."""
-        return _save_pretrained(self, directory, type(self).__name__, self.config.to_dict())
+        return save_model_folder(self, directory, type(self).__name__, self.config.to_dict())
 
     @classmethod
     def from_pretrained(
@@ -604,7 +609,7 @@ class MaskedBrainModel(nn.Module):
             ConfigError: ``config.json`` holds invalid values.
         """
         directory = Path(directory)
-        meta = _read_config_json(directory)
+        meta = read_folder_config(directory)
         config = MBMConfig.from_dict(meta, source=directory / CONFIG_NAME)
         model = cls(config)
         state = load_safetensors(directory / WEIGHTS_NAME, map_location)
@@ -706,14 +711,18 @@ class FMRIEncoder(nn.Module):
                 report.interpolated.append("pos_embed")
                 state["pos_embed"] = resized
         own = self.state_dict()
-        shapes, dtypes, first = tensor_problems(own, state)
-        if shapes:
+        mismatch = state_dict_mismatch(own, state)
+        if mismatch.shapes:
             raise CheckpointError(
-                f"tensor shapes do not fit the encoder: {'; '.join(shapes[:5])}", path=source, field=first
+                f"tensor shapes do not fit the encoder: {'; '.join(mismatch.shapes[:5])}",
+                path=source,
+                field=mismatch.first,
             )
-        if dtypes:
+        if mismatch.dtypes:
             raise CheckpointError(
-                f"tensor dtypes do not fit the encoder: {'; '.join(dtypes[:5])}", path=source, field=first
+                f"tensor dtypes do not fit the encoder: {'; '.join(mismatch.dtypes[:5])}",
+                path=source,
+                field=mismatch.first,
             )
         result = self.load_state_dict(state, strict=False)
         report.missing = list(result.missing_keys)
@@ -766,7 +775,7 @@ class FMRIEncoder(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` (with ``global_pool``) and ``model.safetensors``, each atomically."""
-        return _save_pretrained(
+        return save_model_folder(
             self, directory, type(self).__name__, {**self.config.to_dict(), "_global_pool": self.global_pool}
         )
 
@@ -776,7 +785,7 @@ class FMRIEncoder(nn.Module):
     ) -> FMRIEncoder:
         """Load a folder written by :meth:`FMRIEncoder.save_pretrained` (strict)."""
         directory = Path(directory)
-        meta = _read_config_json(directory)
+        meta = read_folder_config(directory)
         config = MBMConfig.from_dict(meta, source=directory / CONFIG_NAME)
         if "_global_pool" not in meta:
             raise CheckpointError(
@@ -795,225 +804,14 @@ class FMRIEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading helpers
+# Loading stage-A weights
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _save_pretrained(module: nn.Module, directory: str | os.PathLike, class_name: str, config: dict) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    payload = safetensors_bytes(tensors, {"format": "pt", "mindvis_class": class_name})
-    with atomic_write(directory / WEIGHTS_NAME, "wb") as fh:
-        fh.write(payload)
-    write_json(
-        directory / CONFIG_NAME, {"_class_name": class_name, "_format_version": FORMAT_VERSION, **config}
-    )
-    _logger.info("saved %s to %s", class_name, directory)
-    return directory
-
-
-def read_model_json(path: Path, newest: int = FORMAT_VERSION) -> dict[str, Any]:
-    """A JSON object from a model folder (``config.json``, ``model_index.json``) of format version <= ``newest``.
-
-    Raises:
-        CheckpointError: the file is missing, not JSON (malformed, nested too deeply, a number too long to
-            read), not an object, or names a format version this mindvis does not read.
-    """
-    try:
-        meta = read_json(path)
-    except MindVisError as exc:
-        raise CheckpointError(exc.detail, path=path) from None
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise CheckpointError(f"not usable JSON ({_first_line(exc)})", path=path) from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"expected a JSON object, got {type(meta).__name__}", path=path)
-    version = meta.get("_format_version", FORMAT_VERSION)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(
-            f"expected a format version (an integer >= 1), got {version!r}",
-            path=path,
-            field="_format_version",
-        )
-    if version > newest:
-        raise CheckpointError(
-            f"written by a newer mindvis (format version {version}, this one reads {newest})",
-            path=path,
-            field="_format_version",
-        )
-    return meta
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def _read_config_json(directory: Path) -> dict[str, Any]:
-    if not directory.is_dir():
-        raise CheckpointError(
-            "not a saved model folder (expected config.json and model.safetensors)", path=directory
-        )
-    return read_model_json(directory / CONFIG_NAME)
-
-
-def load_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Read a safetensors file into a dict of tensors.
-
-    Raises:
-        CheckpointError: missing, empty, truncated or corrupt file.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("weights file not found", path=path)
-    if path.stat().st_size == 0:
-        raise CheckpointError("weights file is empty", path=path)
-    try:
-        return load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"truncated or corrupt safetensors file ({exc})", path=path) from None
-
-
-def _dtype_fits(got: torch.dtype, want: torch.dtype) -> bool:
-    """Whether a stored tensor of dtype ``got`` may be loaded where the model holds ``want``.
-
-    Floating point takes any floating-point dtype (cast on load); integers take integers; bools take bools.
-    """
-    if want.is_floating_point:
-        return got.is_floating_point
-    if want == torch.bool or got == torch.bool:
-        return got == want
-    if want.is_complex or got.is_complex:
-        return got == want
-    return not got.is_floating_point
-
-
-def tensor_problems(
-    own: Mapping[str, Tensor], state: Mapping[str, Any]
-) -> tuple[list[str], list[str], str | None]:
-    """Shape and dtype mismatches of the keys ``state`` shares with ``own``.
-
-    Returns:
-        ``(wrong shapes, wrong dtypes, first offending key)``, each entry ``"key [shape] (expected ...)"``.
-    """
-    shapes, dtypes, first = [], [], None
-    for k, v in own.items():
-        if k not in state:
-            continue
-        t = state[k]
-        if not isinstance(t, Tensor):
-            dtypes.append(f"{k} is a {type(t).__name__}, not a tensor")
-        elif tuple(t.shape) != tuple(v.shape):
-            shapes.append(f"{k} {list(t.shape)} (expected {list(v.shape)})")
-        elif not _dtype_fits(t.dtype, v.dtype):
-            dtypes.append(
-                f"{k} {str(t.dtype).removeprefix('torch.')} (expected {str(v.dtype).removeprefix('torch.')})"
-            )
-        else:
-            continue
-        first = first or k
-    return shapes, dtypes, first
-
-
-def load_state_dict_checked(
-    module: nn.Module, state: Mapping[str, Tensor], source: str | os.PathLike | None = None
-) -> None:
-    """``load_state_dict(strict=True)`` that reports missing, unexpected, mis-shaped and mis-typed keys as one
-    error.
-
-    Dtypes: a floating-point tensor of another floating-point dtype (float16, bfloat16, float64, ...) is
-    accepted and cast to the module's dtype on load, deliberately (a half-precision export loads into the
-    float32 model, rounding aside unchanged). An integer, bool or complex tensor where the module holds floating
-    point (or the reverse) is refused: its values would be reinterpreted (int8 codes read as small floats, a
-    bool mask as 0/1 weights) and the model would run silently on garbage, e.g. giving black images.
-
-    Raises:
-        CheckpointError: the keys, shapes or dtypes differ from the module's; it names ``source`` and, for a
-            shape or dtype, the first offending tensor key as the field.
-    """
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes, dtypes, first = tensor_problems(own, state)
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}")
-    if shapes:
-        problems.append(f"wrong shape: {', '.join(shapes[:5])}")
-    if dtypes:
-        problems.append(f"wrong dtype: {', '.join(dtypes[:5])}")
-    if problems:
-        raise CheckpointError(
-            "weights do not fit the model; " + "; ".join(problems), path=source, field=first
-        )
-    module.load_state_dict(dict(state), strict=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Original stage-A checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-# The original's ``checkpoint.pth`` and ``fmri_encoder.pth`` hold ``{'model', 'optimizer', 'epoch', 'scaler',
-# 'config'}``: the masked autoencoder state dict, the training state, and a pickled ``config.Config_MBM_fMRI``
-# object. They are read with the restricted unpickler of :mod:`mindvis.safeload` (tensors, containers and inert
-# stand-ins for the config classes only).
-#
-# Sizes come from the tensors wherever they can: the patch size from ``patch_embed.proj.weight``, the widths
-# from the embedding layers, the encoder and decoder depths from the number of ``blocks.*`` and
-# ``decoder_blocks.*`` (the original config never stores the decoder depth), the MLP ratio from ``mlp.fc1``,
-# and the voxel count as ``(pos_embed.shape[1] - 1) * patch_size``. Head counts and masking settings, which
-# no tensor shape carries, come from the pickled config.
-
-#: Keys of an optional image-feature decoder the original can build (``use_nature_img_loss``); not ours.
-_FOREIGN_PREFIXES = ("nature_img_",)
-
-
-def _count_blocks(state: dict[str, Tensor], prefix: str) -> int:
-    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    idx = {int(m.group(1)) for k in state if (m := pat.match(k))}
-    if idx and idx != set(range(len(idx))):
-        raise CheckpointError(f"{prefix}.* indices are not contiguous from 0: {sorted(idx)}", field=prefix)
-    return len(idx)
-
-
-def _need(state: dict[str, Tensor], key: str, ndim: int, path: Path) -> Tensor:
-    t = state.get(key)
-    if not isinstance(t, Tensor):
-        raise CheckpointError("missing tensor in the stage-A state dict", path=path, field=f"model.{key}")
-    if t.ndim != ndim:
-        raise CheckpointError(
-            f"expected a {ndim}-D tensor, got shape {list(t.shape)}", path=path, field=f"model.{key}"
-        )
-    return t
-
-
-def _plain(value: Any) -> Any:
-    """JSON-friendly copy of a pickled config value."""
-    if isinstance(value, SimpleNamespace):
-        return {k: _plain(v) for k, v in vars(value).items()}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-def _config_get(cfg: dict[str, Any], name: str, default: Any) -> Any:
-    value = cfg.get(name, default)
-    return default if value is None and default is not None else value
 
 
 def load_original_mbm_checkpoint(
     path: str | os.PathLike, overrides: dict[str, Any] | None = None
 ) -> tuple[MBMConfig, dict[str, Tensor], dict[str, Any]]:
-    """Read an original stage-A checkpoint without executing code.
+    """Read an original stage-A checkpoint without executing code (see :mod:`mindvis.models.mbm_original`).
 
     Args:
         path: ``checkpoint.pth`` or ``fmri_encoder.pth`` (or a bare state dict saved with ``torch.save``).
@@ -1022,7 +820,7 @@ def load_original_mbm_checkpoint(
 
     Returns:
         config: our :class:`MBMConfig`, sizes taken from the tensors.
-        state: the model state dict, with our (identical) key names.
+        state: the model state dict, with our (identical) key names, floating point as float32.
         extra: ``epoch`` (int or None), ``original_config`` (dict or None), ``config_class``,
             ``has_optimizer``, ``has_scaler`` and ``dropped_keys`` (keys of modules we do not build).
 
@@ -1030,103 +828,10 @@ def load_original_mbm_checkpoint(
         CheckpointError: missing, truncated or refused file, or a state dict that is not a stage-A model.
     """
     path = Path(path)
-    obj = load_torch_file(path)
-    if isinstance(obj, dict) and "model" in obj:
-        state = obj["model"]
-        raw_cfg = obj.get("config")
-    elif isinstance(obj, dict) and "pos_embed" in obj:
-        state, raw_cfg = obj, None
-    else:
-        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(
-            f"not a stage-A checkpoint: expected a dict with a 'model' state dict, got {keys}", path=path
-        )
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError("'model' is not a state dict of tensors", path=path, field="model")
-    state = dict(state)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    dropped = [k for k in state if k.startswith(_FOREIGN_PREFIXES)]
-    for k in dropped:
-        del state[k]
-    if dropped:
-        _logger.warning("%s: dropped %d keys of the optional image-feature decoder", path, len(dropped))
-
-    if raw_cfg is not None and not isinstance(raw_cfg, (SimpleNamespace, dict)):
-        raise CheckpointError(
-            f"unexpected config object of type {type(raw_cfg).__name__}", path=path, field="config"
-        )
-    cfg = _plain(raw_cfg) if raw_cfg is not None else {}
-    config_class = cfg.pop("_class", None) if isinstance(cfg, dict) else None
-
-    proj = _need(state, "patch_embed.proj.weight", 3, path)  # [D, 1, p]
-    pos = _need(state, "pos_embed", 3, path)  # [1, 1 + L, D]
-    dec = _need(state, "decoder_embed.weight", 2, path)  # [Dd, D]
-    fc1 = _need(state, "blocks.0.mlp.fc1.weight", 2, path)  # [H, D]
-    embed_dim, patch_size = int(proj.shape[0]), int(proj.shape[2])
-    hidden = int(fc1.shape[0])
-    if embed_dim < 1:
-        raise CheckpointError(
-            "the patch embedding has width 0", path=path, field="model.patch_embed.proj.weight"
-        )
-    mlp_ratio = _config_get(cfg, "mlp_ratio", hidden / embed_dim)
-    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not math.isfinite(mlp_ratio):
-        raise CheckpointError(
-            f"expected a finite number, got {mlp_ratio!r:.80}", path=path, field="config.mlp_ratio"
-        )
-    if int(embed_dim * mlp_ratio) != hidden:
-        _logger.warning(
-            "%s: config mlp_ratio %s does not give the stored MLP width %d", path, mlp_ratio, hidden
-        )
-        mlp_ratio = hidden / embed_dim
-    num_voxels = (int(pos.shape[1]) - 1) * patch_size
-    if "num_voxels" in cfg and cfg["num_voxels"] != num_voxels:
-        _logger.warning(
-            "%s: config num_voxels %s differs from the stored position table (%d); using %d",
-            path,
-            cfg["num_voxels"],
-            num_voxels,
-            num_voxels,
-        )
-    if "patch_size" in cfg and cfg["patch_size"] != patch_size:
-        raise CheckpointError(
-            f"config patch_size {cfg['patch_size']} differs from the patch embedding ({patch_size})",
-            path=path,
-            field="config.patch_size",
-        )
-    fields: dict[str, Any] = dict(
-        num_voxels=num_voxels,
-        patch_size=patch_size,
-        embed_dim=embed_dim,
-        depth=_count_blocks(state, "blocks"),
-        num_heads=_config_get(cfg, "num_heads", None),
-        decoder_embed_dim=int(dec.shape[0]),
-        decoder_depth=_count_blocks(state, "decoder_blocks"),
-        decoder_num_heads=_config_get(cfg, "decoder_num_heads", None),
-        mlp_ratio=mlp_ratio,
-        mask_ratio=_config_get(cfg, "mask_ratio", 0.75),
-        focus_range=_config_get(cfg, "focus_range", None),
-        focus_rate=_config_get(cfg, "focus_rate", 0.6),
-    )
-    fields.update(overrides or {})
-    for heads in ("num_heads", "decoder_num_heads"):
-        if fields[heads] is None:
-            raise CheckpointError(
-                f"the checkpoint carries no config, so {heads} is unknown; pass it as an override",
-                path=path,
-                field=heads,
-            )
-    for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
-        if isinstance(fields[heads], int) and fields[heads] > 0 and fields[width] % fields[heads]:
-            raise CheckpointError(
-                f"stored width {fields[width]} is not divisible by config {heads} {fields[heads]}",
-                path=path,
-                field=f"config.{heads}",
-            )
-    if isinstance(fields["focus_range"], list):
-        fields["focus_range"] = tuple(fields["focus_range"])
+    original = read_original_mbm_file(path, overrides)
+    state = original.state
     try:
-        config = MBMConfig(**fields)
+        config = MBMConfig(**original.fields)
     except ConfigError as exc:
         raise CheckpointError(
             f"the stored sizes give an invalid model ({exc.detail})", path=path, field=exc.field
@@ -1135,38 +840,15 @@ def load_original_mbm_checkpoint(
     # Check keys and shapes against the model these sizes describe, without allocating it.
     with torch.device("meta"):
         expected = MaskedBrainModel(config).state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} {list(state[k].shape)} (expected {list(v.shape)})"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}")
-        if wrong:
-            parts.append(f"wrong shape {', '.join(wrong[:5])}")
+    problems = state_dict_mismatch(expected, state).describe(dtypes=False)
+    if problems:
         raise CheckpointError(
-            "state dict does not match a stage-A model: " + "; ".join(parts), path=path, field="model"
+            "state dict does not match a stage-A model: " + "; ".join(problems), path=path, field="model"
         )
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if nonfinite:
         raise CheckpointError(f"non-finite values in {', '.join(nonfinite[:5])}", path=path, field="model")
     state = {k: state[k].to(torch.float32) if state[k].is_floating_point() else state[k] for k in expected}
-
-    epoch = obj.get("epoch") if isinstance(obj, dict) and "model" in obj else None
-    extra: dict[str, Any] = {
-        "epoch": int(epoch) if isinstance(epoch, (int, float)) and math.isfinite(epoch) else None,
-        "original_config": cfg or None,
-        "config_class": config_class,
-        "has_optimizer": isinstance(obj, dict) and isinstance(obj.get("optimizer"), dict),
-        "has_scaler": isinstance(obj, dict) and bool(obj.get("scaler")),
-        "dropped_keys": dropped,
-    }
     _logger.info(
         "%s: stage-A model, %d voxels, %d x %d encoder, %d x %d decoder, epoch %s",
         path,
@@ -1175,9 +857,9 @@ def load_original_mbm_checkpoint(
         config.embed_dim,
         config.decoder_depth,
         config.decoder_embed_dim,
-        extra["epoch"],
+        original.extra["epoch"],
     )
-    return config, state, extra
+    return config, state, original.extra
 
 
 def load_mbm_weights(source: str | os.PathLike) -> tuple[MBMConfig, dict[str, Tensor]]:
@@ -1188,7 +870,7 @@ def load_mbm_weights(source: str | os.PathLike) -> tuple[MBMConfig, dict[str, Te
     """
     path = Path(source)
     if path.is_dir():
-        meta = _read_config_json(path)
+        meta = read_folder_config(path)
         config = MBMConfig.from_dict(meta, source=path / CONFIG_NAME)
         return config, load_safetensors(path / WEIGHTS_NAME)
     if path.is_file():
@@ -1217,10 +899,6 @@ __all__ = [
     "load_mbm",
     "load_mbm_weights",
     "load_original_mbm_checkpoint",
-    "load_safetensors",
-    "load_state_dict_checked",
-    "read_model_json",
-    "tensor_problems",
     "mbm_large_patch16",
     "mbm_small",
     "mbm_tiny",
