@@ -58,8 +58,10 @@ def build(size: str, preset: str, batch: int, device: str, memory_format: str, s
 
     from mindvis.models.ldm import ldm_preset
     from mindvis.models.mbm import MBM_VARIANTS, FMRIEncoder
-    from mindvis.train.ldm import StageBConfig, StageBModule, build_stage_b_model
+    from mindvis.train.config import StageBConfig
+    from mindvis.train.ldm import StageBModule
     from mindvis.train.prior import build_class_prior
+    from mindvis.train.stage_b_model import build_stage_b_model
 
     torch.manual_seed(seed)
     ldm = ldm_preset(size, time_cond=False)

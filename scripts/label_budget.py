@@ -1,7 +1,7 @@
 """How many labelled trials does the context warm start need, and does stage A pretraining lower that number?
 
 For each label budget N (balanced over the classes of the training split), this runs the stage B context warm
-start (``mindvis train --align-epochs``; :func:`mindvis.train.ldm.align_context`) for a fixed number of steps
+start (``mindvis train --align-epochs``; :func:`mindvis.train.align.align_context`) for a fixed number of steps
 from three encoders, and scores the nearest-class accuracy of the test fMRI's context:
 
 * ``pretrained``: the stage A encoder, trained with the conditioner;
@@ -78,9 +78,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     from mindvis.data.formats.registry import load_dataset
     from mindvis.data.preprocess import find_preprocessing, load_preprocessor, prepare_voxels
     from mindvis.models.ldm import prior_class_table
-    from mindvis.train.ldm import (
-        StageBConfig,
-        align_context,
+    from mindvis.train.align import align_context
+    from mindvis.train.config import StageBConfig
+    from mindvis.train.stage_b_model import (
         build_encoder,
         build_stage_b_model,
         fit_token_stats,

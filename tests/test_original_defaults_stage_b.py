@@ -21,16 +21,15 @@ import torch
 
 from mindvis.data.paired import PairedFMRIDataset
 from mindvis.train import ldm as ldm_mod
+from mindvis.train.config import QUICK_PREFIX, StageBConfig
 from mindvis.train.ldm import (
     ORIGINAL_GOD_SUBJECT,
-    QUICK_PREFIX,
-    StageBConfig,
     StageBModule,
     StageBResult,
     default_subject,
-    full_pass_trigger,
     train_stage_b,
 )
+from mindvis.train.stage_b_validation import full_pass_trigger
 from test_formats_god import write_god
 from test_train_ldm import (  # noqa: F401 - the module-scoped fixtures are used by name
     _config,

@@ -17,14 +17,10 @@ from mindvis.data.preprocess import prepare_voxels
 from mindvis.errors import ConfigError, DataError
 from mindvis.models.mbm import FMRIEncoder, MaskedBrainModel, mbm_tiny
 from mindvis.train.common import TrainerConfig
-from mindvis.train.ldm import (
-    StageBConfig,
-    StageBModule,
-    build_stage_b_model,
-    check_image_size,
-    train_stage_b,
-)
+from mindvis.train.config import StageBConfig
+from mindvis.train.ldm import StageBModule, train_stage_b
 from mindvis.train.prior import PriorTrainConfig, build_class_prior, save_prior_pipeline
+from mindvis.train.stage_b_model import build_stage_b_model, check_image_size
 
 RES = 32
 
@@ -79,7 +75,7 @@ def _datasets(n_train=12, n_test=4, seed=0) -> tuple[FMRIDataset, FMRIDataset]:
 
 
 def _model(prior_dir, mbm_dir, **kw):
-    from mindvis.train.ldm import build_encoder, load_prior
+    from mindvis.train.stage_b_model import build_encoder, load_prior
 
     cfg = StageBConfig(**kw)
     return build_stage_b_model(load_prior(prior_dir), build_encoder(mbm_dir, cfg), cfg), cfg
@@ -176,7 +172,7 @@ def test_validation_samples_use_the_guidance_scale(prior_dir, mbm_dir):
 
 
 def test_token_standardisation_matches_the_prior_context_spread(prior_dir, mbm_dir):
-    from mindvis.train.ldm import fit_token_stats, load_prior, prior_context_std
+    from mindvis.train.stage_b_model import fit_token_stats, load_prior, prior_context_std
 
     prior = load_prior(prior_dir)
     want = prior_context_std(prior)
@@ -194,7 +190,8 @@ def test_token_standardisation_matches_the_prior_context_spread(prior_dir, mbm_d
 
 def test_context_warm_start_moves_the_context_onto_the_class_embeddings(prior_dir, mbm_dir):
     from mindvis.models.ldm import prior_class_table
-    from mindvis.train.ldm import align_context, load_prior
+    from mindvis.train.align import align_context
+    from mindvis.train.stage_b_model import load_prior
 
     prior = load_prior(prior_dir)
     table = prior_class_table(prior)
@@ -248,7 +245,7 @@ def test_stage_b_run_with_warm_start_records_it(prior_dir, mbm_dir, tmp_path):
 def test_prior_classes_context_basis(prior_dir, mbm_dir, tmp_path):
     from mindvis.models.ldm import prior_class_table
     from mindvis.pipeline import MindVisPipeline
-    from mindvis.train.ldm import load_prior
+    from mindvis.train.stage_b_model import load_prior
 
     prior = load_prior(prior_dir)
     table = prior_class_table(prior)
@@ -426,7 +423,7 @@ def test_stage_b_run_outputs_and_resume(prior_dir, mbm_dir, tmp_path):
 
 def test_bad_input_errors(prior_dir, mbm_dir, tmp_path):
     from mindvis.data.preprocess import FMRIPreprocessor
-    from mindvis.train.ldm import load_prior
+    from mindvis.train.stage_b_model import load_prior
 
     tr, te = _datasets()
     with pytest.raises(ConfigError, match="latent size mismatch"):

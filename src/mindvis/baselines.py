@@ -43,7 +43,7 @@ def ridge_reconstruct(
     Returns:
         ``(images uint8 [M, 1, H, W, 3], info)`` with the chosen penalty and the training-set latent R².
     """
-    from mindvis.train.ldm import load_prior
+    from mindvis.train.stage_b_model import load_prior
 
     if not train.paired:
         raise DataError("the ridge baseline needs paired training images", path=train.source, field="images")

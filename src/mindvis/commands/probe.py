@@ -43,7 +43,7 @@ def _prior_signal(prior: Path, train: Any, items: int, draws: int) -> dict[str, 
     import numpy as np
 
     from mindvis.eval.probe import prior_class_signal
-    from mindvis.train.ldm import load_prior
+    from mindvis.train.stage_b_model import load_prior
 
     if train.labels is None or not train.paired:
         raise DataError("--prior needs labelled, paired training images", path=train.source, field="labels")

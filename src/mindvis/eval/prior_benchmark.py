@@ -30,8 +30,8 @@ from mindvis.eval.classifier import BenchmarkClassifier
 from mindvis.eval.probe import prior_class_signal
 from mindvis.models.ldm import vq_decode, vq_encode
 from mindvis.synthcortex import make_stimulus_set
-from mindvis.train.ldm import load_prior
 from mindvis.train.prior import class_sample_accuracy, classifier_callable, evaluate_vq, sample_class_grid
+from mindvis.train.stage_b_model import load_prior
 from mindvis.utils.images import image_grid, images_to_model, model_to_uint8, save_png
 from mindvis.utils.io import atomic_write, write_json
 
@@ -118,7 +118,7 @@ def evaluate_stand_ins(
 
     Args:
         judge: a :class:`~mindvis.eval.classifier.BenchmarkClassifier` (or a folder holding one).
-        prior: a prior pipeline folder, pipeline or DCLDM (:func:`mindvis.train.ldm.load_prior`); None scores the
+        prior: a prior pipeline folder, pipeline or DCLDM (:func:`mindvis.train.stage_b_model.load_prior`); None scores the
             judge only.
         source, resolution: the stimulus source (``fashion+animal``, ``fashion-mnist``, ...) and image size.
         out_dir: where ``evaluation.json`` and the figures go (created; files in it are replaced).

@@ -755,7 +755,7 @@ def prior_class_table(
     prior: Any, source: Any = None, field: str = "align_epochs", purpose: str = "the context warm start"
 ) -> torch.Tensor:
     """The prior's class embeddings ``[K, C]`` (the null row left out): the targets of stage B's context warm
-    start (:func:`mindvis.train.ldm.align_context`) and the basis of a ``prior-classes`` context.
+    start (:func:`mindvis.train.align.align_context`) and the basis of a ``prior-classes`` context.
 
     Raises:
         ConfigError: the prior is not class-conditional.

@@ -43,11 +43,12 @@ class StageBConfig:
     Attributes:
         dataset: the dataset kind, used only to resolve ``batch_size`` (``--dataset``).
         quick_items, quick_samples: with ``val_schedule="original"``, the quick pass's test items (the first 5) and
-            images per item (3; at most ``num_samples``); see the module docstring of :mod:`mindvis.train.ldm`.
+            images per item (3; at most ``num_samples``); see the module docstring of
+            :mod:`mindvis.train.stage_b_validation`.
         full_val_every: with ``original``, every this many validations is a full pass (15).
         full_val_threshold: with ``original``, the quick pass's 50-way semantic top-1 above which a full pass
             follows (0.15); for other n (and the stand-in without a classifier) the same distance above chance,
-            see :func:`mindvis.train.ldm.full_pass_trigger`.
+            see :func:`mindvis.train.stage_b_validation.full_pass_trigger`.
         encoder_init: ``pretrained`` (the stage A encoder) or ``random`` (the "no pretraining" ablation,
             ``--random-encoder``).
         grid_items: rows of the saved sample grid.

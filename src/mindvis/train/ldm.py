@@ -2,8 +2,9 @@
 
 Chen et al. (CVPR 2023) start from a class-conditional latent diffusion prior (the CompVis label2img model; here
 also a prior trained by ``mindvis train-prior``), replace its class embedding by the fMRI encoder of stage A and
-the double conditioner (cross-attention context + time-embedding vector), and train with the epsilon loss of
-latent diffusion on (fMRI, image) pairs.
+the double conditioner (cross-attention context + time-embedding vector; :mod:`mindvis.train.stage_b_model`),
+and train with the epsilon loss of latent diffusion on (fMRI, image) pairs: :class:`StageBModule`, run by
+:func:`train_stage_b`.
 
 What is trained (``trainable``):
 
@@ -17,36 +18,16 @@ What is trained (``trainable``):
 
 The original's settings are the defaults: AdamW, lr 5.3e-5, batch 5 (GOD; 25 for BOLD5000), 500 epochs, gradient
 clipping 0.5, float32, no sparse voxel dropout (the original's dropout is a no-op, see
-:mod:`mindvis.data.paired`), validation every 5 epochs on the original's schedule.
-
-Validation (``val_schedule``):
-
-* ``original`` (default): as the original. A *quick pass* generates ``quick_samples`` (3) images for each of the
-  first ``quick_items`` (5) test items and logs its figures as ``val/quick/<key>``. When its top-1 (see
-  :func:`full_pass_trigger`) exceeds ``full_val_threshold`` (0.15), a *full pass* follows: ``num_samples`` (5)
-  images for every validation item, logged as ``val/<key>``. Every ``full_val_every``-th (15th) validation is a
-  full pass without the quick one. Not in the original: the first validation of each ``fit`` (a new or resumed
-  run) and the last one of the run are full passes too, so that the best checkpoint always has a figure to
-  compare and the final metrics are full ones (the original generates the whole test set after training).
-* ``full`` (ours): every validation is a full pass, about 16 times the quick pass's compute at the defaults.
-
-In both schedules ``val/<key>`` are only ever full-pass figures (the same items, samples and seeds each time),
-and the best checkpoint (``monitor``, a ``val/`` figure) is chosen among them, as the original keeps its best
-checkpoint by the full passes only; ``val/loss`` (the denoising loss of every validation item at fixed timesteps
-and noise) is logged at every validation. Every metric of :func:`mindvis.eval.suite.evaluate_reconstructions`
-that is available is logged.
+:mod:`mindvis.data.paired`), validation every 5 epochs on the original's schedule
+(:mod:`mindvis.train.stage_b_validation`). Not in the original, and off by default: the context warm start
+before the finetune (:mod:`mindvis.train.align`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-import re
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,19 +35,17 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import nn
 
 from mindvis.data.dataset import FMRIDataset
 from mindvis.data.formats.registry import list_subjects
-from mindvis.data.paired import PairedFMRIDataset, sparse_voxel_dropout
+from mindvis.data.paired import PairedFMRIDataset
 from mindvis.data.preprocess import PREPROCESSING_NAME, find_preprocessing, load_preprocessor, prepare_voxels
 from mindvis.data.sampler import EpochShuffleSampler
-from mindvis.errors import CheckpointError, ConfigError, DataError
-from mindvis.eval.suite import evaluate_reconstructions
-from mindvis.models.conditioning import ClassEmbedder, Conditioning
-from mindvis.models.ldm import DCLDM, LDMConfig, build_unet, prior_class_table
-from mindvis.models.mbm import FMRIEncoder, MaskedBrainModel
+from mindvis.errors import ConfigError, DataError
+from mindvis.models.conditioning import Conditioning
+from mindvis.models.ldm import prior_class_table
 from mindvis.pipeline import MindVisPipeline
+from mindvis.train.align import align_context
 from mindvis.train.common import (
     TrainerConfig,
     build_trainer,
@@ -78,18 +57,30 @@ from mindvis.train.common import (
     seed_everything,
     write_run_config,
 )
-from mindvis.train.config import (
-    QUICK_PREFIX,
-    StageBConfig,
+from mindvis.train.config import QUICK_PREFIX, StageBConfig
+from mindvis.train.stage_b_model import (
+    build_encoder,
+    build_stage_b_model,
+    check_image_size,
+    fit_token_stats,
+    keep_modes,
+    load_prior,
+    prior_context_std,
+    save_stage_b_pipeline,
 )
-from mindvis.train.mbm import load_init_model
+from mindvis.train.stage_b_validation import (
+    default_monitor,
+    full_pass_trigger,
+    is_last_validation,
+    scheduled_full_pass,
+    score_validation,
+    val_metric_names,
+)
 from mindvis.utils.images import image_grid, save_png
 from mindvis.utils.io import prepare_output_dir, write_json
 
 _logger = logging.getLogger(__name__)
 
-#: What `mindvis reconstruct` reads from a model folder.
-PIPELINE_PREPROCESS_NAME = "preprocess.json"
 SAMPLES_DIR = "samples"
 #: The context warm start's record in a stage B run folder.
 ALIGN_NAME = "align.json"
@@ -99,120 +90,6 @@ VALIDATION_START_NAME = "validation_start.json"
 ORIGINAL_GOD_SUBJECT = "sbj_3"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Building the stage B model
-# ----------------------------------------------------------------------------------------------------------
-
-
-def load_prior(prior: str | os.PathLike | Any) -> Any:
-    """The :class:`~mindvis.models.ldm.DCLDM` of a prior pipeline folder (or a pipeline / model given directly).
-
-    A class-conditional prior (``mindvis train-prior``, or a converted CompVis label2img) or an fMRI pipeline
-    (its UNet and autoencoder are reused) are accepted.
-    """
-    if isinstance(prior, DCLDM):
-        return prior
-    if isinstance(prior, MindVisPipeline):
-        return prior.model
-    return MindVisPipeline.from_pretrained(prior).model
-
-
-def check_image_size(prior: Any, image_size: int | None, source: Any = None) -> int:
-    """The training resolution: ``image_size`` or the prior's; its latent must be the prior UNet's size.
-
-    Raises:
-        ConfigError: the requested resolution gives latents of another size than the prior was trained on.
-    """
-    vq_cfg = prior.vq_config
-    size = int(image_size or vq_cfg.resolution)
-    f = vq_cfg.downsample_factor
-    want = prior.unet_config.sample_size
-    if size % f or size // f != want:
-        raise ConfigError(
-            f"prior latent size mismatch: the prior's UNet denoises {want}x{want} latents ({want * f} px images "
-            f"with its f{f} autoencoder), but image size {size} gives {size / f:g}x{size / f:g} latents",
-            path=source,
-            field="image_size",
-        )
-    return size
-
-
-def build_stage_b_model(prior: Any, encoder: nn.Module, config: StageBConfig, source: Any = None) -> Any:
-    """The fMRI-conditioned DCLDM: the prior's UNet (rebuilt with the time-conditioning input when it is used,
-    same weights) and autoencoder, the given encoder, and a fresh :class:`DCConditioner` (with
-    ``context_basis="prior-classes"``, confined to the prior's class embeddings).
-
-    Raises:
-        ConfigError: ``prior-classes`` with a prior that is not class-conditional.
-    """
-    ucfg = replace(prior.unet_config, time_cond=config.use_time_cond)
-    unet = build_unet(ucfg)
-    missing, unexpected = unet.load_state_dict(prior.unet.state_dict(), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"the prior's UNet does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}", field="unet"
-        )
-    basis = (
-        prior_class_table(prior, source=source, field="context_basis", purpose="a prior-classes context")
-        if config.context_basis == "prior-classes"
-        else None
-    )
-    model = DCLDM.for_fmri(
-        LDMConfig(unet=ucfg, vq=prior.vq_config),
-        encoder,
-        use_time_cond=config.use_time_cond,
-        use_cross_attn=config.use_cross_attn,
-        standardize_tokens=config.standardize_tokens,
-        basis_size=0 if basis is None else int(basis.shape[0]),
-        schedule=prior.schedule,
-        unet=unet,
-        vq=prior.vq,
-    )
-    if basis is not None:
-        null = prior.conditioner.null_conditioning(1, basis).context  # [1, 1, C]: the prior's own null row
-        model.conditioner.set_basis(basis, null=null[0, 0].detach().float())
-    return model
-
-
-def prior_context_std(prior: Any) -> float | None:
-    """How much the prior's own context varies between conditions: the std over its class embeddings (the null
-    row left out), averaged over channels; ``None`` when the prior is not class-conditional."""
-    cond = getattr(prior, "conditioner", None)
-    if not isinstance(cond, ClassEmbedder) or cond.config.n_classes < 3:
-        return None
-    return float(prior_class_table(prior).double().std(dim=0).mean())
-
-
-@torch.no_grad()
-def fit_token_stats(
-    model: Any, voxels: np.ndarray, context_std: float | None = None, batch_size: int = 256
-) -> None:
-    """Set the conditioner's token standardisation from the encoder's tokens of ``voxels [N, V]`` (preprocessed
-    training fMRI), scaled so that the fMRI context varies across samples by ``context_std`` (the prior's
-    :func:`prior_context_std`: the spread its cross-attention was trained on)."""
-    encoder = model.fmri_encoder
-    was_training = encoder.training
-    encoder.eval()
-    tokens = torch.cat(
-        [
-            encoder(torch.as_tensor(voxels[i : i + batch_size])).float()
-            for i in range(0, len(voxels), batch_size)
-        ]
-    )
-    encoder.train(was_training)
-    model.conditioner.fit_token_stats(tokens, context_std=context_std)
-    _logger.info(
-        "token standardisation from %d training samples: tokens vary %.3g across samples (scale %.3g); "
-        "context scaled to vary %s",
-        len(tokens),
-        float(tokens.std(dim=0).mean()),
-        float(tokens.std()),
-        "as the mappers give it"
-        if context_std is None
-        else f"{context_std:.3g} (the prior's class embeddings)",
-    )
-
-
 def mixture_entropy(weights: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the mean of mixture weights ``[N, T, K]`` over samples and tokens: ``log K`` when the
     batch uses every basis row equally, 0 when every context is the same row."""
@@ -220,253 +97,9 @@ def mixture_entropy(weights: torch.Tensor) -> torch.Tensor:
     return -(mean * mean.clamp_min(1e-12).log()).sum()
 
 
-def _nearest_class_accuracy(context: torch.Tensor, labels: torch.Tensor, table: torch.Tensor) -> float:
-    """Fraction of items whose mean context token lies nearest (Euclidean) to their own class's embedding."""
-    pred = torch.cdist(context.mean(dim=1), table).argmin(dim=1)
-    return float((pred == labels).float().mean())
-
-
-def align_context(
-    model: Any,
-    voxels: np.ndarray,
-    labels: np.ndarray,
-    class_table: torch.Tensor,
-    epochs: int,
-    lr: float = 1e-3,
-    batch_size: int = 32,
-    sparse_rate: float = 0.0,
-    seed: int = 0,
-    eval_sets: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-    source: Any = None,
-) -> dict[str, Any]:
-    """Context warm start (not in the original): train the fMRI encoder and the conditioner so that every context
-    token of a training sample is its image's class embedding in the prior.
-
-    The prior's cross-attention has only ever seen its class embeddings. A fresh conditioner gives contexts that
-    it does not respond to, so the denoising loss hardly depends on them and stage B learns to ignore the fMRI.
-    After this regression (mean squared error, Adam, sparse voxel dropout) the UNet starts from the conditions it
-    knows, and the diffusion finetune takes it from there. Only the training split's labels are used.
-
-    Args:
-        model: the fMRI-conditioned DCLDM (its ``fmri_encoder`` and ``conditioner`` are trained in place).
-        voxels: ``[N, V]`` preprocessed training fMRI; ``labels``: ``[N]`` class ids of their images, indexing
-            ``class_table`` (``-1``, unknown, are left out).
-        class_table: ``[K, C]`` the prior's class embeddings (:func:`~mindvis.models.ldm.prior_class_table`).
-        eval_sets: ``{name: (voxels, labels)}`` scored after training, without training on them.
-
-    Returns:
-        ``{"epochs", "samples", "loss" (per epoch), "accuracy": {split: nearest-class accuracy of the mean
-        context token}, "chance", "seconds"}``.
-
-    Raises:
-        DataError: no labelled training sample, or a label outside the prior's classes.
-    """
-    labels = np.asarray(labels).astype(np.int64)
-    if labels.shape != (len(voxels),):
-        raise DataError(
-            f"expected one class label per training sample ({len(voxels)}), got {labels.shape}",
-            path=source,
-            field="labels",
-        )
-    keep = labels >= 0
-    if not keep.any():
-        raise DataError(
-            "the context warm start needs class labels of the training images, and none is known",
-            path=source,
-            field="labels",
-        )
-    n_classes = int(class_table.shape[0])
-    if int(labels.max()) >= n_classes:
-        raise DataError(
-            f"class label {int(labels.max())} is outside the prior's {n_classes} classes",
-            path=source,
-            field="labels",
-        )
-    x = torch.as_tensor(np.asarray(voxels)[keep], dtype=torch.float32)
-    y = torch.as_tensor(labels[keep])
-    table = class_table.to(torch.float32)
-    encoder, conditioner = model.fmri_encoder, model.conditioner
-    params = [p for m in (encoder, conditioner) for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    modes = (encoder.training, conditioner.training)
-    encoder.train()
-    conditioner.train()
-    t0 = time.perf_counter()
-    losses: list[float] = []
-    for _ in range(epochs):
-        total = 0.0
-        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-            xb = x[idx]
-            if sparse_rate > 0:
-                xb = sparse_voxel_dropout(xb, sparse_rate, gen)
-            context = conditioner.context_from_tokens(encoder(xb))
-            loss = (context - table[y[idx]][:, None, :]).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / len(x))
-    for p, f in zip(params, flags, strict=True):
-        p.requires_grad_(f)
-    encoder.eval()
-    conditioner.eval()
-    accuracy: dict[str, float] = {}
-    with torch.no_grad():
-        for name, (xv, yv) in {"train": (x.numpy(), y.numpy()), **(eval_sets or {})}.items():
-            yv = np.asarray(yv).astype(np.int64)
-            ok = (yv >= 0) & (yv < n_classes)
-            if ok.any():
-                ctx = conditioner.context_from_tokens(encoder(torch.as_tensor(np.asarray(xv)[ok])))
-                accuracy[name] = _nearest_class_accuracy(ctx, torch.as_tensor(yv[ok]), table)
-    encoder.train(modes[0])
-    conditioner.train(modes[1])
-    result = {
-        "epochs": epochs,
-        "samples": len(x),
-        "loss": losses,
-        "accuracy": accuracy,
-        "chance": 1.0 / n_classes,
-        "seconds": time.perf_counter() - t0,
-    }
-    _logger.info(
-        "context warm start: %d epochs on %d samples, loss %.4g -> %.4g; nearest-class accuracy %s "
-        "(chance %.3g) in %.0f s",
-        epochs,
-        len(x),
-        losses[0] if losses else float("nan"),
-        losses[-1] if losses else float("nan"),
-        ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()),
-        1.0 / n_classes,
-        result["seconds"],
-    )
-    return result
-
-
-def build_encoder(mbm: Any, config: StageBConfig) -> nn.Module:
-    """The stage A encoder (``pretrained``) or one of the same size with random weights (``random``).
-
-    Args:
-        mbm: a stage A run folder, a saved model folder, an original ``.pth`` file, or a ``MaskedBrainModel``.
-    """
-    model = mbm if isinstance(mbm, MaskedBrainModel) else load_init_model(mbm)
-    if config.encoder_init == "random":
-        torch.manual_seed(config.seed)
-        _logger.info("fMRI encoder: random initialisation (no pretraining), %s", model.config.to_dict())
-        return FMRIEncoder(model.config, global_pool=config.global_pool)
-    return FMRIEncoder.from_mbm(model, global_pool=config.global_pool)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The Lightning module
 # ----------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _keep_modes(module: nn.Module) -> Iterator[None]:
-    """Restore every submodule's train/eval flag afterwards (building a pipeline switches to eval mode)."""
-    modes = {m: m.training for m in module.modules()}
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Silence a logger's info messages (metrics unavailable at every validation are said once, at the end)."""
-    lg = logging.getLogger(logger_name)
-    level = lg.level
-    lg.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        lg.setLevel(level)
-
-
-def val_metric_names(results: dict[str, Any]) -> dict[str, float]:
-    """``val/<key>`` -> value for every available metric's mean-over-samples aggregate (and best slot)."""
-    out: dict[str, float] = {}
-    for e in results.get("metrics", []):
-        aggs = e["aggregates"]
-        out[f"val/{e['key']}"] = float(aggs["mean"]["value"])
-        if "best_slot" in aggs:
-            out[f"val/{e['key']}_best"] = float(aggs["best_slot"]["value"])
-    return out
-
-
-def default_monitor(n_way: tuple[int, ...], classifier: Any, n_items: int) -> str:
-    """The metric that picks the best checkpoint when ``monitor="auto"``."""
-    if classifier is not None:
-        n_classes = len(getattr(classifier, "class_names", []))
-        feasible = [n for n in n_way if 2 <= n <= n_classes]
-        if feasible:
-            return f"val/semantic_{max(feasible)}way_top1"
-    return "val/ident_pcc_2way"
-
-
-#: The n of the original's semantic top-1 that decides on a full validation pass (its 50-way accuracy).
-_TRIGGER_REFERENCE_WAY = 50
-
-
-def _chance_of(key: str) -> float:
-    """Chance level of an n-way figure named ``..._<n>way...``."""
-    m = re.search(r"_(\d+)way", key)
-    return 1.0 / int(m.group(1)) if m else 0.0
-
-
-def full_pass_trigger(
-    quick: dict[str, float], n_way: tuple[int, ...], classifier: Any, threshold: float = 0.15
-) -> tuple[str, float, bool] | None:
-    """Whether the quick pass's figures ``quick`` (``val/quick/<key>``) call for a full pass (``original``
-    schedule).
-
-    The original runs the full pass when the quick pass's 50-way semantic top-1 (the best of its 3 sample slots)
-    exceeds 0.15. The figure used here is the automatic monitor's (:func:`default_monitor`: the largest feasible
-    n-way semantic top-1 with a classifier, else 2-way identification by pixel correlation, which stands in for
-    it), its best sample slot as the original when there are several. Its chance level ``1/n`` differs from the
-    original's 1/50, so the threshold is taken as the same distance above chance: the figure ``v`` triggers when
-    ``(v - 1/n) / (1 - 1/n) > (threshold - 1/50) / (1 - 1/50)``, which for the 50-way top-1 is ``v > threshold``.
-
-    Returns:
-        ``(key, value, triggered)``, or ``None`` when the quick pass has no such figure (no ground truth or
-        fewer than 2 items).
-    """
-    name = default_monitor(n_way, classifier, 0)[len("val/") :]
-    for key in (f"{QUICK_PREFIX}{name}_best", f"{QUICK_PREFIX}{name}"):
-        if key in quick and math.isfinite(quick[key]):
-            value = float(quick[key])
-            chance = _chance_of(name)
-            ref = 1.0 / _TRIGGER_REFERENCE_WAY
-            above = (value - chance) / (1.0 - chance) if chance < 1 else value
-            return key, value, above > (threshold - ref) / (1.0 - ref)
-    return None
-
-
-def default_subject(dataset: str, data_dir: Any = None) -> str | None:
-    """The subject ``mindvis train`` uses when none is given: for GOD the original's ``sbj_3`` (its stage B
-    config and released checkpoint), else ``None`` (the dataset reader's first subject).
-
-    A GOD folder without ``sbj_3`` falls back to its first subject, with a warning.
-    """
-    if str(dataset).lower() != "god":
-        return None
-
-    subjects = list_subjects("god", data_dir)
-    if ORIGINAL_GOD_SUBJECT in subjects or not subjects:
-        return ORIGINAL_GOD_SUBJECT
-    _logger.warning(
-        "the original trains on GOD subject %s, which this folder does not have (subjects: %s): using %s; "
-        "give --subject to choose",
-        ORIGINAL_GOD_SUBJECT,
-        ", ".join(subjects),
-        subjects[0],
-    )
-    return subjects[0]
 
 
 class StageBModule(pl.LightningModule):
@@ -579,7 +212,7 @@ class StageBModule(pl.LightningModule):
         """``num_samples`` (default: the config's) images per item ``[B, S, H, W, 3]`` uint8; item ``i`` always
         uses seed ``seed + i``."""
         cfg = self.config
-        with _keep_modes(self.model):
+        with keep_modes(self.model):
             pipe = MindVisPipeline(self.model)
             out = pipe(
                 fmri,
@@ -605,26 +238,14 @@ class StageBModule(pl.LightningModule):
 
     # -- the validation schedule --------------------------------------------------------------------------
 
-    def _is_last_validation(self) -> bool:
-        """Whether no validation follows this one in the run (the fit's ``max_epochs``)."""
-        trainer = self.trainer
-        every = int(trainer.check_val_every_n_epoch or 1)
-        last = trainer.max_epochs
-        return last is not None and last >= 0 and self.current_epoch + 1 + every > last
-
     def _plan_validation(self) -> bool:
-        """Count this validation and say whether it is a scheduled full pass (``original`` schedule: every
-        ``full_val_every``-th, the first of this fit and the last of the run; ``full``: always)."""
-        cfg = self.config
+        """Count this validation and say whether it is a scheduled full pass (:func:`scheduled_full_pass`)."""
+        trainer = self.trainer
         self.val_count += 1
-        if cfg.val_schedule == "full":
-            return True
-        fitting = self.trainer.state.fn == "fit"
-        return (
-            self.val_count % cfg.full_val_every == 0
-            or not self._full_done
-            or (fitting and self._is_last_validation())
+        last = trainer.state.fn == "fit" and is_last_validation(
+            self.current_epoch, trainer.check_val_every_n_epoch, trainer.max_epochs
         )
+        return scheduled_full_pass(self.config, self.val_count, self._full_done, last)
 
     def on_fit_start(self) -> None:
         self._full_done = False  # the monitored figure is not among this fit's logged metrics yet
@@ -651,7 +272,7 @@ class StageBModule(pl.LightningModule):
         Same samples (seeds by item), timesteps and noise as :meth:`validation_step`, so the figures continue
         the logged curve.
         """
-        with _keep_modes(self.model):
+        with keep_modes(self.model):
             self.model.eval()
             losses, weights, index, images = [], [], [], []
             for batch_idx, batch in enumerate(loader):
@@ -749,18 +370,7 @@ class StageBModule(pl.LightningModule):
     def _metrics(self, recons: np.ndarray, index: np.ndarray, record: bool = True) -> dict[str, float]:
         if self.val_gt is None or len(index) < 2:
             return {}
-        with warnings.catch_warnings(), _quiet("mindvis.eval.suite"):
-            warnings.simplefilter("ignore")
-            results = evaluate_reconstructions(
-                recons,
-                self.val_gt[index],
-                classifier=self.classifier,
-                metrics=["pixel", "identification", "semantic"],
-                n_way=self.config.n_way,  # n beyond the items or classes are reported unavailable
-                trials=self.config.eval_trials,
-                seed=self.config.seed,
-                bootstrap=0,
-            )
+        results = score_validation(recons, self.val_gt[index], self.classifier, self.config)
         if record:
             self.last_val_results = results
         return val_metric_names(results)
@@ -772,37 +382,31 @@ class StageBModule(pl.LightningModule):
         save_stage_b_pipeline(self.model, directory, self.config, self.preprocessor)
 
 
-def save_stage_b_pipeline(
-    model: Any, directory: str | os.PathLike, config: StageBConfig, preprocessor: Any = None
-) -> Path:
-    """A :class:`~mindvis.pipeline.MindVisPipeline` folder of the stage B model, with its fMRI preprocessing
-    (``preprocess.json``, which ``mindvis reconstruct`` applies by default)."""
-    directory = Path(directory)
-    with _keep_modes(model):
-        # the config allows guidance only with conditioning dropout, so this is 1 for any other model
-        pipe = MindVisPipeline(
-            model,
-            default_sampler=config.sampler,
-            default_steps=config.sample_steps,
-            default_guidance_scale=config.guidance_scale,
-        )
-        pipe.save_pretrained(
-            directory,
-            overwrite=True,
-            source={
-                "kind": "mindvis stage B",
-                "trainable": config.trainable,
-                "image_size": model.vq_config.resolution,
-            },
-        )
-    if preprocessor is not None:
-        write_json(directory / PIPELINE_PREPROCESS_NAME, preprocessor.to_dict())
-    return directory
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The whole run
 # ----------------------------------------------------------------------------------------------------------
+
+
+def default_subject(dataset: str, data_dir: Any = None) -> str | None:
+    """The subject ``mindvis train`` uses when none is given: for GOD the original's ``sbj_3`` (its stage B
+    config and released checkpoint), else ``None`` (the dataset reader's first subject).
+
+    A GOD folder without ``sbj_3`` falls back to its first subject, with a warning.
+    """
+    if str(dataset).lower() != "god":
+        return None
+
+    subjects = list_subjects("god", data_dir)
+    if ORIGINAL_GOD_SUBJECT in subjects or not subjects:
+        return ORIGINAL_GOD_SUBJECT
+    _logger.warning(
+        "the original trains on GOD subject %s, which this folder does not have (subjects: %s): using %s; "
+        "give --subject to choose",
+        ORIGINAL_GOD_SUBJECT,
+        ", ".join(subjects),
+        subjects[0],
+    )
+    return subjects[0]
 
 
 class StageBData(pl.LightningDataModule):
