@@ -37,9 +37,17 @@ def _check_run(result, preset):
             assert v is None or math.isfinite(v["value"])
 
 
-def test_demo_smoke_and_resume(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke run of the demo shared by this file's tests: ``(result, its tmp folder)``; the run is
+    ``folder / "run"``. The tests read it, or rerun it with the same settings (which changes nothing)."""
+    folder = tmp_path_factory.mktemp("smoke")
+    return run_demo(get_preset("smoke"), folder / "run", progress=False), folder
+
+
+def test_demo_smoke_and_resume(smoke_run):
     preset = get_preset("smoke")
-    first = run_demo(preset, tmp_path / "run", progress=False)
+    first, tmp_path = smoke_run
     _check_run(first, preset)
     assert first.skipped == []
     if preset.train.get(
@@ -85,7 +93,7 @@ def test_shipped_prior_used_only_for_its_own_corpus(tmp_path, monkeypatch):
     from mindvis.utils.io import file_sha256, write_json
 
     preset = get_preset("smoke")
-    run_demo(preset, tmp_path / "run", progress=False)
+    run_demo(preset, tmp_path / "run", progress=False)  # its own run: the rerun below changes it
     run = tmp_path / "run"
     corpus = run / "sim" / "stimuli" / "corpus.npz"
     res = int(preset.simulate["resolution"])
@@ -147,14 +155,14 @@ def test_report_says_plainly_whether_the_method_beats_chance():
     assert "1 of 2 figures: semantic 10-way." in above_chance_summary(mixed, "m")
 
 
-def test_label_budget_script_on_a_smoke_run(tmp_path, load_script):
+def test_label_budget_script_on_a_smoke_run(smoke_run, tmp_path, load_script):
     """``scripts/label_budget.py`` runs every encoder on a demo run folder and continues an interrupted table."""
     import numpy as np
 
     from mindvis.data.formats.registry import load_dataset
     from mindvis.utils.io import read_json
 
-    run = run_demo(get_preset("smoke"), tmp_path / "run", progress=False).run_dir
+    run = smoke_run[1] / "run"  # read only: the rows go to tmp_path
     labels = np.asarray(load_dataset("synthetic", run / "sim", split="train").labels)
     k = len(np.unique(labels))
     lb = load_script("label_budget")
