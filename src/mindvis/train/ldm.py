@@ -67,22 +67,15 @@ from mindvis.models.conditioning import ClassEmbedder, Conditioning
 from mindvis.models.ldm import DCLDM, LDMConfig, build_unet, prior_class_table
 from mindvis.models.mbm import FMRIEncoder, MaskedBrainModel
 from mindvis.pipeline import MindVisPipeline
-from mindvis.train.common import (
-    TrainerConfig,
-    build_trainer,
-    find_resume_checkpoint,
-    fit,
-    is_primary_process,
-    make_adamw,
-    read_checkpoint_progress,
-    seed_everything,
-    write_run_config,
-)
+from mindvis.train.common import TrainerConfig, build_trainer, fit
 from mindvis.train.config import (
     QUICK_PREFIX,
     StageBConfig,
 )
 from mindvis.train.mbm import load_init_model
+from mindvis.train.optim import make_adamw
+from mindvis.train.processes import is_primary_process, seed_everything
+from mindvis.train.run_folder import find_resume_checkpoint, read_checkpoint_progress, write_run_config
 from mindvis.utils.images import image_grid, save_png
 from mindvis.utils.io import prepare_output_dir, write_json
 
