@@ -19,7 +19,7 @@ Reported per row (each row runs in a fresh process, so peak memory is that measu
   (ours / our fp32 matmul rate, over 1.64 / 247 GFLOP/s).
 
 Precisions: ``fp32`` and ``bf16`` (``torch.autocast`` to bfloat16; the master weights and the optimizer stay
-fp32). Optimizers: ``default`` (what the trainer builds, :func:`mindvis.train.common.make_adamw`: torch's fused
+fp32). Optimizers: ``default`` (what the trainer builds, :func:`mindvis.train.optim.make_adamw`: torch's fused
 AdamW kernel on CPUs and GPUs), ``unfused`` (``torch.optim.AdamW``'s own kernel choice, the trainer's before
 ``make_adamw``), ``fused`` and ``foreach``. ``--compile`` adds ``torch.compile``'d rows (the trainer's
 ``--compile``).
@@ -126,11 +126,11 @@ def check_flops(variant: str, batch: int = 2) -> dict[str, float]:
 
 
 def make_optimizer(model: Any, optimizer: str, device: str) -> Any:
-    """AdamW as the trainer builds it (``default``: :func:`mindvis.train.common.make_adamw`, torch's fused kernel
+    """AdamW as the trainer builds it (``default``: :func:`mindvis.train.optim.make_adamw`, torch's fused kernel
     on CPUs and GPUs), or ``unfused`` (torch's own choice, the for-each kernel), ``fused``, ``foreach``."""
     import torch
 
-    from mindvis.train.common import make_adamw, param_groups_weight_decay
+    from mindvis.train.optim import make_adamw, param_groups_weight_decay
 
     groups = param_groups_weight_decay(model, 0.05)
     if optimizer == "default":
@@ -332,7 +332,7 @@ def loss_curve(
     import torch
 
     from mindvis.models.mbm import MaskedBrainModel, mbm_tiny
-    from mindvis.train.common import param_groups_weight_decay
+    from mindvis.train.optim import param_groups_weight_decay
 
     g = torch.Generator().manual_seed(seed)
     n = 2048

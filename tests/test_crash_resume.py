@@ -163,7 +163,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 
 def test_checkpoint_io_on_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     from mindvis.safeload import load_torch_file
-    from mindvis.train.common import AtomicCheckpointIO
+    from mindvis.train.run_folder import AtomicCheckpointIO
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     io_ = AtomicCheckpointIO()
@@ -195,7 +195,7 @@ def small_tmpfs(tmp_path):
 
 def test_checkpoint_on_a_really_full_disk(small_tmpfs):
     from mindvis.safeload import load_torch_file
-    from mindvis.train.common import AtomicCheckpointIO
+    from mindvis.train.run_folder import AtomicCheckpointIO
 
     path = small_tmpfs / "checkpoints" / "last.ckpt"
     io_ = AtomicCheckpointIO()
@@ -208,7 +208,7 @@ def test_checkpoint_on_a_really_full_disk(small_tmpfs):
 
 
 def test_csv_log_keeps_unwritten_rows_for_the_next_save(tmp_path, monkeypatch):
-    from mindvis.train.common import CSVMetricsLogger
+    from mindvis.train.callbacks import CSVMetricsLogger
 
     log = CSVMetricsLogger(tmp_path / "metrics.csv")
     log.log_metrics({"loss": 1.0, "epoch": 0}, step=0)
@@ -280,8 +280,8 @@ def test_resume_from_the_final_checkpoint_exports_the_model(tmp_path, one_thread
 
 def test_cli_full_disk_is_one_line_and_keeps_the_checkpoint(tmp_path, one_thread):
     """A file-size limit (what a full disk looks like to a writer) hits the checkpoint of a resumed run."""
-    from mindvis.train.common import read_checkpoint_progress
     from mindvis.train.mbm import run_mbm_stage
+    from mindvis.train.run_folder import read_checkpoint_progress
     from test_train_mbm import tiny_config, write_lowrank_hcp
 
     hcp = write_lowrank_hcp(tmp_path, samples=32)
@@ -321,14 +321,14 @@ def test_cli_full_disk_is_one_line_and_keeps_the_checkpoint(tmp_path, one_thread
 # a kill -9 from inside, right after ``checkpoints/last.ckpt`` of epoch ``argv[1]`` is in place
 KILL_AFTER_CHECKPOINT = """
 import os, signal, sys
-from mindvis.train import common
+from mindvis.train import run_folder
 epoch = int(sys.argv.pop(1))
-save = common.AtomicCheckpointIO.save_checkpoint
+save = run_folder.AtomicCheckpointIO.save_checkpoint
 def save_then_die(self, checkpoint, path, storage_options=None):
     save(self, checkpoint, path, storage_options)
     if os.path.basename(str(path)) == "last.ckpt" and checkpoint["epoch"] == epoch:
         os.kill(os.getpid(), signal.SIGKILL)
-common.AtomicCheckpointIO.save_checkpoint = save_then_die
+run_folder.AtomicCheckpointIO.save_checkpoint = save_then_die
 from mindvis.cli import main
 sys.exit(main())
 """
@@ -338,7 +338,7 @@ def test_cli_kill_right_after_a_checkpoint_keeps_the_log(tmp_path, one_thread, q
     """Killed (SIGKILL) just after the checkpoint of an epoch: its rows, the epoch-end row included, are already
     in ``metrics.csv``, and ``--resume`` ends with the log of an uninterrupted run, row for row."""
     from mindvis.cli import main
-    from mindvis.train.common import read_checkpoint_progress
+    from mindvis.train.run_folder import read_checkpoint_progress
     from test_train_mbm import write_lowrank_hcp
 
     hcp = write_lowrank_hcp(tmp_path / "data", samples=32)
@@ -383,7 +383,7 @@ def test_resumed_log_equals_an_uninterrupted_one(tmp_path, one_thread, monkeypat
     end of its validation when validation runs every other epoch), or in the middle of epoch 2."""
     from lightning.pytorch.callbacks import Callback
 
-    from mindvis.train import common
+    from mindvis.train import run_folder
     from mindvis.train.mbm import run_mbm_stage
     from test_train_mbm import tiny_config, write_lowrank_hcp
 
@@ -400,7 +400,7 @@ def test_resumed_log_equals_an_uninterrupted_one(tmp_path, one_thread, monkeypat
             if trainer.current_epoch == 2 and args[-1] == 1:
                 raise _Killed
 
-    save = common.AtomicCheckpointIO.save_checkpoint
+    save = run_folder.AtomicCheckpointIO.save_checkpoint
 
     def save_then_die(self, checkpoint, path, storage_options=None):
         save(self, checkpoint, path, storage_options)
@@ -410,7 +410,7 @@ def test_resumed_log_equals_an_uninterrupted_one(tmp_path, one_thread, monkeypat
     run = tmp_path / "killed"
     with monkeypatch.context() as m:
         if when == "after-checkpoint":
-            m.setattr(common.AtomicCheckpointIO, "save_checkpoint", save_then_die)
+            m.setattr(run_folder.AtomicCheckpointIO, "save_checkpoint", save_then_die)
         with pytest.raises(_Killed):
             run_mbm_stage(config(), run, callbacks=[KillMidEpoch()] if when == "mid-epoch" else [])
     assert len(csv_rows(run / "metrics.csv")) < len(expected)
@@ -429,7 +429,7 @@ def check_run_folder_complete(run: Path) -> dict[str, int] | None:
     Returns the progress of ``checkpoints/last.ckpt`` (None when there is none).
     """
     from mindvis.models.mbm import MaskedBrainModel
-    from mindvis.train.common import read_checkpoint_progress
+    from mindvis.train.run_folder import read_checkpoint_progress
 
     progress = None
     for ckpt in sorted(run.rglob("*.ckpt")):
@@ -573,7 +573,7 @@ def test_kill_loop_pretrain_resumes_to_the_same_weights(tmp_path):
 
 def test_checkpoint_checker_catches_a_cut_file(tmp_path):
     """The kill loop's completeness check itself: a checkpoint cut short is detected."""
-    from mindvis.train.common import AtomicCheckpointIO
+    from mindvis.train.run_folder import AtomicCheckpointIO
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"epoch": 0, "state_dict": {"w": torch.ones(100)}}, path)
@@ -589,7 +589,7 @@ def check_tree_complete(root: Path) -> None:
     import numpy as np
     from safetensors import safe_open
 
-    from mindvis.train.common import read_checkpoint_progress
+    from mindvis.train.run_folder import read_checkpoint_progress
 
     for p in root.rglob("*"):
         if not p.is_file() or mio._TEMP_RE.match(p.name) or any(mio._TEMP_RE.match(q) for q in p.parts):

@@ -32,7 +32,7 @@ def torch_load_calls() -> list[str]:
 
 def test_routed_modules_do_not_call_torch_load():
     calls = torch_load_calls()
-    for module in ("train/common.py", "eval/networks.py", "eval/classifier.py"):
+    for module in ("train/run_folder.py", "eval/networks.py", "eval/classifier.py"):
         assert not [c for c in calls if c.startswith(module)], calls
 
 
@@ -66,7 +66,7 @@ def test_load_state_dict_unwraps_and_refuses(tmp_path):
 
 
 def test_checkpoint_progress_reads_memory_mapped(tmp_path):
-    from mindvis.train.common import read_checkpoint_progress
+    from mindvis.train.run_folder import read_checkpoint_progress
 
     path = tmp_path / "last.ckpt"
     torch.save({"epoch": 4, "global_step": 40, "state_dict": {"w": torch.ones(2)}}, path)

@@ -22,17 +22,14 @@ from mindvis.data.pretrain import masking_noise
 from mindvis.errors import CheckpointError, ConfigError
 from mindvis.models.folder import load_safetensors
 from mindvis.models.mbm import MaskedBrainModel, mbm_tiny
-from mindvis.train.common import (
-    CSVMetricsLogger,
-    WarmupCosine,
-    param_groups_weight_decay,
-    read_checkpoint_progress,
-)
+from mindvis.train.callbacks import CSVMetricsLogger
 from mindvis.train.mbm import (
     MBMTrainConfig,
     masked_pearson,
     run_mbm_stage,
 )
+from mindvis.train.optim import WarmupCosine, param_groups_weight_decay
+from mindvis.train.run_folder import read_checkpoint_progress
 from test_hcp import write_god_subject, write_hcp_subject
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,7 +256,7 @@ def test_epoch_lines_show_validation_only_when_it_ran(tmp_path, caplog):
 
     hcp = write_lowrank_hcp(tmp_path)
     cfg = tiny_config(hcp, epochs=4, trainer={"val_every_n_epochs": 2, "validate_first": False})
-    with caplog.at_level(logging.INFO, logger="mindvis.train.common"):
+    with caplog.at_level(logging.INFO, logger="mindvis.train.callbacks"):
         run_mbm_stage(cfg, tmp_path / "run")
     lines = {int(m.split()[1].split("/")[0]): m for m in caplog.messages if m.startswith("epoch ")}
     assert sorted(lines) == [1, 2, 3, 4]
@@ -416,7 +413,7 @@ def test_csv_logger_resume_keeps_rows_up_to_the_checkpoint(tmp_path):
 
 
 def test_run_config_errors(tmp_path):
-    from mindvis.train.common import read_run_config
+    from mindvis.train.run_folder import read_run_config
 
     with pytest.raises(ConfigError, match="not a mindvis run folder"):
         read_run_config(tmp_path)
@@ -502,7 +499,7 @@ def test_cli_pretrain_then_finetune_on_synthcortex(tmp_path, capsys):
 
 
 def test_make_adamw_uses_the_fused_kernel_on_cpu_tensors():
-    from mindvis.train.common import make_adamw
+    from mindvis.train.optim import make_adamw
 
     layer = torch.nn.Linear(4, 3)
     opt = make_adamw(param_groups_weight_decay(layer, 0.05), lr=1e-3)

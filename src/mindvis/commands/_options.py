@@ -272,8 +272,8 @@ def resolve_config(stage: str, out: Path, resume: bool, given: dict[str, Any]) -
     Raises:
         ConfigError: ``resume`` and a given option differs from the saved one and may not change.
     """
-    from mindvis.train.common import read_run_config
     from mindvis.train.mbm import MBMTrainConfig
+    from mindvis.train.run_folder import read_run_config
 
     if not resume:
         return MBMTrainConfig.for_stage(stage, **nest(given))  # type: ignore[arg-type]
@@ -309,8 +309,8 @@ def run_mbm(
 ) -> None:
     """Resolve the configuration of stage A ``stage`` (``"pretrain"`` or ``"finetune"``), train with ``threads``
     torch CPU threads (``None``: torch's default), and print the outcome (on the primary process)."""
-    from mindvis.train.common import is_primary_process
     from mindvis.train.mbm import run_mbm_stage
+    from mindvis.train.processes import is_primary_process
 
     set_threads(threads or 0)
 

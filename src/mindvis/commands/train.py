@@ -90,8 +90,8 @@ def register(app: typer.Typer) -> None:
         set_threads(shared["threads"])
         from rich.console import Console
 
-        from mindvis.train.common import is_primary_process
         from mindvis.train.ldm import default_subject, train_stage_b
+        from mindvis.train.processes import is_primary_process
 
         config = StageBConfig(
             **config_values(StageBConfig, shared),

@@ -128,7 +128,6 @@ def register(app: typer.Typer) -> None:
         set_threads(shared["threads"])
         from rich.console import Console
 
-        from mindvis.train.common import is_primary_process
         from mindvis.train.prior import (
             PriorTrainConfig,
             UNetTrainConfig,
@@ -136,6 +135,7 @@ def register(app: typer.Typer) -> None:
             load_image_corpus,
             train_prior,
         )
+        from mindvis.train.processes import is_primary_process
 
         config = PriorTrainConfig(
             preset=preset,

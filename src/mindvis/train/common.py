@@ -1,35 +1,27 @@
-"""Lightning plumbing shared by every training stage of MinD-Vis.
-
-What each stage gets from here:
+"""The Lightning trainer every training stage of MinD-Vis runs with.
 
 * :class:`TrainerConfig`, the trainer part of a stage's configuration (devices, nodes, strategy, precision,
   accumulation, clipping, logging, checkpointing), and :func:`build_trainer`, which turns it into a
   ``lightning.Trainer`` with a progress bar, a CSV log (``metrics.csv`` in the run folder, always), optional
   TensorBoard or Weights & Biases loggers (imported only when asked for), and :class:`ModelCheckpoint`
-  writing ``checkpoints/last.ckpt`` plus the best checkpoint through :class:`AtomicCheckpointIO`.
-* The run folder: :func:`write_run_config` / :func:`read_run_config` (``config.json``, the resolved
-  configuration as plain JSON, never a pickle), :func:`find_resume_checkpoint` and
-  :func:`read_checkpoint_progress` (``--resume`` refuses a truncated or corrupt checkpoint before anything is
-  written), :class:`ExportPretrained` (our weights format for the final and the best model).
-* Optimisation helpers used by the original recipes: :func:`param_groups_weight_decay` (no decay on biases,
-  norms and other 1-D tensors) and :class:`WarmupCosine` (linear warmup then half-cycle cosine, per
-  iteration); :func:`make_adamw` (torch's fused AdamW kernel wherever it applies) and
-  :func:`compile_for_training` (``--compile``: in-place ``torch.compile`` of a module's heavy parts).
-* Reproducibility: :func:`seed_everything` and :func:`is_primary_process` (global rank 0 before the trainer
-  exists, for work such as preparing the output folder); the data loaders of every stage draw their order
-  from :class:`mindvis.data.sampler.EpochShuffleSampler`.
+  writing ``checkpoints/last.ckpt`` plus the best checkpoint through
+  :class:`~mindvis.train.run_folder.AtomicCheckpointIO`.
+* :func:`fit`, which reports a checkpoint Lightning cannot restore as a :class:`~mindvis.errors.CheckpointError`,
+  and :func:`compile_for_training` (``--compile``: in-place ``torch.compile`` of a module's heavy parts).
+
+The rest of a stage's plumbing has its own modules: :mod:`mindvis.train.run_folder` (``config.json`` and the
+checkpoints), :mod:`mindvis.train.callbacks` (the loggers, the weight export, the epoch lines),
+:mod:`mindvis.train.optim` (parameter groups, learning-rate schedule, AdamW) and
+:mod:`mindvis.train.processes` (global rank 0 before the trainer exists, seeding).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
 import math
 import os
 import sys
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,28 +30,20 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers.logger import Logger
-from lightning.pytorch.utilities import rank_zero_only
 
 from mindvis.errors import CheckpointError, ConfigError
-from mindvis.safeload import load_torch_file
-from mindvis.utils.io import atomic_dir, atomic_write, read_json, remove_stale_temps, write_json
-from mindvis.utils.steps import provenance
+from mindvis.train.callbacks import (
+    LOGGER_KINDS,
+    CheckpointedMetricsLog,
+    EpochSummary,
+    ExportPretrained,
+    LoggerKind,
+    make_loggers,
+)
+from mindvis.train.run_folder import CHECKPOINT_DIR, LAST_CHECKPOINT, AtomicCheckpointIO
 
 _logger = logging.getLogger(__name__)
 
-RUN_CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.csv"
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
-FINAL_WEIGHTS_DIR = "model"
-BEST_WEIGHTS_DIR = "best"
-RUN_FORMAT_VERSION = 1
-
-LoggerKind = Literal["csv", "tensorboard", "wandb", "none"]
-LOGGER_KINDS: tuple[str, ...] = ("csv", "tensorboard", "wandb", "none")
 PRECISIONS: tuple[str, ...] = (
     "auto",
     "32-true",
@@ -215,566 +199,8 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Processes
+# Compilation
 # ----------------------------------------------------------------------------------------------------------
-
-
-def is_primary_process() -> bool:
-    """True in the process that will be global rank 0 (usable before the trainer is built).
-
-    Reads the launchers' environment: ``RANK`` (torchrun), ``SLURM_PROCID`` when Slurm launched the tasks,
-    and otherwise Lightning's own ``NODE_RANK``/``LOCAL_RANK`` (set for the processes it starts).
-    """
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"]) == 0
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
-        return int(os.environ["SLURM_PROCID"]) == 0
-    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    return node == 0 and local == 0
-
-
-def seed_everything(seed: int) -> int:
-    """Seed Python, numpy and torch in this process and in data-loader workers (and set ``PL_GLOBAL_SEED``)."""
-    return pl.seed_everything(int(seed), workers=True, verbose=False)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimisation helpers
-# ----------------------------------------------------------------------------------------------------------
-
-
-def param_groups_weight_decay(
-    module: torch.nn.Module, weight_decay: float, no_decay_names: Sequence[str] = ()
-) -> list[dict[str, Any]]:
-    """Two AdamW parameter groups: no decay for biases, norms and every tensor of at most one dimension, and
-    ``weight_decay`` for the rest. Frozen parameters (``requires_grad=False``) are left out.
-
-    The no-decay group comes first, as in the original stage-A optimizer state.
-    """
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name.endswith(".bias") or name in no_decay_names:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": float(weight_decay)},
-    ]
-
-
-class WarmupCosine:
-    """Learning-rate factor per optimizer step: linear warmup, then half-cycle cosine to ``min_lr``.
-
-    With ``e = step / steps_per_epoch`` (fractional epochs), the learning rate is ``lr * e / warmup`` during
-    the warmup and ``min_lr + (lr - min_lr) * (1 + cos(pi * (e - warmup) / (epochs - warmup))) / 2`` after it.
-    The factor returned is that value divided by ``lr`` (for ``torch.optim.lr_scheduler.LambdaLR``). A plain
-    class, so that its state in a checkpoint is a dict of numbers.
-    """
-
-    def __init__(self, lr: float, min_lr: float, warmup_epochs: float, epochs: float, steps_per_epoch: float):
-        self.lr = float(lr)
-        self.min_lr = float(min_lr)
-        self.warmup_epochs = float(warmup_epochs)
-        self.epochs = float(epochs)
-        self.steps_per_epoch = max(float(steps_per_epoch), 1e-12)
-
-    def lr_at(self, step: int) -> float:
-        e = step / self.steps_per_epoch
-        if e < self.warmup_epochs:
-            return self.lr * e / self.warmup_epochs
-        span = max(self.epochs - self.warmup_epochs, 1e-12)
-        progress = min(max((e - self.warmup_epochs) / span, 0.0), 1.0)
-        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def __call__(self, step: int) -> float:
-        return self.lr_at(step) / self.lr if self.lr > 0 else 0.0
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Run folder
-# ----------------------------------------------------------------------------------------------------------
-
-
-def write_run_config(run_dir: str | os.PathLike, stage: str, config: Mapping[str, Any], **extra: Any) -> Path:
-    """Write ``config.json`` of a run folder: stage, the resolved configuration (seed included), command line,
-    package versions and the git commit (see :func:`mindvis.utils.steps.provenance`).
-
-    Temporary files that a killed earlier attempt left anywhere in the run folder are removed first.
-    """
-    path = Path(run_dir) / RUN_CONFIG_NAME
-    remove_stale_temps(run_dir, recursive=True)  # half-written leftovers of a killed earlier attempt
-    previous = None
-    if path.is_file():
-        try:
-            previous = read_json(path)
-        except Exception:  # noqa: BLE001 - a damaged old file is simply replaced
-            previous = None
-    doc: dict[str, Any] = {
-        "_kind": "mindvis-run",
-        "_format_version": RUN_FORMAT_VERSION,
-        "stage": stage,
-        "config": dict(config),
-        **extra,
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        **provenance(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if isinstance(previous, dict):
-        doc["created"] = previous.get("created", doc["created"])
-        doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json(path, doc)
-    return path
-
-
-def read_run_config(run_dir: str | os.PathLike, stage: str | None = None) -> dict[str, Any]:
-    """Read a run folder's ``config.json``; returns the whole document.
-
-    Raises:
-        ConfigError: missing or malformed file, or a run of another stage.
-    """
-    path = Path(run_dir) / RUN_CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError("not a mindvis run folder (no config.json)", path=run_dir)
-    try:
-        doc = read_json(path)
-    except Exception as exc:  # DataError from read_json
-        raise ConfigError(getattr(exc, "detail", str(exc)), path=path) from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("_kind") != "mindvis-run"
-        or not isinstance(doc.get("config"), dict)
-    ):
-        raise ConfigError("not a mindvis run configuration", path=path)
-    if stage is not None and doc.get("stage") != stage:
-        raise ConfigError(f"this run is stage {doc.get('stage')!r}, not {stage!r}", path=path, field="stage")
-    return doc
-
-
-def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """``run_dir/checkpoints/last.ckpt``.
-
-    Raises:
-        CheckpointError: there is none.
-    """
-    path = Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
-    if not path.is_file():
-        raise CheckpointError("nothing to resume: no checkpoints/last.ckpt in this run folder", path=run_dir)
-    return path
-
-
-def read_checkpoint_progress(path: str | os.PathLike) -> dict[str, int]:
-    """Check that a Lightning checkpoint is complete and readable; return its ``epoch`` and ``global_step``.
-
-    Every member's CRC is verified, then the pickle is read by :func:`mindvis.safeload.load_torch_file`,
-    memory-mapped (tensors are not read).
-
-    Raises:
-        CheckpointError: missing, empty, truncated or corrupt file, or not a Lightning checkpoint.
-    """
-    path = Path(path)
-    ckpt = load_torch_file(path, mmap=True)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
-        raise CheckpointError("not a Lightning training checkpoint (no state_dict/epoch)", path=path)
-    return {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt.get("global_step", 0))}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Lightning pieces
-# ----------------------------------------------------------------------------------------------------------
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written to a temporary file, fsynced, and moved into place with ``os.replace``."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError("storage_options is not supported")
-        buf = io.BytesIO()
-        torch.save(checkpoint, buf)
-        path = Path(path)
-        remove_stale_temps(path.parent)  # what a killed run left while writing checkpoints
-        with atomic_write(path, "wb") as fh:
-            fh.write(buf.getbuffer())
-
-
-class CSVMetricsLogger(Logger):
-    """Metrics as one CSV file (``metrics.csv``), one row per logging call, columns ``epoch, step, ...``.
-
-    Unlike Lightning's CSVLogger it never deletes an existing file: a resumed run (``resume_step`` given) keeps
-    the rows up to the checkpoint's step (rows from after it, lost with the interrupted epoch, are dropped) and
-    continues; :class:`CheckpointedMetricsLog` then cuts the file to exactly the rows the checkpoint recorded.
-    Every save rewrites the file atomically (the rows are held in memory anyway), so a kill or a full disk
-    never leaves a half-written row.
-    """
-
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
-        super().__init__()
-        self.path = Path(path)
-        self._rows: list[dict[str, Any]] = []
-        self._keys: list[str] = []
-        self._pending: list[dict[str, Any]] = []
-        self._dirty = False
-        # the epoch-end row written ahead of a checkpoint (see log_epoch_end_early), until Lightning logs it
-        self._early: dict[str, Any] | None = None
-        if resume_step is not None and self.path.is_file() and is_primary_process():
-            with open(self.path, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                self._keys = list(reader.fieldnames or [])
-                for row in reader:
-                    try:
-                        if int(float(row.get("step") or 0)) <= resume_step:
-                            self._rows.append(row)
-                    except ValueError:
-                        continue
-            self._write_all()
-
-    @property
-    def name(self) -> str:
-        return "csv"
-
-    @property
-    def version(self) -> str:
-        return ""
-
-    @property
-    def log_dir(self) -> str:
-        return str(self.path.parent)
-
-    @property
-    def save_dir(self) -> str:
-        return str(self.path.parent)
-
-    @property
-    def rows_written(self) -> int:
-        """Rows in the file on disk (pending rows not included)."""
-        return len(self._rows)
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        return None  # the run's config.json holds them
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        row = self._row(metrics, step)
-        early = self._early
-        if early is not None:
-            if _same_row(early, row):
-                # Lightning's own epoch-end row, already written ahead of the checkpoint: complete it in place
-                self._early = None
-                if any(k not in early or not _same_value(early[k], v) for k, v in row.items()):
-                    early.update(row)
-                    self._dirty = True
-                return
-            if row["step"] > early["step"]:
-                self._early = None
-        self._pending.append(row)
-
-    @rank_zero_only
-    def log_epoch_end_early(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Write now the epoch-end row that Lightning will log after the epoch's checkpoint is saved.
-
-        A run resumed from that checkpoint does not log it again, so it must be on disk before the checkpoint;
-        the row that Lightning logs later with the same values is merged into this one instead of added.
-        """
-        row = self._row(metrics, step)
-        if self._early is not None and _same_row(self._early, row):
-            return  # a second checkpoint of the same moment (the best one besides last.ckpt)
-        self._pending.append(row)
-        self.save()
-        self._early = row
-
-    def _row(self, metrics: Mapping[str, Any], step: int | None) -> dict[str, Any]:
-        row: dict[str, Any] = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
-        row["step"] = step if step is not None else len(self._rows) + len(self._pending)
-        return row
-
-    @rank_zero_only
-    def keep_rows(self, count: int) -> None:
-        """Cut the log to its first ``count`` rows (those a checkpoint being resumed recorded)."""
-        self._early = None
-        if 0 <= count < len(self._rows):
-            del self._rows[count:]
-            self._dirty = True
-            self.save()
-
-    @rank_zero_only
-    def save(self) -> None:
-        if not self._pending and not self._dirty:
-            return
-        rows, self._pending = self._pending, []
-        keys = self._keys
-        new_keys = [k for r in rows + (self._rows if self._dirty else []) for k in r if k not in keys]
-        if new_keys:
-            seen = dict.fromkeys(keys + new_keys)
-            fixed = [k for k in ("epoch", "step") if k in seen]
-            self._keys = fixed + sorted(k for k in seen if k not in fixed)
-        self._rows.extend(rows)
-        try:
-            self._write_all()
-        except BaseException:
-            # not on disk: keep the rows pending so that the next save writes them
-            del self._rows[len(self._rows) - len(rows) :]
-            self._pending[:0] = rows
-            self._keys = keys
-            self._dirty = True
-            raise
-        self._dirty = False
-
-    @rank_zero_only
-    def finalize(self, status: str) -> None:
-        self.save()
-
-    def _write_all(self) -> None:
-        with atomic_write(self.path, "w") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self._keys)
-            writer.writeheader()
-            writer.writerows(self._rows)
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return bool(a == b)
-
-
-def _same_row(early: Mapping[str, Any], row: Mapping[str, Any]) -> bool:
-    """Whether ``row`` is the epoch-end row written early as ``early`` (same epoch, same values; the step may
-    differ only if it was predicted wrongly)."""
-    return all(k in row and _same_value(v, row[k]) for k, v in early.items() if k != "step")
-
-
-def _pending_epoch_end_metrics(trainer: pl.Trainer) -> tuple[dict[str, Any], int] | None:
-    """The row (metrics, step) that Lightning will log at the end of the epoch being checkpointed now, or
-    ``None`` when no such row is still to come (not training, not at the end of an epoch, nothing to log).
-
-    Lightning logs it in ``FitLoop.on_advance_end`` after ``on_train_epoch_end``, where checkpoints are saved,
-    with the step ``epoch_loop._batches_that_stepped - 1``; a checkpoint of the end of an epoch (saved in
-    ``on_train_epoch_end``, or in ``on_validation_end``/``on_train_batch_end`` of its last batch) restarts in
-    the next epoch, so a run resumed from it never logs that row.
-    """
-    if trainer.state.fn != "fit" or trainer.sanity_checking or not trainer.loggers:
-        return None
-    fit_loop = trainer.fit_loop
-    epoch_loop = fit_loop.epoch_loop
-    progress = fit_loop.epoch_progress.current
-    if progress.completed >= progress.started or not epoch_loop._num_ready_batches_reached():
-        return None
-    metrics = dict(epoch_loop._results.metrics(False)["log"])
-    if not metrics:
-        return None
-    step = epoch_loop._batches_that_stepped - 1
-    if progress.processed < progress.started and not epoch_loop._should_accumulate():
-        step += 1  # still inside the last batch, whose step has not been counted yet
-    if "step" in metrics:
-        step = int(metrics.pop("step"))
-    else:
-        metrics.setdefault("epoch", trainer.current_epoch)
-    return metrics, step
-
-
-class CheckpointedMetricsLog(Callback):
-    """Keep ``metrics.csv`` in step with the checkpoints, so that a resumed run's log equals an uninterrupted one.
-
-    Before a checkpoint is written, every row logged so far is put on disk, with the epoch-end row that
-    Lightning logs only after the checkpoint (see :func:`_pending_epoch_end_metrics`), and the checkpoint
-    records how many rows the log then holds (``mindvis_metrics_rows``). Resuming cuts the log to those rows.
-    """
-
-    CHECKPOINT_KEY = "mindvis_metrics_rows"
-
-    def __init__(self, log: CSVMetricsLogger):
-        self.metrics_log = log
-
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        pending = _pending_epoch_end_metrics(trainer)  # on every rank: synced metrics are computed together
-        if pending is not None:
-            self.metrics_log.log_epoch_end_early(*pending)
-        self.metrics_log.save()
-        checkpoint[self.CHECKPOINT_KEY] = self.metrics_log.rows_written
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        count = checkpoint.get(self.CHECKPOINT_KEY)
-        if isinstance(count, int) and not isinstance(count, bool):
-            self.metrics_log.keep_rows(count)
-
-
-def make_loggers(
-    kind: LoggerKind, run_dir: Path, resume_step: int | None = None, wandb_project: str = "mindvis"
-) -> list:
-    """The loggers for ``kind``: the CSV logger, plus TensorBoard or W&B when asked (lazily imported).
-
-    Raises:
-        ConfigError: the optional package is not installed.
-    """
-    if kind == "none":
-        return []
-    loggers: list[Any] = [CSVMetricsLogger(run_dir / METRICS_NAME, resume_step)]
-    if kind == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            try:
-                import tensorboardX  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    "--logger tensorboard needs the tensorboard package (pip install 'mindvis[tensorboard]')",
-                    field="logger",
-                ) from None
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
-    elif kind == "wandb":
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "--logger wandb needs the wandb package (pip install 'mindvis[wandb]')", field="logger"
-            ) from None
-        from lightning.pytorch.loggers import WandbLogger
-
-        loggers.append(WandbLogger(project=wandb_project, save_dir=str(run_dir), name=run_dir.name))
-    return loggers
-
-
-class ExportPretrained(Callback):
-    """Save our weights format: ``best/`` whenever ``monitor`` improves, ``model/`` at the end of training.
-
-    Runs on global rank 0 only. The LightningModule must have ``export_pretrained(directory)``.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike, monitor: str | None, mode: Literal["min", "max"] = "max"):
-        self.run_dir = Path(run_dir)
-        self.monitor = monitor
-        self.mode = mode
-        self.best: float | None = None
-
-    def _better(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.best is None:
-            return True
-        return value > self.best if self.mode == "max" else value < self.best
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor is None or trainer.state.fn != "fit":
-            return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            return
-        value = float(value)
-        if self._better(value):
-            self.best = value
-            if trainer.is_global_zero:
-                export_weights(pl_module, self.run_dir / BEST_WEIGHTS_DIR)
-                _logger.info(
-                    "best %s = %.4f at epoch %d: saved %s",
-                    self.monitor,
-                    value,
-                    trainer.current_epoch,
-                    self.run_dir / BEST_WEIGHTS_DIR,
-                )
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._exported = False
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            export_weights(pl_module, self.run_dir / FINAL_WEIGHTS_DIR)
-        self._exported = True
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Resuming from the checkpoint of the last epoch (a run stopped after writing it but before the export)
-        # skips the training loop and with it on_train_end: export here instead.
-        if getattr(self, "_exported", True) or not _training_finished(trainer):
-            return
-        if trainer.is_global_zero:
-            export_weights(pl_module, self.run_dir / FINAL_WEIGHTS_DIR)
-            _logger.info("training was already complete in the checkpoint: exported %s", FINAL_WEIGHTS_DIR)
-        self._exported = True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = state_dict.get("best")
-
-
-class EpochSummary(Callback):
-    """Log one line per epoch (epoch, steps, the epoch's metrics, seconds), for logs and runs without a bar.
-    Validation figures appear only on the epochs that validated, so a line never repeats old ones."""
-
-    def __init__(self) -> None:
-        self._t0 = 0.0
-        self._validated = False
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._validated = True
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        validated, self._validated = self._validated, False
-        if not trainer.is_global_zero:
-            return
-        shown: dict[str, str] = {}
-        for key, value in sorted(trainer.callback_metrics.items()):
-            if key.endswith("_step") or getattr(value, "numel", lambda: 1)() != 1:
-                continue
-            if key.startswith("val/") and not validated:
-                continue
-            name = key.removesuffix("_epoch")
-            if name.startswith("lr-"):  # one learning rate is enough (the groups share the schedule)
-                name = "lr"
-            shown.setdefault(name, f"{name} {float(value):.4g}")
-        _logger.info(
-            "epoch %d/%d (step %d, %.1f s): %s",
-            trainer.current_epoch + 1,
-            trainer.max_epochs,
-            trainer.global_step,
-            time.perf_counter() - self._t0,
-            ", ".join(shown.values()),
-        )
-
-
-def _training_finished(trainer: pl.Trainer) -> bool:
-    """Whether the fit loop has reached ``max_epochs`` or ``max_steps``."""
-    max_epochs = trainer.max_epochs
-    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs:
-        return True
-    max_steps = trainer.max_steps
-    return max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps
-
-
-def export_weights(pl_module: Any, directory: Path) -> Path:
-    """Write ``pl_module.export_pretrained`` into ``directory`` as a whole: built beside it, then swapped in."""
-    with atomic_dir(directory, overwrite=True) as tmp:
-        pl_module.export_pretrained(tmp)
-    return directory
-
-
-def make_adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` with torch's fused kernel when every parameter allows it (floating point, on a
-    CPU or a CUDA device), else the default implementation. Call it after the module is on its device, as
-    Lightning's ``configure_optimizers`` is."""
-    groups = list(params)
-    tensors = [p for g in groups for p in (g["params"] if isinstance(g, Mapping) else [g])]
-    fused = bool(tensors) and all(
-        isinstance(p, torch.Tensor) and p.is_floating_point() and p.device.type in ("cpu", "cuda")
-        for p in tensors
-    )
-    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
 def compiler_missing(device_type: str = "cpu") -> str | None:
@@ -813,6 +239,11 @@ def compile_for_training(module: Any, device_type: str = "cpu") -> list[str]:
     return list(targets)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
 def build_trainer(
     config: TrainerConfig,
     run_dir: str | os.PathLike,
@@ -833,7 +264,7 @@ def build_trainer(
         callbacks: more callbacks.
         resume_step: global step of the checkpoint being resumed (the CSV log is cut there).
         enable_checkpointing: write Lightning checkpoints.
-        export: add :func:`make_export_callback` (the module needs ``export_pretrained``).
+        export: add :class:`~mindvis.train.callbacks.ExportPretrained` (the module needs ``export_pretrained``).
     """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
@@ -940,34 +371,11 @@ def fit(
 
 
 __all__ = [
-    "BEST_WEIGHTS_DIR",
-    "CHECKPOINT_DIR",
-    "FINAL_WEIGHTS_DIR",
-    "LAST_CHECKPOINT",
-    "LOGGER_KINDS",
-    "METRICS_NAME",
-    "RUN_CONFIG_NAME",
     "TrainerConfig",
-    "WarmupCosine",
     "build_trainer",
     "compile_for_training",
     "compiler_missing",
-    "export_weights",
-    "find_resume_checkpoint",
     "fit",
-    "is_primary_process",
-    "AtomicCheckpointIO",
-    "CSVMetricsLogger",
-    "CheckpointedMetricsLog",
-    "EpochSummary",
-    "ExportPretrained",
-    "make_adamw",
-    "make_loggers",
-    "param_groups_weight_decay",
     "parse_devices",
-    "read_checkpoint_progress",
-    "read_run_config",
     "resolve_precision",
-    "seed_everything",
-    "write_run_config",
 ]

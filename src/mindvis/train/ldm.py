@@ -46,18 +46,11 @@ from mindvis.models.conditioning import Conditioning
 from mindvis.models.ldm import prior_class_table
 from mindvis.pipeline import MindVisPipeline
 from mindvis.train.align import align_context
-from mindvis.train.common import (
-    TrainerConfig,
-    build_trainer,
-    find_resume_checkpoint,
-    fit,
-    is_primary_process,
-    make_adamw,
-    read_checkpoint_progress,
-    seed_everything,
-    write_run_config,
-)
+from mindvis.train.common import TrainerConfig, build_trainer, fit
 from mindvis.train.config import QUICK_PREFIX, StageBConfig
+from mindvis.train.optim import make_adamw
+from mindvis.train.processes import is_primary_process, seed_everything
+from mindvis.train.run_folder import find_resume_checkpoint, read_checkpoint_progress, write_run_config
 from mindvis.train.stage_b_model import (
     build_encoder,
     build_stage_b_model,

@@ -57,19 +57,14 @@ from mindvis.data.pretrain import (
 )
 from mindvis.errors import CheckpointError, ConfigError
 from mindvis.models.mbm import MBM_VARIANTS, MaskedBrainModel, MBMConfig, load_mbm
-from mindvis.train.common import (
+from mindvis.train.common import TrainerConfig, build_trainer, fit
+from mindvis.train.optim import WarmupCosine, make_adamw, param_groups_weight_decay
+from mindvis.train.processes import is_primary_process, seed_everything
+from mindvis.train.run_folder import (
     FINAL_WEIGHTS_DIR,
-    TrainerConfig,
-    WarmupCosine,
-    build_trainer,
     find_resume_checkpoint,
-    fit,
-    is_primary_process,
-    make_adamw,
-    param_groups_weight_decay,
     read_checkpoint_progress,
     read_run_config,
-    seed_everything,
     write_run_config,
 )
 from mindvis.utils.io import atomic_dir, read_json, write_json

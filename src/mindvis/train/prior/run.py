@@ -18,17 +18,7 @@ from mindvis.data.sampler import EpochShuffleSampler
 from mindvis.errors import ConfigError, DataError
 from mindvis.models.ldm import LDMConfig, build_vq, ldm_preset, vq_decode, vq_encode
 from mindvis.pipeline import MindVisPipeline
-from mindvis.train.common import (
-    FINAL_WEIGHTS_DIR,
-    TrainerConfig,
-    build_trainer,
-    find_resume_checkpoint,
-    fit,
-    is_primary_process,
-    read_checkpoint_progress,
-    seed_everything,
-    write_run_config,
-)
+from mindvis.train.common import TrainerConfig, build_trainer, fit
 from mindvis.train.config import VQTrainConfig
 from mindvis.train.prior.corpus import ImageCorpus, ImageLabelDataset
 from mindvis.train.prior.evaluate import class_sample_accuracy, evaluate_vq
@@ -40,6 +30,13 @@ from mindvis.train.prior.model import (
 )
 from mindvis.train.prior.unet import ClassPriorModule, LatentLabelDataset, UNetTrainConfig, encode_corpus
 from mindvis.train.prior.vq import VQAutoencoderModule
+from mindvis.train.processes import is_primary_process, seed_everything
+from mindvis.train.run_folder import (
+    FINAL_WEIGHTS_DIR,
+    find_resume_checkpoint,
+    read_checkpoint_progress,
+    write_run_config,
+)
 from mindvis.utils.images import image_grid, images_to_model, model_to_uint8, save_png
 from mindvis.utils.io import prepare_output_dir, read_json, write_json
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from mindvis.errors import ConfigError, DataError
 from mindvis.models.ldm import DCLDM, vq_encode
-from mindvis.train.common import make_adamw
+from mindvis.train.optim import make_adamw
 from mindvis.train.prior.model import sample_class_grid, save_prior_pipeline
 from mindvis.utils.images import image_grid, images_to_model, save_png
 
