@@ -120,28 +120,23 @@ def build(corpus: str, work: Path, with_prior: bool = True) -> dict[str, list[st
     res = int(s["simulate"].get("resolution", 64))
     sim, clf, prior, perceptual = Path("sim"), Path("classifier"), Path("prior"), Path("perceptual")
     corpus_npz = sim / "stimuli" / "corpus.npz"
+
+    def classifier_command(out: Path, settings: dict[str, Any]) -> list[str]:
+        exclude = sim / "GOD" / f"images_{res}.npz"  # the subject's test images are never trained on
+        return [
+            "train-classifier",
+            "--corpus",
+            str(corpus_npz),
+            "--exclude-test",
+            str(exclude),
+            "--out",
+            str(out),
+        ] + _args(settings)
+
     commands = {
         "simulate": ["simulate", "--out", str(sim), "--overwrite", *_args(s["simulate"])],
-        "classifier": [
-            "train-classifier",
-            "--corpus",
-            str(corpus_npz),
-            "--exclude-test",
-            str(sim / "GOD" / f"images_{res}.npz"),
-            "--out",
-            str(clf),
-            *_args(s["classifier"]),
-        ],
-        "perceptual": [
-            "train-classifier",
-            "--corpus",
-            str(corpus_npz),
-            "--exclude-test",
-            str(sim / "GOD" / f"images_{res}.npz"),
-            "--out",
-            str(perceptual),
-            *_args(s["perceptual"]),
-        ],
+        "classifier": classifier_command(clf, s["classifier"]),
+        "perceptual": classifier_command(perceptual, s["perceptual"]),
         "prior": [
             "train-prior",
             "--corpus",
