@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# List the installed dependencies that have known security advisories, with pip-audit.
+# Check that the installed dependencies are consistent (pip check), then list those that have known
+# security advisories, with pip-audit.
 #
+# pip check runs offline: a broken requirement makes the audit exit 1 whatever pip-audit says.
 # pip-audit looks every pinned package up in the PyPA advisory database (through the PyPI or OSV web
 # services); it has no offline database. So the audit needs pip-audit and network access:
 #   * pip-audit not installed  -> says so, how to install it, exits 0;
@@ -22,6 +24,16 @@ if [ -z "$PY" ]; then
     exit 2
 fi
 
+if "$PY" -m pip check --disable-pip-version-check >"${TMPDIR:-/tmp}/mindvis-pip-check.$$" 2>&1; then
+    echo "audit: pip check: every installed distribution's requirements are met"
+    CHECK_RC=0
+else
+    echo "audit: pip check found broken requirements:"
+    cat "${TMPDIR:-/tmp}/mindvis-pip-check.$$"
+    CHECK_RC=1
+fi
+rm -f "${TMPDIR:-/tmp}/mindvis-pip-check.$$"
+
 if "$PY" -m pip_audit --version >/dev/null 2>&1; then
     AUDIT=("$PY" -m pip_audit)
 elif command -v pip-audit >/dev/null 2>&1; then
@@ -31,7 +43,7 @@ else
     echo "audit: the dependency audit needs pip-audit and network access (it queries the PyPI/OSV advisory"
     echo "audit: database; there is no offline database). Install it with '$PY -m pip install pip-audit'"
     echo "audit: on a machine with network access, then run 'make audit' again."
-    exit 0
+    exit "$CHECK_RC"
 fi
 
 workdir="$(mktemp -d)"
@@ -52,11 +64,12 @@ rc=$?
 if [ "$rc" -ne 0 ] && grep -qiE "connection ?error|max retries|name resolution|temporary failure|timed? ?out|network is unreachable|no route to host|proxyerror|sslerror|could not connect|failed to establish" "$workdir/err" "$workdir/out"; then
     echo "audit: not run: pip-audit could not reach the advisory database (no network access)."
     echo "audit: the dependency audit needs network access; run 'make audit' on a connected machine."
-    exit 0
+    exit "$CHECK_RC"
 fi
 cat "$workdir/out"
 cat "$workdir/err" >&2
 if [ "$rc" -eq 0 ]; then
     echo "audit: no known advisories"
 fi
+[ "$rc" -eq 0 ] && rc="$CHECK_RC"
 exit "$rc"
