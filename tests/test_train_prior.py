@@ -392,6 +392,20 @@ def test_train_prior_run_outputs_and_resume(tmp_path):
         else None
     )
     step1 = json.loads((out / "unet" / "stage.json").read_text())["global_step"]
+    # settings that change what is learned are refused on resume, with the setting named, and nothing is written
+    listing = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ConfigError, match=r"cannot change prior\.unet\.lr when resuming"):
+        train_prior(
+            c,
+            out,
+            _config(
+                unet_epochs=2,
+                unet=UNetTrainConfig(sample_steps=2, samples_per_class=1, ema_decay=0.9, lr=1e-2),
+            ),
+            _trainer(),
+            resume=True,
+        )
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == listing
     train_prior(c, out, _config(unet_epochs=2), _trainer(), resume=True)
     assert (out / "vq" / "stage.json").read_text() == vq_stage
     if vq_weights is not None:

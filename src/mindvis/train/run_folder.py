@@ -7,13 +7,15 @@ when one is kept), and the exported weights of the final (``model/``) and the be
 * :func:`write_run_config` / :func:`read_run_config`: ``config.json``, with the command line, package versions
   and git commit of the run.
 * :func:`find_resume_checkpoint` and :func:`read_checkpoint_progress`: ``--resume`` refuses a missing,
-  truncated or corrupt checkpoint before anything is written.
+  truncated or corrupt checkpoint before anything is written; :func:`check_resume_settings` refuses settings
+  that differ from those the run was started with.
 * :class:`AtomicCheckpointIO`: Lightning writes every checkpoint through it, whole or not at all.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import time
@@ -91,6 +93,45 @@ def read_run_config(run_dir: str | os.PathLike, stage: str | None = None) -> dic
     if stage is not None and doc.get("stage") != stage:
         raise ConfigError(f"this run is stage {doc.get('stage')!r}, not {stage!r}", path=path, field="stage")
     return doc
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}`` (tuples as lists, as JSON has them)."""
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: list(obj) if isinstance(obj, tuple) else obj}
+
+
+def check_resume_settings(
+    run_dir: str | os.PathLike, stage: str, config: Mapping[str, Any], may_change: frozenset[str]
+) -> None:
+    """Refuse to resume the run in ``run_dir`` with settings other than those it was started with.
+
+    ``config`` is what :func:`write_run_config` would write now; every setting (dotted key) must equal the
+    saved one, except those in ``may_change`` (e.g. epochs, which a resumed run may extend; an entry ending in
+    ``.`` names every key under it). A run folder without ``config.json`` has nothing to compare.
+
+    Raises:
+        ConfigError: naming the first setting that differs, its saved value and the given one.
+    """
+    if not (Path(run_dir) / RUN_CONFIG_NAME).is_file():
+        return
+    saved = _flat(read_run_config(run_dir, stage)["config"])
+    new = _flat(json.loads(json.dumps(dict(config), default=str)))  # as the file holds it
+    for key in sorted(set(saved) | set(new)):
+        if saved.get(key) == new.get(key) or key in may_change:
+            continue
+        if any(p.endswith(".") and key.startswith(p) for p in may_change):
+            continue
+        raise ConfigError(
+            f"cannot change {key} when resuming (the run was started with {saved.get(key)!r}, now "
+            f"{new.get(key)!r}); start a new run instead",
+            path=Path(run_dir) / RUN_CONFIG_NAME,
+            field=key,
+        )
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path:

@@ -33,6 +33,7 @@ from mindvis.train.prior.vq import VQAutoencoderModule
 from mindvis.train.processes import is_primary_process, seed_everything
 from mindvis.train.run_folder import (
     FINAL_WEIGHTS_DIR,
+    check_resume_settings,
     find_resume_checkpoint,
     read_checkpoint_progress,
     write_run_config,
@@ -207,6 +208,26 @@ def _log_lpips_availability(config: VQTrainConfig) -> None:
         )
 
 
+#: Settings a resumed ``train-prior`` run may change: the epochs of each half (to extend it), how it validates
+#: and shows samples, and how it is run (``trainer.``: hardware, precision, logging); anything else would mix two
+#: trainings in one model.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "prior.vq_epochs",
+        "prior.unet_epochs",
+        "prior.val_every",
+        "prior.final_samples_per_class",
+        "prior.num_workers",
+        "prior.unet.sample_every",
+        "prior.unet.samples_per_class",
+        "prior.unet.sample_steps",
+        "prior.unet.sampler",
+        "prior.unet.guidance_scale",
+        "trainer.",
+    }
+)
+
+
 def train_prior(
     corpus: ImageCorpus,
     out_dir: str | os.PathLike,
@@ -262,12 +283,15 @@ def train_prior(
         raise DataError("the corpus has no classes", path=corpus.source)
     seed_everything(config.seed)
     train_set, held = corpus.split(config.holdout, config.seed)
+    run_config = {"prior": config.to_dict(), "ldm": ldm_cfg.to_dict(), "trainer": trainer_config.to_dict()}
+    if resume:
+        check_resume_settings(out_dir, "train-prior", run_config, RESUME_MAY_CHANGE)
     if is_primary_process():
         out_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(
             out_dir,
             "train-prior",
-            {"prior": config.to_dict(), "ldm": ldm_cfg.to_dict(), "trainer": trainer_config.to_dict()},
+            run_config,
             corpus={
                 "source": corpus.source,
                 "images": len(corpus.images),
