@@ -188,12 +188,15 @@ def test_vq_options_of_train_prior_are_generated_from_its_config():
     from mindvis.cli import app
     from mindvis.commands._options import config_values
     from mindvis.config import settings_of
-    from mindvis.train.config import VQTrainConfig
+    from mindvis.train.config import UNetTrainConfig, VQTrainConfig
 
     params = {p.name: p for p in _params(app, "train-prior")}
-    for f in settings_of(VQTrainConfig):
-        p = params["vq_" + f.name]
-        assert (p.default, p.help) == (f.default, f.metadata["help"]), f.name
+    for prefix, cls in (("vq_", VQTrainConfig), ("unet_", UNetTrainConfig)):
+        for f in settings_of(cls):
+            p = params[prefix + f.name]
+            assert (p.default, p.help) == (f.default, f.metadata["help"]), f.name
+    assert params["ema_decay"].default == UNetTrainConfig.ema_decay
+    assert "--unet-lr" in params["unet_lr"].opts and "--guidance" in params["unet_guidance_scale"].opts
     assert "--vq-lr" in params["vq_lr"].opts and "--gan-start" in params["vq_gan_start_step"].opts
     values = {"vq_lr": 0.5, "vq_recon_loss": "l2", "unet_lr": 9.0}
     assert config_values(VQTrainConfig, values, prefix="vq_") == {"lr": 0.5, "recon_loss": "l2"}

@@ -11,7 +11,7 @@ import torch
 
 from mindvis.errors import ConfigError, DataError, WeightsUnavailable
 from mindvis.train.common import TrainerConfig
-from mindvis.train.config import VQTrainConfig
+from mindvis.train.config import UNetTrainConfig, VQTrainConfig
 from mindvis.train.prior import (
     ClassPriorModule,
     ImageCorpus,
@@ -19,7 +19,6 @@ from mindvis.train.prior import (
     LatentLabelDataset,
     LocalLPIPS,
     PriorTrainConfig,
-    UNetTrainConfig,
     VQAutoencoderModule,
     build_class_prior,
     codebook_usage,

@@ -24,7 +24,7 @@ from mindvis.commands._options import (
     trainer_options,
 )
 from mindvis.errors import ConfigError
-from mindvis.train.config import VQTrainConfig
+from mindvis.train.config import UNetTrainConfig, VQTrainConfig
 from mindvis.utils.io import check_output_apart
 
 
@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train-prior")
     @add_options(
         config_options(VQTrainConfig, prefix="vq_")
+        + config_options(UNetTrainConfig, prefix="unet_")
         + trainer_options(
             seed=0,
             precision="auto",
@@ -98,26 +99,11 @@ def register(app: typer.Typer) -> None:
         unet_epochs: int = typer.Option(60, "--unet-epochs", help="UNet training epochs."),
         vq_batch_size: int = typer.Option(16, "--vq-batch-size", help="VQ batch per device."),
         unet_batch_size: int = typer.Option(64, "--unet-batch-size", help="UNet batch per device."),
-        unet_lr: float = typer.Option(2e-4, "--unet-lr", help="UNet AdamW learning rate."),
         ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA of the UNet weights."),
-        ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA decay."),
-        class_dropout: float = typer.Option(
-            0.0, "--class-dropout", help="Null-class dropout (for guidance)."
-        ),
+        ema_decay: float = typer.Option(UNetTrainConfig.ema_decay, "--ema-decay", help="EMA decay."),
         holdout: float = typer.Option(0.1, "--holdout", help="Fraction of images held out for validation."),
         flip: bool = typer.Option(True, "--flip/--no-flip", help="Horizontal flip augmentation."),
         val_every: int = typer.Option(5, "--val-every", help="Validate every N epochs."),
-        sampler: str = typer.Option(
-            "ddim", "--sampler", help="Sampler of the class grids: plms, ddim, dpmsolver++."
-        ),
-        steps: int = typer.Option(50, "--steps", help="Sampler steps of the class grids."),
-        guidance: float = typer.Option(
-            1.0,
-            "--guidance",
-            help="Classifier-free guidance of the grids and scored samples (needs "
-            "--class-dropout > 0; 1 = none).",
-        ),
-        samples_per_class: int = typer.Option(4, "--samples-per-class", help="Columns of the class grids."),
         classifier: Path | None = typer.Option(
             None, "--classifier", help="Benchmark classifier folder: scores the class of the samples."
         ),
@@ -130,7 +116,6 @@ def register(app: typer.Typer) -> None:
 
         from mindvis.train.prior import (
             PriorTrainConfig,
-            UNetTrainConfig,
             classifier_callable,
             load_image_corpus,
             train_prior,
@@ -152,14 +137,8 @@ def register(app: typer.Typer) -> None:
             num_workers=shared["num_workers"],
             vq=VQTrainConfig(**config_values(VQTrainConfig, shared, prefix="vq_"), flip=flip),
             unet=UNetTrainConfig(
-                lr=unet_lr,
-                ema_decay=ema_decay if ema else None,
-                class_dropout=class_dropout,
-                samples_per_class=samples_per_class,
-                sample_steps=steps,
-                guidance_scale=guidance,
-                sampler=sampler,
-            ),  # type: ignore[arg-type]
+                **config_values(UNetTrainConfig, shared, prefix="unet_"), ema_decay=ema_decay if ema else None
+            ),
             vq_model=parse_assignments(vq_model, "--vq"),
             unet_model=parse_assignments(unet_model, "--unet"),
         )

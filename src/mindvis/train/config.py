@@ -1,16 +1,19 @@
 """The settings of the training stages, apart from the training code, so that the commands build their
 options from them (:func:`~mindvis.config.setting`) without loading torch: stage B (:class:`StageBConfig`) and
-the image prior's VQ autoencoder (:class:`VQTrainConfig`).
+the image prior's VQ autoencoder (:class:`VQTrainConfig`) and class-conditional UNet (:class:`UNetTrainConfig`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from mindvis.config import setting
 from mindvis.errors import ConfigError
+
+_logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mindvis.data.paired import PairedAugmentConfig
@@ -352,3 +355,57 @@ class VQTrainConfig:
     @property
     def use_perceptual_classifier(self) -> bool:
         return self.perceptual_classifier is not None and self.lpips_weight > 0
+
+
+@dataclass
+class UNetTrainConfig:
+    """Training settings of the image prior's class-conditional denoiser.
+
+    The fields declared with :func:`~mindvis.config.setting` are options of ``mindvis train-prior``; ``ema_decay``
+    is set by ``--ema/--no-ema`` and ``--ema-decay`` (``None``: no EMA; with EMA, validation samples and the
+    exported prior use the averaged weights). The others:
+
+    Attributes:
+        weight_decay: AdamW weight decay.
+        grad_clip: gradient norm clip (``None``: off).
+        sample_every: draw class sample grids every this many validation runs.
+    """
+
+    lr: float = setting(2e-4, "UNet AdamW learning rate.", flag="--unet-lr")
+    weight_decay: float = 0.0
+    ema_decay: float | None = 0.999
+    class_dropout: float = setting(
+        0.0, "Null-class dropout (for classifier-free guidance; 0 = never, as the original prior)."
+    )
+    grad_clip: float | None = 1.0
+    sample_every: int = 1
+    samples_per_class: int = setting(4, "Columns of the class grids.")
+    sample_steps: int = setting(50, "Sampler steps of the class grids.", flag="--steps")
+    sampler: Literal["plms", "ddim", "dpmsolver++"] = setting(
+        "ddim", "Sampler of the class grids: plms, ddim, dpmsolver++."
+    )
+    guidance_scale: float = setting(
+        1.0,
+        "Classifier-free guidance of the grids and scored samples (needs --class-dropout > 0; 1 = none).",
+        flag="--guidance",
+    )
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"must be positive, got {self.lr}", field="unet.lr")
+        if self.guidance_scale != 1.0 and self.class_dropout <= 0:
+            _logger.warning(
+                "guidance_scale %s without class_dropout: the null class is never trained",
+                self.guidance_scale,
+            )
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"must be in (0, 1) or None, got {self.ema_decay}", field="unet.ema_decay")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"must be in [0, 1), got {self.class_dropout}", field="unet.class_dropout")
+        for name in ("sample_every", "samples_per_class", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=f"unet.{name}")
+        if self.sampler not in ("plms", "ddim", "dpmsolver++"):
+            raise ConfigError(
+                f"must be plms, ddim or dpmsolver++, got {self.sampler!r}", field="unet.sampler"
+            )

@@ -23,7 +23,7 @@ The modules, each importing only those listed before it:
 - :mod:`~mindvis.train.prior.evaluate`: :func:`psnr_ssim`, :func:`codebook_usage`, :func:`evaluate_vq`,
   :func:`class_sample_accuracy`, :func:`classifier_callable`;
 - :mod:`~mindvis.train.prior.vq`: :class:`VQAutoencoderModule` (its settings: :class:`mindvis.train.config.VQTrainConfig`);
-- :mod:`~mindvis.train.prior.unet`: :class:`UNetTrainConfig`, :class:`LatentLabelDataset`, :func:`encode_corpus`,
+- :mod:`~mindvis.train.prior.unet` (settings: :class:`mindvis.train.config.UNetTrainConfig`): :class:`LatentLabelDataset`, :func:`encode_corpus`,
   :class:`ClassPriorModule`;
 - :mod:`~mindvis.train.prior.run`: :class:`PriorTrainConfig` and :func:`train_prior`, the whole run.
 
@@ -47,7 +47,7 @@ from mindvis.train.prior.model import (
     warn_instance_norm,
 )
 from mindvis.train.prior.run import PriorTrainConfig, train_prior
-from mindvis.train.prior.unet import ClassPriorModule, LatentLabelDataset, UNetTrainConfig, encode_corpus
+from mindvis.train.prior.unet import ClassPriorModule, LatentLabelDataset, encode_corpus
 from mindvis.train.prior.vq import VQAutoencoderModule
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
     "LocalLPIPS",
     "PatchDiscriminator",
     "PriorTrainConfig",
-    "UNetTrainConfig",
     "VQAutoencoderModule",
     "build_class_prior",
     "class_sample_accuracy",

@@ -19,7 +19,7 @@ from mindvis.errors import ConfigError, DataError
 from mindvis.models.ldm import LDMConfig, build_vq, ldm_preset, vq_decode, vq_encode
 from mindvis.pipeline import MindVisPipeline
 from mindvis.train.common import TrainerConfig, build_trainer, fit
-from mindvis.train.config import VQTrainConfig
+from mindvis.train.config import UNetTrainConfig, VQTrainConfig
 from mindvis.train.prior.corpus import ImageCorpus, ImageLabelDataset
 from mindvis.train.prior.evaluate import class_sample_accuracy, evaluate_vq
 from mindvis.train.prior.model import (
@@ -28,7 +28,7 @@ from mindvis.train.prior.model import (
     save_prior_pipeline,
     warn_instance_norm,
 )
-from mindvis.train.prior.unet import ClassPriorModule, LatentLabelDataset, UNetTrainConfig, encode_corpus
+from mindvis.train.prior.unet import ClassPriorModule, LatentLabelDataset, encode_corpus
 from mindvis.train.prior.vq import VQAutoencoderModule
 from mindvis.train.processes import is_primary_process, seed_everything
 from mindvis.train.run_folder import (

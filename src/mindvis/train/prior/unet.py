@@ -6,9 +6,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -17,63 +16,12 @@ import torch.nn as nn
 
 from mindvis.errors import ConfigError, DataError
 from mindvis.models.ldm import DCLDM, vq_encode
+from mindvis.train.config import UNetTrainConfig
 from mindvis.train.optim import make_adamw
 from mindvis.train.prior.model import sample_class_grid, save_prior_pipeline
 from mindvis.utils.images import image_grid, images_to_model, save_png
 
 _logger = logging.getLogger(__name__)
-
-
-@dataclass
-class UNetTrainConfig:
-    """Training settings of the class-conditional denoiser.
-
-    Attributes:
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        ema_decay: decay of the exponential moving average of the UNet and class embedding (``None``: no EMA).
-            With EMA, validation samples and the exported prior use the averaged weights.
-        class_dropout: probability of replacing a label by the null class during training (for
-            classifier-free guidance; 0 = never, as the original prior).
-        grad_clip: gradient norm clip (``None``: off).
-        sample_every: draw class sample grids every this many validation runs.
-        samples_per_class: columns of the grid.
-        sample_steps: sampler steps for the grids.
-        sampler: sampler for the grids.
-        guidance_scale: classifier-free guidance of the grids and the class-accuracy samples (1: none; other
-            values need a null class trained with ``class_dropout``).
-    """
-
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    ema_decay: float | None = 0.999
-    class_dropout: float = 0.0
-    grad_clip: float | None = 1.0
-    sample_every: int = 1
-    samples_per_class: int = 4
-    sample_steps: int = 50
-    sampler: Literal["plms", "ddim", "dpmsolver++"] = "ddim"
-    guidance_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"must be positive, got {self.lr}", field="unet.lr")
-        if self.guidance_scale != 1.0 and self.class_dropout <= 0:
-            _logger.warning(
-                "guidance_scale %s without class_dropout: the null class is never trained",
-                self.guidance_scale,
-            )
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"must be in (0, 1) or None, got {self.ema_decay}", field="unet.ema_decay")
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise ConfigError(f"must be in [0, 1), got {self.class_dropout}", field="unet.class_dropout")
-        for name in ("sample_every", "samples_per_class", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=f"unet.{name}")
-        if self.sampler not in ("plms", "ddim", "dpmsolver++"):
-            raise ConfigError(
-                f"must be plms, ddim or dpmsolver++, got {self.sampler!r}", field="unet.sampler"
-            )
 
 
 class LatentLabelDataset(torch.utils.data.Dataset):
