@@ -95,20 +95,18 @@ def add_options(specs: list[OptionSpec]) -> Callable[[F], F]:
     return decorate
 
 
-def config_options(cls: type, exclude: tuple[str, ...] = (), prefix: str = "") -> list[OptionSpec]:
+def config_options(cls: type, prefix: str = "") -> list[OptionSpec]:
     """The options of the fields of config dataclass ``cls`` declared with :func:`mindvis.config.setting`.
 
     Each option takes the field's name, type, default and help text, and the flag ``--<name-with-dashes>``
     (``--x/--no-x`` for a bool) unless the field names its own; a ``Literal`` type becomes ``str`` (the
-    config's ``__post_init__`` refuses other values with the field named). ``exclude`` leaves fields out (a
-    command that sets them another way). ``prefix`` goes before each option's parameter name (not its flag), for
+    config's ``__post_init__`` refuses other values with the field named). Fields a command sets another way
+    are simply not declared with ``setting``. ``prefix`` goes before each option's parameter name (not its flag), for
     a command that takes the settings of two configs with fields of the same name (whose flags then differ).
     """
     hints = typing.get_type_hints(cls)
     specs = []
     for f in settings_of(cls):
-        if f.name in exclude:
-            continue
         annotation = hints[f.name]
         args = typing.get_args(annotation)
         if typing.get_origin(annotation) is typing.Literal:

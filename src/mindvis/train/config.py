@@ -281,7 +281,6 @@ class VQTrainConfig:
 
     Attributes:
         codebook_decay: decay of the codes' moving averages with ``codebook_ema``.
-        lpips_net: LPIPS backbone (``vgg``, ``alex`` or ``squeeze``).
         disc_lr: discriminator learning rate (``None``: ``lr``).
         disc_layers, disc_channels: discriminator size.
         grad_clip: gradient norm clip (``None``: off).

@@ -96,13 +96,13 @@ def read_run_config(run_dir: str | os.PathLike, stage: str | None = None) -> dic
 
 
 def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}`` (tuples as lists, as JSON has them)."""
+    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}`` (of a JSON document)."""
     if isinstance(obj, Mapping):
         out: dict[str, Any] = {}
         for k, v in obj.items():
             out.update(_flat(v, f"{prefix}{k}."))
         return out
-    return {prefix[:-1]: list(obj) if isinstance(obj, tuple) else obj}
+    return {prefix[:-1]: obj}
 
 
 def check_resume_settings(

@@ -16,6 +16,7 @@ import torch.nn as nn
 from mindvis.errors import MindVisError, WeightsUnavailable
 from mindvis.eval.classifier import BenchmarkClassifier
 from mindvis.safeload import load_state_dict
+from mindvis.utils.images import resize_tensor
 
 _logger = logging.getLogger(__name__)
 
@@ -107,11 +108,7 @@ class ClassifierPerceptual(nn.Module):
         return super().train(False)
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = (x + 1.0) / 2.0  # [-1, 1] -> [0, 1], the classifier's input scale
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = torch.nn.functional.interpolate(
-                x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
-            )
+        x = resize_tensor((x + 1.0) / 2.0, self.size)  # [-1, 1] -> [0, 1], the classifier's input scale
         h = (x - self.mean) / self.std
         feats = []
         for layer in self.body:
