@@ -162,7 +162,7 @@ def test_stage_b_options_are_generated_from_its_config(monkeypatch):
 
     monkeypatch.setattr(ldm, "train_stage_b", fake_train)
     monkeypatch.setattr(
-        "mindvis.commands.train.load_dataset", lambda *a, **k: type("D", (), {"subject": "s"})()
+        "mindvis.train.ldm.load_dataset", lambda *a, **k: type("D", (), {"subject": "s"})()
     )
     args = ["train", "--prior", "p", "--mbm", "m", "--out", "o", "--dataset", "bold5000", "--subject", "s"]
     flags = [

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -169,6 +171,201 @@ class ConfigMixin:
         return config_from_dict(cls, data, source)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Changing one field of a config from text (``mindvis demo --set SECTION.KEY=VALUE``)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def option_paths(cls: type) -> dict[str, str]:
+    """``{option: field path}`` of the :func:`setting` fields of config dataclass ``cls`` and of its fields that are
+    config dataclasses themselves (``{"vq_lr": "vq.lr", "steps": "unet.sample_steps"}``): the name of each field's
+    command-line option, without dashes and with underscores, to the dotted path of the field. An option name
+    that two nested fields share is left out (the path names it)."""
+    out: dict[str, str] = {}
+    shared: set[str] = set()
+
+    def walk(kind: type, prefix: str) -> None:
+        hints = typing.get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            inner = _dataclass_of(hints.get(f.name))
+            if inner is not None:
+                walk(inner, f"{prefix}{f.name}.")
+            if "help" not in f.metadata:
+                continue
+            flag = (f.metadata.get("flag") or "--" + f.name).split("/")[0]
+            name = flag.lstrip("-").replace("-", "_")
+            if name in out or name in shared:
+                shared.add(name)
+                out.pop(name, None)
+            else:
+                out[name] = prefix + f.name
+
+    walk(cls, "")
+    return out
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _allows_none(annotation: Any) -> bool:
+    return annotation is Any or type(None) in typing.get_args(annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def coerce_value(annotation: Any, value: Any, name: str) -> Any:
+    """``value`` (as YAML reads a written value) converted to the field type ``annotation``: an integer for
+    ``int`` (not a bool), a number for ``float``, ``true``/``false`` for ``bool``, text for ``str`` (a number
+    written for a text field is kept as text), one of the choices of a ``Literal``, a list for a tuple or list,
+    a mapping for a dict, ``None`` only where the type allows it.
+
+    Raises:
+        ConfigError: the value does not fit the type (``field=name``).
+    """
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError("expected a value, got null", field=name)
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce_value(arg, value, name)
+            except ConfigError as exc:
+                errors.append(exc.detail)
+        raise ConfigError("; or ".join(errors), field=name)
+    if value is None:
+        raise ConfigError(f"expected {_type_name(annotation)}, got null", field=name)
+    if origin is typing.Literal:
+        for choice in args:
+            if value == choice or str(value) == str(choice):
+                return choice
+        raise ConfigError(f"expected one of {', '.join(map(str, args))}, got {value!r}", field=name)
+    if annotation is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise ConfigError(f"expected true or false, got {value!r}", field=name)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {value!r}", field=name)
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"expected a number, got {value!r}", field=name)
+        return float(value)
+    if annotation is str:
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"expected text, got {value!r}", field=name)
+        return (
+            value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected a list like [a, b], got {value!r}", field=name)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [coerce_value(args[0], v, name) for v in value]
+        elif origin is tuple and args:
+            if len(value) != len(args):
+                raise ConfigError(f"expected a list of {len(args)} values, got {value!r}", field=name)
+            items = [coerce_value(a, v, name) for a, v in zip(args, value, strict=True)]
+        else:
+            items = [coerce_value(args[0] if args else Any, v, name) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"expected a mapping like {{a: 1}}, got {value!r}", field=name)
+        return dict(value)
+    if isinstance(value, annotation if isinstance(annotation, type) else object):
+        return value
+    raise ConfigError(f"expected {_type_name(annotation)}, got {value!r}", field=name)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """The default of dataclass field ``f`` (a fresh one from its factory), or ``MISSING``."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def change_config(config: Any, path: str, value: Any) -> Any:
+    """A copy of config dataclass ``config`` with the field at dotted ``path`` set to ``value``.
+
+    ``value`` is converted to the field's type (:func:`coerce_value`); :data:`RESET` restores the field's
+    default, and so does ``None`` for a field that cannot be ``None`` (``None`` removes a dict entry). A path may go into a field that is a config dataclass (``vq.lr``) or into a dict field
+    (``vq_model.n_embed``, whose entry is checked by the config itself). The copy is built with
+    :func:`dataclasses.replace`, so the config's own checks run on the new value. ``config`` is not changed.
+
+    Raises:
+        ConfigError: no such field, or a value of the wrong type or refused by the config (``field=path``).
+    """
+    head, _, rest = path.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(config) if f.init}
+    if head not in fields:
+        raise ConfigError(
+            f"{type(config).__name__} has no field {head!r}; it has: {', '.join(sorted(fields))}", field=path
+        )
+    annotation = typing.get_type_hints(type(config))[head]
+    current = getattr(config, head)
+    if rest and dataclasses.is_dataclass(current):
+        new = change_config(current, rest, value)
+    elif rest and isinstance(current, Mapping):
+        new = dict(current)
+        if value is RESET or value is None:
+            new.pop(rest, None)
+        else:
+            new[rest] = value
+    elif rest:
+        raise ConfigError(f"{head} is a single value; it has no entry {rest!r}", field=path)
+    elif value is RESET or (value is None and not _allows_none(annotation)):
+        new = field_default(fields[head])
+    elif dataclasses.is_dataclass(current):
+        raise ConfigError(f"{head} is a group of settings; set one of them, e.g. {head}.<field>", field=path)
+    else:
+        new = coerce_value(annotation, value, path)
+    try:
+        return dataclasses.replace(config, **{head: new})
+    except ConfigError as exc:
+        raise ConfigError(exc.detail, field=path) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc), field=path) from None
+
+
+class _Reset:
+    def __repr__(self) -> str:
+        return "RESET"
+
+
+#: The value that :func:`change_config` reads as "the field's default" (``null`` in ``--set``).
+RESET: Any = _Reset()
+
+
+def config_to_dict(config: Any) -> Any:
+    """A config dataclass (or what it holds) as plain JSON/YAML types: dicts, lists, numbers, text."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
+    if isinstance(config, Mapping):
+        return {str(k): config_to_dict(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(v) for v in config]
+    if isinstance(config, np.generic):
+        return config.item()
+    return config
+
+
 __all__ = [
     "MAX_DEPTH",
     "MAX_LEVELS",
@@ -178,13 +375,19 @@ __all__ = [
     "MAX_SIZE",
     "MAX_SPATIAL",
     "MAX_VOXELS",
+    "RESET",
     "ConfigMixin",
     "check_bool",
     "check_float",
     "check_int",
     "check_int_tuple",
+    "change_config",
     "check_parameters",
+    "coerce_value",
     "config_from_dict",
+    "config_to_dict",
+    "field_default",
+    "option_paths",
     "setting",
     "settings_of",
 ]

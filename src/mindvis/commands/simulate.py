@@ -57,23 +57,25 @@ def simulate(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mindvis.synthcortex import SynthConfig
+    from mindvis.synthcortex.config import OPTION_FIELDS
     from mindvis.synthcortex import simulate as run_simulation
 
-    overrides: dict[str, Any] = {
+    given: dict[str, Any] = {
         "seed": seed,
-        "n_subjects": subjects,
-        "n_rest_subjects": rest_subjects,
+        "subjects": subjects,
+        "rest_subjects": rest_subjects,
         "n_train": n_train,
         "n_test": n_test,
-        "n_repeats": repeats,
+        "repeats": repeats,
         "resolution": resolution,
         "source": source,
         "voxels": voxels,
         "rest_vertices": rest_vertices,
-        "n_trs": trs,
+        "trs": trs,
         "corpus_size": corpus_size,
     }
-    config = SynthConfig.preset(preset, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {OPTION_FIELDS.get(k, k): v for k, v in given.items() if v is not None}
+    config = SynthConfig.preset(preset, **overrides)
 
     folder = config.source.partition("folder:")[2] if config.source.startswith("folder:") else None
     check_output_apart(out, {"--source": folder})

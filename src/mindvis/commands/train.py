@@ -23,14 +23,11 @@ from mindvis.commands._options import (
     add_options,
     config_options,
     config_values,
-    load_classifier_option,
     set_threads,
     trainer_config,
     trainer_options,
 )
-from mindvis.data.formats.registry import load_dataset
-from mindvis.train.config import StageBConfig
-from mindvis.utils.io import check_output_apart
+from mindvis.train.config import STAGE_B_TRAINER, StageBConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -39,10 +36,10 @@ def register(app: typer.Typer) -> None:
         config_options(StageBConfig)
         + trainer_options(
             seed=StageBConfig.seed,
-            precision="32",
+            precision=STAGE_B_TRAINER["precision"],
             precision_help="32 (the original's), bf16-mixed (GPU), 16-mixed, auto.",
             logger_help="csv, tensorboard, wandb (both add the CSV) or none.",
-            log_every=10,
+            log_every=STAGE_B_TRAINER["log_every_n_steps"],
             progress_help="Show the progress bar.",
             resume_help="Continue the run in --out.",
         )
@@ -90,7 +87,7 @@ def register(app: typer.Typer) -> None:
         set_threads(shared["threads"])
         from rich.console import Console
 
-        from mindvis.train.ldm import default_subject, train_stage_b
+        from mindvis.train.ldm import run_stage_b
         from mindvis.train.processes import is_primary_process
 
         config = StageBConfig(
@@ -100,39 +97,17 @@ def register(app: typer.Typer) -> None:
             seed=shared["seed"],
             num_workers=shared["num_workers"],
         )
-
-        check_output_apart(
-            out,
-            {
-                "--prior": prior,
-                "--mbm": mbm,
-                "--data-dir": data_dir,
-                "--preprocess": preprocess,
-                "--classifier": classifier,
-            },
-        )
-        options: dict[str, Any] = {}
-        if roi is not None:
-            options["roi"] = roi
-        if subject is None:
-            subject = default_subject(dataset, data_dir)
-        train_ds = load_dataset(dataset, data_dir, subject, "train", **options)
-        test_ds = load_dataset(dataset, data_dir, subject or train_ds.subject, "test", **options)
-        pre = None
-        if preprocess is not None:
-            from mindvis.data.preprocess import load_preprocessor
-
-            pre = load_preprocessor(preprocess, subject=train_ds.subject)
-        result = train_stage_b(
+        result = run_stage_b(
+            config,
             prior,
             mbm,
-            train_ds,
-            test_ds,
             out,
-            config,
-            trainer_config(shared),
-            classifier=load_classifier_option(classifier),
-            preprocessor=pre,
+            data_dir=data_dir,
+            subject=subject,
+            roi=roi,
+            preprocess=preprocess,
+            classifier=classifier,
+            trainer_config=trainer_config(shared),
             resume=shared["resume"],
             overwrite=shared["overwrite"],
         )

@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 
 from mindvis.commands._options import SEED_RANGE, set_threads
-from mindvis.errors import ConfigError
-from mindvis.utils.io import check_output_apart
 
 
 def register(app: typer.Typer) -> None:
@@ -58,29 +56,18 @@ def register(app: typer.Typer) -> None:
         """Train the benchmark classifier on training images only; cached by the SHA-256 of its data."""
         from rich.console import Console
 
-        from mindvis.eval.classifier import (
-            CLASSIFIER_PRESETS,
-            ClassifierConfig,
-            check_classifier_output,
-        )
-        from mindvis.eval.classifier_training import load_training_corpus, train_benchmark_classifier
+        from mindvis.eval.classifier import classifier_config
+        from mindvis.eval.classifier_training import train_classifier_on
 
         console = Console()
-        check_output_apart(out, {"--corpus": corpus, "--exclude-test": exclude_test})
-        check_classifier_output(out, overwrite)  # before reading the corpus
-        set_threads(threads or 0)
-        if preset not in CLASSIFIER_PRESETS:
-            raise ConfigError(
-                f"unknown classifier preset {preset!r} (choose {', '.join(CLASSIFIER_PRESETS)})",
-                field="preset",
-            )
-        given = {"epochs": epochs, "input_size": input_size, "holdout_fraction": holdout, "blur": blur}
-        settings = {**CLASSIFIER_PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
-        config = ClassifierConfig(**settings, seed=seed)
-        images, labels, names, desc, groups = load_training_corpus(corpus, exclude=exclude_test, groups=True)
-        result = train_benchmark_classifier(
-            images, labels, names, out, config, force=force, source=desc, overwrite=overwrite, groups=groups
+        config = classifier_config(
+            preset, epochs=epochs, input_size=input_size, holdout_fraction=holdout, blur=blur, seed=seed
         )
+        set_threads(threads or 0)
+        result = train_classifier_on(
+            config, corpus, out, exclude_test=exclude_test, force=force, overwrite=overwrite
+        )
+        names = result.classifier.class_names
         info = result.classifier.info
         state = "reused (training data unchanged)" if result.cached else f"trained in {result.seconds:.1f} s"
         console.print(f"classifier {state}: {out}")

@@ -18,14 +18,12 @@ from mindvis.commands._options import (
     add_options,
     config_options,
     config_values,
-    load_classifier_option,
     set_threads,
     trainer_config,
     trainer_options,
 )
 from mindvis.errors import ConfigError
-from mindvis.train.config import UNetTrainConfig, VQTrainConfig
-from mindvis.utils.io import check_output_apart
+from mindvis.train.config import PRIOR_TRAINER, PriorTrainConfig, UNetTrainConfig, VQTrainConfig
 
 
 def parse_assignments(items: list[str] | None, option: str) -> dict[str, Any]:
@@ -44,24 +42,18 @@ def parse_assignments(items: list[str] | None, option: str) -> dict[str, Any]:
     return out
 
 
-def resolve_corpus_path(path: Path) -> Path:
-    """A corpus file or image folder; a simulator output folder means its ``stimuli/corpus.npz``."""
-    if path.is_dir() and (path / "stimuli" / "corpus.npz").is_file():
-        return path / "stimuli" / "corpus.npz"
-    return path
-
-
 def register(app: typer.Typer) -> None:
     @app.command("train-prior")
     @add_options(
-        config_options(VQTrainConfig, prefix="vq_")
+        config_options(PriorTrainConfig)
+        + config_options(VQTrainConfig, prefix="vq_")
         + config_options(UNetTrainConfig, prefix="unet_")
         + trainer_options(
-            seed=0,
-            precision="auto",
+            seed=PriorTrainConfig.seed,
+            precision=PRIOR_TRAINER["precision"],
             precision_help="auto (bf16-mixed on GPUs, 32 on CPUs), 32, bf16-mixed, 16-mixed.",
             logger_help="csv, tensorboard, wandb or none.",
-            log_every=20,
+            log_every=PRIOR_TRAINER["log_every_n_steps"],
             progress_help="Show the progress bars.",
             resume_help="Continue the run in --out (finished halves are kept).",
         )
@@ -75,10 +67,6 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(
             ..., "--out", "-o", help="Run folder to create (or continue with --resume)."
-        ),
-        preset: str = typer.Option("small", "--preset", help="Model sizes: tiny, small or label2img."),
-        resolution: int | None = typer.Option(
-            None, "--resolution", help="Image size [default: the preset's]."
         ),
         vq_model: list[str] | None = typer.Option(
             None,
@@ -95,72 +83,38 @@ def register(app: typer.Typer) -> None:
             "--resize-mixed",
             help="Centre-crop and resize images of mixed sizes (otherwise they are an error).",
         ),
-        vq_epochs: int = typer.Option(20, "--vq-epochs", help="VQ training epochs."),
-        unet_epochs: int = typer.Option(60, "--unet-epochs", help="UNet training epochs."),
-        vq_batch_size: int = typer.Option(16, "--vq-batch-size", help="VQ batch per device."),
-        unet_batch_size: int = typer.Option(64, "--unet-batch-size", help="UNet batch per device."),
         ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA of the UNet weights."),
         ema_decay: float = typer.Option(UNetTrainConfig.ema_decay, "--ema-decay", help="EMA decay."),
-        holdout: float = typer.Option(0.1, "--holdout", help="Fraction of images held out for validation."),
-        flip: bool = typer.Option(True, "--flip/--no-flip", help="Horizontal flip augmentation."),
-        val_every: int = typer.Option(5, "--val-every", help="Validate every N epochs."),
         classifier: Path | None = typer.Option(
             None, "--classifier", help="Benchmark classifier folder: scores the class of the samples."
         ),
-        final_samples: int = typer.Option(10, "--final-samples", help="Samples per class scored at the end."),
         **shared: Any,
     ) -> None:
         """Train the image prior: a VQ autoencoder, then a class-conditional UNet on its latents."""
         set_threads(shared["threads"])
         from rich.console import Console
 
-        from mindvis.train.prior import (
-            PriorTrainConfig,
-            classifier_callable,
-            load_image_corpus,
-            train_prior,
-        )
+        from mindvis.train.prior import run_train_prior
         from mindvis.train.processes import is_primary_process
 
         config = PriorTrainConfig(
-            preset=preset,
-            resolution=resolution,
-            vq_epochs=vq_epochs,
-            unet_epochs=unet_epochs,
-            vq_batch_size=vq_batch_size,
-            unet_batch_size=unet_batch_size,
-            holdout=holdout,
-            flip=flip,
-            val_every=val_every,
-            final_samples_per_class=final_samples,
+            **config_values(PriorTrainConfig, shared),
             seed=shared["seed"],
             num_workers=shared["num_workers"],
-            vq=VQTrainConfig(**config_values(VQTrainConfig, shared, prefix="vq_"), flip=flip),
+            vq=VQTrainConfig(**config_values(VQTrainConfig, shared, prefix="vq_")),
             unet=UNetTrainConfig(
                 **config_values(UNetTrainConfig, shared, prefix="unet_"), ema_decay=ema_decay if ema else None
             ),
             vq_model=parse_assignments(vq_model, "--vq"),
             unet_model=parse_assignments(unet_model, "--unet"),
         )
-
-        inputs = {
-            "--corpus": corpus,
-            "--lpips-weights": config.vq.lpips_weights,
-            "--perceptual-classifier": config.vq.perceptual_classifier,
-            "--classifier": classifier,
-        }
-        check_output_apart(out, {k: None if v is None else Path(v) for k, v in inputs.items()})
-        images = load_image_corpus(
-            resolve_corpus_path(corpus), config.ldm_config(2).vq.resolution, resize_mixed=resize_mixed
-        )
-        clf = load_classifier_option(classifier)
-        judge = None if clf is None else classifier_callable(clf, images.class_names)
-        metrics = train_prior(
-            images,
-            out,
+        metrics = run_train_prior(
             config,
-            trainer_config(shared),
-            classifier=judge,
+            corpus,
+            out,
+            classifier=classifier,
+            resize_mixed=resize_mixed,
+            trainer_config=trainer_config(shared),
             resume=shared["resume"],
             overwrite=shared["overwrite"],
         )

@@ -334,6 +334,28 @@ def _only_training_state(path: Path) -> bool:
         return False
 
 
+def classifier_config(preset: str = "small", **changes: Any) -> ClassifierConfig:
+    """The training settings of :data:`CLASSIFIER_PRESETS` ``preset`` with ``changes`` (``None`` values ignored).
+
+    Raises:
+        ConfigError: an unknown preset or field, or a value the config refuses.
+    """
+    if preset not in CLASSIFIER_PRESETS:
+        raise ConfigError(
+            f"unknown classifier preset {preset!r} (choose {', '.join(CLASSIFIER_PRESETS)})", field="preset"
+        )
+    given = {k: v for k, v in changes.items() if v is not None}
+    try:
+        return ClassifierConfig(**{**CLASSIFIER_PRESETS[preset], **given})
+    except TypeError as exc:
+        raise ConfigError(f"unknown classifier setting ({exc})", field="classifier") from None
+
+
+def load_benchmark_classifier(path: str | Path | None) -> BenchmarkClassifier | None:
+    """The benchmark classifier in folder ``path`` (``mindvis train-classifier``), or ``None`` for ``None``."""
+    return None if path is None else BenchmarkClassifier.load(path)
+
+
 def check_classifier_output(out_dir: str | Path, overwrite: bool = False) -> None:
     """A classifier may be written to ``out_dir``: absent, empty, holding a classifier (or only an interrupted
     training's state), or ``overwrite``.

@@ -30,7 +30,7 @@ from mindvis.eval.classifier import (
 )
 from mindvis.safeload import load_torch_file
 from mindvis.utils.images import to_float_resized
-from mindvis.utils.io import atomic_write
+from mindvis.utils.io import atomic_write, check_output_apart
 from mindvis.utils.steps import provenance
 
 logger = logging.getLogger(__name__)
@@ -434,3 +434,33 @@ def _matches_any(images: np.ndarray, others: np.ndarray, tol: float = 2.0) -> np
             d = np.abs(a[i : i + 2048, None, :] - b[None, j : j + 64, :]).mean(axis=2)
             hit[i : i + 2048] |= (d <= tol).any(axis=1)
     return hit
+
+
+def train_classifier_on(
+    config: ClassifierConfig,
+    corpus: str | Path,
+    out_dir: str | Path,
+    *,
+    exclude_test: str | Path | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+) -> TrainResult:
+    """The benchmark classifier of a corpus on disk, as ``mindvis train-classifier`` trains it.
+
+    Args:
+        config: the training settings (:func:`~mindvis.eval.classifier.classifier_config` builds one from a
+            preset).
+        corpus: a stimulus corpus ``.npz`` (images, labels, class_names) or a GOD-layout ``images_<res>.npz``
+            (only its training split is used).
+        out_dir: the classifier folder (``model.safetensors`` + ``config.json``); it must not lie inside an input.
+        exclude_test: an ``.npz`` whose ``test_images`` must not be trained on; matching corpus images are dropped.
+        force: retrain even when the folder's classifier was trained on the same data and settings.
+        overwrite: replace an ``out_dir`` that holds something other than a classifier.
+    """
+
+    check_output_apart(out_dir, {"--corpus": corpus, "--exclude-test": exclude_test})
+    check_classifier_output(out_dir, overwrite)  # before reading the corpus
+    images, labels, names, desc, groups = load_training_corpus(corpus, exclude=exclude_test, groups=True)
+    return train_benchmark_classifier(
+        images, labels, names, out_dir, config, force=force, source=desc, overwrite=overwrite, groups=groups
+    )

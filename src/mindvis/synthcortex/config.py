@@ -24,6 +24,16 @@ def _default_fractions() -> dict[str, float]:
     return {"V1": 0.22, "V2": 0.21, "V3": 0.17, "V4": 0.14, "HVC": 0.26}
 
 
+#: The options of ``mindvis simulate`` that set a :class:`SynthConfig` field of another name (``--rest-subjects``
+#: sets ``n_rest_subjects``; ``--preset`` picks the noise preset, ``name``); the others are the field's own name.
+OPTION_FIELDS: dict[str, str] = {
+    "subjects": "n_subjects",
+    "rest_subjects": "n_rest_subjects",
+    "repeats": "n_repeats",
+    "trs": "n_trs",
+    "preset": "name",
+}
+
 @dataclass
 class SynthConfig:
     """Every parameter of a SynthCortex run. Build with :meth:`preset`; validated at creation.

@@ -1,13 +1,15 @@
 """The settings of the training stages, apart from the training code, so that the commands build their
 options from them (:func:`~mindvis.config.setting`) without loading torch: stage B (:class:`StageBConfig`) and
-the image prior's VQ autoencoder (:class:`VQTrainConfig`) and class-conditional UNet (:class:`UNetTrainConfig`).
+the image prior (:class:`PriorTrainConfig`) with its VQ autoencoder (:class:`VQTrainConfig`) and
+class-conditional UNet (:class:`UNetTrainConfig`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from mindvis.config import setting
@@ -33,6 +35,12 @@ CONTEXT_BASES = ("free", "prior-classes")
 VAL_SCHEDULES = ("original", "full")
 #: Prefix of the quick pass's figures (``val_schedule="original"``); full-pass figures are ``val/<key>``.
 QUICK_PREFIX = "val/quick/"
+
+#: How ``mindvis train`` runs stage B unless told otherwise (:class:`~mindvis.train.common.TrainerConfig` fields):
+#: full precision, as the original, and training metrics every 10 steps.
+STAGE_B_TRAINER: dict[str, Any] = {"precision": "32", "log_every_n_steps": 10}
+#: How ``mindvis train-prior`` runs unless told otherwise: bf16 on GPUs that have it, fp32 on CPUs.
+PRIOR_TRAINER: dict[str, Any] = {"precision": "auto", "log_every_n_steps": 20}
 
 
 @dataclass
@@ -408,3 +416,114 @@ class UNetTrainConfig:
             raise ConfigError(
                 f"must be plms, ddim or dpmsolver++, got {self.sampler!r}", field="unet.sampler"
             )
+
+
+@dataclass
+class PriorTrainConfig:
+    """Everything ``mindvis train-prior`` learns and how long.
+
+    Attributes:
+        preset: model sizes (:func:`mindvis.models.ldm.ldm_preset`: ``tiny``, ``small``, ``label2img``).
+        resolution: image size; ``None`` takes the preset's. The UNet's latent size follows from it.
+        vq_epochs, unet_epochs: training length of each half.
+        vq_batch_size, unet_batch_size: batch sizes (per process).
+        holdout: fraction of the corpus held out for validation (VQ PSNR/SSIM, UNet validation loss).
+        flip: horizontal flips (VQ images; the UNet trains on the latents of both orientations).
+        val_every: validation every this many epochs (both halves).
+        final_samples_per_class: samples per class drawn at the end to measure class accuracy.
+        seed: split and initialisation seed.
+        num_workers: data-loader workers.
+        vq, unet: the two halves' loss and optimiser settings.
+        vq_model, unet_model: overrides of the preset's :class:`~mindvis.models.ldm.VQConfig` /
+            :class:`~mindvis.models.ldm.UNetConfig` fields (e.g. ``{"ch": 32}``, ``{"model_channels": 32}``).
+    """
+
+    preset: str = setting("small", "Model sizes: tiny, small or label2img.")
+    resolution: int | None = setting(None, "Image size [default: the preset's].")
+    vq_epochs: int = setting(20, "VQ training epochs.")
+    unet_epochs: int = setting(60, "UNet training epochs.")
+    vq_batch_size: int = setting(16, "VQ batch per device.")
+    unet_batch_size: int = setting(64, "UNet batch per device.")
+    holdout: float = setting(0.1, "Fraction of images held out for validation.")
+    flip: bool = setting(True, "Horizontal flip augmentation.")
+    val_every: int = setting(5, "Validate every N epochs.")
+    final_samples_per_class: int = setting(10, "Samples per class scored at the end.", flag="--final-samples")
+    seed: int = 0
+    num_workers: int = 0
+    vq: VQTrainConfig = field(default_factory=VQTrainConfig)
+    unet: UNetTrainConfig = field(default_factory=UNetTrainConfig)
+    vq_model: dict[str, Any] = field(default_factory=dict)
+    unet_model: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vq, dict):
+            self.vq = VQTrainConfig(**self.vq)
+        if isinstance(self.unet, dict):
+            self.unet = UNetTrainConfig(**self.unet)
+        if self.vq.flip != self.flip:  # one switch for both halves: the VQ's images and the UNet's latents
+            self.vq = dataclasses.replace(self.vq, flip=self.flip)
+        for name in ("vq_epochs", "unet_epochs", "vq_batch_size", "unet_batch_size", "val_every"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if "epochs" in name else 1)
+            ):
+                raise ConfigError(f"expected a non-negative integer, got {value!r}", field=name)
+        if not 0.0 < self.holdout < 0.5:
+            raise ConfigError(f"expected a fraction in (0, 0.5), got {self.holdout}", field="holdout")
+        if self.final_samples_per_class < 0:
+            raise ConfigError("must be >= 0", field="final_samples_per_class")
+        self.ldm_config(2)  # validates preset and resolution
+
+    def ldm_config(self, num_classes: int) -> Any:
+        """The :class:`~mindvis.models.ldm.LDMConfig` of the prior (no time conditioning)."""
+        from mindvis.models.ldm import LDMConfig, ldm_preset  # torch; a command's --help reads this module
+
+        base = ldm_preset(self.preset, time_cond=False)
+        vq_changes = dict(self.vq_model)
+        if self.resolution is not None:
+            vq_changes["resolution"] = int(self.resolution)
+        unet_changes = {k: v for k, v in self.unet_model.items()}
+        if "time_cond" in unet_changes:
+            raise ConfigError("the prior has no time conditioning", field="unet_model.time_cond")
+        try:
+            vq = dataclasses.replace(base.vq, **vq_changes)
+            unet_changes.setdefault("sample_size", vq.latent_size)
+            unet_changes.setdefault("in_channels", vq.embed_dim)
+            unet_changes.setdefault("out_channels", vq.embed_dim)
+            unet = dataclasses.replace(base.unet, **unet_changes)
+        except TypeError as exc:
+            raise ConfigError(f"unknown model field ({exc})", field="vq_model/unet_model") from None
+        ldm = LDMConfig(unet=unet, vq=vq)
+        warn_instance_norm(ldm)
+        return ldm
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def warn_instance_norm(ldm: Any) -> list[str]:
+    """Warn about layers whose GroupNorm has one channel per group (``width == norm_groups``).
+
+    Such a GroupNorm normalises every channel over space on its own, which erases any per-channel constant: in
+    the UNet the time embedding (and a class embedding seen through cross-attention to a single token) added to
+    the features, in the autoencoder the global colour. A model built that way cannot learn the noise level;
+    use ``norm_groups`` of at most half the narrowest width. Returns the warnings.
+    """
+    out = []
+    u, v = ldm.unet, ldm.vq
+    if min(u.block_channels) <= u.norm_groups:
+        out.append(
+            f"UNet width {min(u.block_channels)} with {u.norm_groups} GroupNorm groups: one channel per "
+            "group removes the time embedding (the denoiser cannot tell the noise level); set "
+            f"norm_groups <= {min(u.block_channels) // 2}"
+        )
+    if v.ch * min(v.ch_mult) <= v.norm_groups:
+        out.append(
+            f"VQ width {v.ch * min(v.ch_mult)} with {v.norm_groups} GroupNorm groups: one channel per "
+            f"group removes global colour offsets; set norm_groups <= {v.ch * min(v.ch_mult) // 2}"
+        )
+    for msg in out:
+        _logger.warning(msg)
+    return out

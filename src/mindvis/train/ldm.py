@@ -37,17 +37,18 @@ import numpy as np
 import torch
 
 from mindvis.data.dataset import FMRIDataset
-from mindvis.data.formats.registry import list_subjects
+from mindvis.data.formats.registry import list_subjects, load_dataset
 from mindvis.data.paired import PairedFMRIDataset
 from mindvis.data.preprocess import PREPROCESSING_NAME, find_preprocessing, load_preprocessor, prepare_voxels
 from mindvis.data.sampler import EpochShuffleSampler
 from mindvis.errors import ConfigError, DataError
+from mindvis.eval.classifier import load_benchmark_classifier
 from mindvis.models.conditioning import Conditioning
 from mindvis.models.ldm import prior_class_table
 from mindvis.pipeline import MindVisPipeline
 from mindvis.train.align import align_context
 from mindvis.train.common import TrainerConfig, build_trainer, fit
-from mindvis.train.config import QUICK_PREFIX, StageBConfig
+from mindvis.train.config import QUICK_PREFIX, STAGE_B_TRAINER, StageBConfig
 from mindvis.train.optim import make_adamw
 from mindvis.train.processes import is_primary_process, seed_everything
 from mindvis.train.run_folder import find_resume_checkpoint, read_checkpoint_progress, write_run_config
@@ -70,7 +71,7 @@ from mindvis.train.stage_b_validation import (
     val_metric_names,
 )
 from mindvis.utils.images import image_grid, save_png
-from mindvis.utils.io import prepare_output_dir, write_json
+from mindvis.utils.io import check_output_apart, prepare_output_dir, write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -400,6 +401,67 @@ def default_subject(dataset: str, data_dir: Any = None) -> str | None:
         subjects[0],
     )
     return subjects[0]
+
+
+def run_stage_b(
+    config: StageBConfig,
+    prior: str | os.PathLike,
+    mbm: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    subject: str | None = None,
+    roi: str | None = None,
+    preprocess: str | os.PathLike | None = None,
+    classifier: str | os.PathLike | None = None,
+    trainer_config: TrainerConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> StageBResult:
+    """Stage B on a dataset folder, as ``mindvis train`` runs it: :func:`train_stage_b` on ``config.dataset``'s
+    training and test splits of one subject.
+
+    Args:
+        config: stage B settings (its ``dataset`` names the reader).
+        prior, mbm: the image prior's pipeline folder and the stage A model (see :func:`train_stage_b`).
+        out_dir: the run folder; it must not lie inside any input.
+        data_dir: the dataset folder (default: found under ``$MINDVIS_DATA``).
+        subject: the subject (default: :func:`default_subject`).
+        roi: ROI of the GOD layout (default: the reader's, VC).
+        preprocess: a fitted preprocessing JSON (default: the stage A run's, else fitted on the training split).
+        classifier: a benchmark classifier folder for the semantic validation metrics.
+        trainer_config: hardware, precision and logging (default: :data:`STAGE_B_TRAINER`).
+    """
+
+    check_output_apart(
+        out_dir,
+        {
+            "--prior": prior,
+            "--mbm": mbm,
+            "--data-dir": data_dir,
+            "--preprocess": preprocess,
+            "--classifier": classifier,
+        },
+    )
+    options = {} if roi is None else {"roi": roi}
+    if subject is None:
+        subject = default_subject(config.dataset, data_dir)
+    train_ds = load_dataset(config.dataset, data_dir, subject, "train", **options)
+    test_ds = load_dataset(config.dataset, data_dir, subject or train_ds.subject, "test", **options)
+    pre = None if preprocess is None else load_preprocessor(preprocess, subject=train_ds.subject)
+    return train_stage_b(
+        prior,
+        mbm,
+        train_ds,
+        test_ds,
+        out_dir,
+        config,
+        trainer_config or TrainerConfig(**STAGE_B_TRAINER),
+        classifier=load_benchmark_classifier(classifier),
+        preprocessor=pre,
+        resume=resume,
+        overwrite=overwrite,
+    )
 
 
 class StageBData(pl.LightningDataModule):

@@ -18,19 +18,21 @@ The modules, each importing only those listed before it:
 
 - :mod:`~mindvis.train.prior.corpus`: :class:`ImageCorpus`, :func:`load_image_corpus`, :class:`ImageLabelDataset`;
 - :mod:`~mindvis.train.prior.losses`: :class:`LocalLPIPS`, :class:`PatchDiscriminator`;
-- :mod:`~mindvis.train.prior.model`: :func:`build_class_prior`, :func:`warn_instance_norm`,
+- :mod:`~mindvis.train.prior.model`: :func:`build_class_prior`,
   :func:`sample_class_grid`, :func:`save_prior_pipeline`;
 - :mod:`~mindvis.train.prior.evaluate`: :func:`psnr_ssim`, :func:`codebook_usage`, :func:`evaluate_vq`,
   :func:`class_sample_accuracy`, :func:`classifier_callable`;
 - :mod:`~mindvis.train.prior.vq`: :class:`VQAutoencoderModule` (its settings: :class:`mindvis.train.config.VQTrainConfig`);
 - :mod:`~mindvis.train.prior.unet` (settings: :class:`mindvis.train.config.UNetTrainConfig`): :class:`LatentLabelDataset`, :func:`encode_corpus`,
   :class:`ClassPriorModule`;
-- :mod:`~mindvis.train.prior.run`: :class:`PriorTrainConfig` and :func:`train_prior`, the whole run.
+- :mod:`~mindvis.train.prior.run`: :func:`train_prior`, the whole run (its settings: :class:`mindvis.train.config.PriorTrainConfig`), and
+  :func:`run_train_prior`, the same from a corpus on disk.
 
 The conversions between uint8 images and the model's ``[-1, 1]`` tensors, the grids and the PNG files are in
 :mod:`mindvis.utils.images`.
 """
 
+from mindvis.train.config import PriorTrainConfig, warn_instance_norm
 from mindvis.train.prior.corpus import ImageCorpus, ImageLabelDataset, load_image_corpus
 from mindvis.train.prior.evaluate import (
     class_sample_accuracy,
@@ -44,9 +46,8 @@ from mindvis.train.prior.model import (
     build_class_prior,
     sample_class_grid,
     save_prior_pipeline,
-    warn_instance_norm,
 )
-from mindvis.train.prior.run import PriorTrainConfig, train_prior
+from mindvis.train.prior.run import resolve_corpus_path, run_train_prior, train_prior
 from mindvis.train.prior.unet import ClassPriorModule, LatentLabelDataset, encode_corpus
 from mindvis.train.prior.vq import VQAutoencoderModule
 
@@ -67,6 +68,8 @@ __all__ = [
     "evaluate_vq",
     "load_image_corpus",
     "psnr_ssim",
+    "resolve_corpus_path",
+    "run_train_prior",
     "sample_class_grid",
     "save_prior_pipeline",
     "train_prior",

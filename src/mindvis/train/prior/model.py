@@ -22,32 +22,6 @@ from mindvis.utils.images import model_to_uint8
 _logger = logging.getLogger(__name__)
 
 
-def warn_instance_norm(ldm: Any) -> list[str]:
-    """Warn about layers whose GroupNorm has one channel per group (``width == norm_groups``).
-
-    Such a GroupNorm normalises every channel over space on its own, which erases any per-channel constant: in
-    the UNet the time embedding (and a class embedding seen through cross-attention to a single token) added to
-    the features, in the autoencoder the global colour. A model built that way cannot learn the noise level;
-    use ``norm_groups`` of at most half the narrowest width. Returns the warnings.
-    """
-    out = []
-    u, v = ldm.unet, ldm.vq
-    if min(u.block_channels) <= u.norm_groups:
-        out.append(
-            f"UNet width {min(u.block_channels)} with {u.norm_groups} GroupNorm groups: one channel per "
-            "group removes the time embedding (the denoiser cannot tell the noise level); set "
-            f"norm_groups <= {min(u.block_channels) // 2}"
-        )
-    if v.ch * min(v.ch_mult) <= v.norm_groups:
-        out.append(
-            f"VQ width {v.ch * min(v.ch_mult)} with {v.norm_groups} GroupNorm groups: one channel per "
-            f"group removes global colour offsets; set norm_groups <= {v.ch * min(v.ch_mult) // 2}"
-        )
-    for msg in out:
-        _logger.warning(msg)
-    return out
-
-
 def build_class_prior(ldm_config: Any, num_classes: int, vq: nn.Module | None = None) -> nn.Module:
     """A class-conditional :class:`~mindvis.models.ldm.DCLDM`: UNet without time conditioning, a class embedding
     of ``num_classes + 1`` rows (the last is the null class) and the VQ (new, or the one given)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,17 +15,17 @@ import torch
 
 from mindvis.data.sampler import EpochShuffleSampler
 from mindvis.errors import ConfigError, DataError
-from mindvis.models.ldm import LDMConfig, build_vq, ldm_preset, vq_decode, vq_encode
+from mindvis.eval.classifier import load_benchmark_classifier
+from mindvis.models.ldm import build_vq, vq_decode, vq_encode
 from mindvis.pipeline import MindVisPipeline
 from mindvis.train.common import TrainerConfig, build_trainer, fit
-from mindvis.train.config import UNetTrainConfig, VQTrainConfig
-from mindvis.train.prior.corpus import ImageCorpus, ImageLabelDataset
-from mindvis.train.prior.evaluate import class_sample_accuracy, evaluate_vq
+from mindvis.train.config import PRIOR_TRAINER, PriorTrainConfig, VQTrainConfig
+from mindvis.train.prior.corpus import ImageCorpus, ImageLabelDataset, load_image_corpus
+from mindvis.train.prior.evaluate import class_sample_accuracy, classifier_callable, evaluate_vq
 from mindvis.train.prior.model import (
     build_class_prior,
     sample_class_grid,
     save_prior_pipeline,
-    warn_instance_norm,
 )
 from mindvis.train.prior.unet import ClassPriorModule, LatentLabelDataset, encode_corpus
 from mindvis.train.prior.vq import VQAutoencoderModule
@@ -39,90 +38,9 @@ from mindvis.train.run_folder import (
     write_run_config,
 )
 from mindvis.utils.images import image_grid, images_to_model, model_to_uint8, save_png
-from mindvis.utils.io import prepare_output_dir, read_json, write_json
+from mindvis.utils.io import check_output_apart, prepare_output_dir, read_json, write_json
 
 _logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PriorTrainConfig:
-    """Everything ``mindvis train-prior`` learns and how long.
-
-    Attributes:
-        preset: model sizes (:func:`mindvis.models.ldm.ldm_preset`: ``tiny``, ``small``, ``label2img``).
-        resolution: image size; ``None`` takes the preset's. The UNet's latent size follows from it.
-        vq_epochs, unet_epochs: training length of each half.
-        vq_batch_size, unet_batch_size: batch sizes (per process).
-        holdout: fraction of the corpus held out for validation (VQ PSNR/SSIM, UNet validation loss).
-        flip: horizontal flips (VQ images; the UNet trains on the latents of both orientations).
-        val_every: validation every this many epochs (both halves).
-        final_samples_per_class: samples per class drawn at the end to measure class accuracy.
-        seed: split and initialisation seed.
-        num_workers: data-loader workers.
-        vq, unet: the two halves' loss and optimiser settings.
-        vq_model, unet_model: overrides of the preset's :class:`~mindvis.models.ldm.VQConfig` /
-            :class:`~mindvis.models.ldm.UNetConfig` fields (e.g. ``{"ch": 32}``, ``{"model_channels": 32}``).
-    """
-
-    preset: str = "small"
-    resolution: int | None = None
-    vq_epochs: int = 20
-    unet_epochs: int = 60
-    vq_batch_size: int = 16
-    unet_batch_size: int = 64
-    holdout: float = 0.1
-    flip: bool = True
-    val_every: int = 5
-    final_samples_per_class: int = 10
-    seed: int = 0
-    num_workers: int = 0
-    vq: VQTrainConfig = field(default_factory=VQTrainConfig)
-    unet: UNetTrainConfig = field(default_factory=UNetTrainConfig)
-    vq_model: dict[str, Any] = field(default_factory=dict)
-    unet_model: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.vq, dict):
-            self.vq = VQTrainConfig(**self.vq)
-        if isinstance(self.unet, dict):
-            self.unet = UNetTrainConfig(**self.unet)
-        for name in ("vq_epochs", "unet_epochs", "vq_batch_size", "unet_batch_size", "val_every"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (0 if "epochs" in name else 1)
-            ):
-                raise ConfigError(f"expected a non-negative integer, got {value!r}", field=name)
-        if not 0.0 < self.holdout < 0.5:
-            raise ConfigError(f"expected a fraction in (0, 0.5), got {self.holdout}", field="holdout")
-        if self.final_samples_per_class < 0:
-            raise ConfigError("must be >= 0", field="final_samples_per_class")
-        self.ldm_config(2)  # validates preset and resolution
-
-    def ldm_config(self, num_classes: int) -> Any:
-        """The :class:`~mindvis.models.ldm.LDMConfig` of the prior (no time conditioning)."""
-        base = ldm_preset(self.preset, time_cond=False)
-        vq_changes = dict(self.vq_model)
-        if self.resolution is not None:
-            vq_changes["resolution"] = int(self.resolution)
-        unet_changes = {k: v for k, v in self.unet_model.items()}
-        if "time_cond" in unet_changes:
-            raise ConfigError("the prior has no time conditioning", field="unet_model.time_cond")
-        try:
-            vq = dataclasses.replace(base.vq, **vq_changes)
-            unet_changes.setdefault("sample_size", vq.latent_size)
-            unet_changes.setdefault("in_channels", vq.embed_dim)
-            unet_changes.setdefault("out_channels", vq.embed_dim)
-            unet = dataclasses.replace(base.unet, **unet_changes)
-        except TypeError as exc:
-            raise ConfigError(f"unknown model field ({exc})", field="vq_model/unet_model") from None
-        ldm = LDMConfig(unet=unet, vq=vq)
-        warn_instance_norm(ldm)
-        return ldm
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class _Loaders(pl.LightningDataModule):
@@ -226,6 +144,60 @@ RESUME_MAY_CHANGE = frozenset(
         "trainer.",
     }
 )
+
+
+def resolve_corpus_path(path: str | os.PathLike) -> Path:
+    """A corpus file or image folder; a simulator output folder means its ``stimuli/corpus.npz``."""
+    path = Path(path)
+    if path.is_dir() and (path / "stimuli" / "corpus.npz").is_file():
+        return path / "stimuli" / "corpus.npz"
+    return path
+
+
+def run_train_prior(
+    config: PriorTrainConfig,
+    corpus: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    classifier: str | os.PathLike | None = None,
+    resize_mixed: bool = False,
+    trainer_config: TrainerConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """The image prior from a corpus on disk, as ``mindvis train-prior`` trains it: :func:`train_prior` on the
+    images of ``corpus`` (a corpus ``.npz``, an image folder with one sub-folder per class, or a simulator output
+    folder), scored by the benchmark classifier in folder ``classifier`` when one is given.
+
+    Args:
+        resize_mixed: centre-crop and resize images of mixed sizes (otherwise they are an error).
+        trainer_config: hardware, precision and logging (default: :data:`~mindvis.train.config.PRIOR_TRAINER`).
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+
+    inputs = {
+        "--corpus": corpus,
+        "--lpips-weights": config.vq.lpips_weights,
+        "--perceptual-classifier": config.vq.perceptual_classifier,
+        "--classifier": classifier,
+    }
+    check_output_apart(out_dir, {k: None if v is None else Path(v) for k, v in inputs.items()})
+    images = load_image_corpus(
+        resolve_corpus_path(corpus), config.ldm_config(2).vq.resolution, resize_mixed=resize_mixed
+    )
+    clf = load_benchmark_classifier(classifier)
+    judge = None if clf is None else classifier_callable(clf, images.class_names)
+    return train_prior(
+        images,
+        out_dir,
+        config,
+        trainer_config or TrainerConfig(**PRIOR_TRAINER),
+        classifier=judge,
+        resume=resume,
+        overwrite=overwrite,
+    )
 
 
 def train_prior(
