@@ -132,7 +132,7 @@ def test_probe_cli_writes_json_table_and_plot(tmp_path, monkeypatch, quiet_cli_l
     def fake_load(kind, data_dir, subject, split, **kw):
         return {"train": tr, "test": te}[split]
 
-    monkeypatch.setattr("mindvis.commands.probe.load_dataset", fake_load)
+    monkeypatch.setattr("mindvis.eval.probe.load_dataset", fake_load)
     out = tmp_path / "probe out"
     data_dir = str(tmp_path / "data")  # read through the patched loader
     code = main(["probe", str(run), "--dataset", "synthetic", "--data-dir", data_dir, "--out", str(out)])
@@ -250,9 +250,7 @@ def test_probe_cli_reports_the_prior_class_signal(tmp_path, monkeypatch, quiet_c
     tr, te = _split(24, 0, "train", True), _split(8, 1, "test", True)
     unlabelled = FMRIDataset(voxels=tr.voxels, subject="sbj_1", split="train", source="mem/train")
     splits = {"train": tr, "test": te}
-    monkeypatch.setattr(
-        "mindvis.commands.probe.load_dataset", lambda kind, d, subj, split, **kw: splits[split]
-    )
+    monkeypatch.setattr("mindvis.eval.probe.load_dataset", lambda kind, d, subj, split, **kw: splits[split])
     out = tmp_path / "probe"
     args = ["probe", "--dataset", "synthetic", "--data-dir", str(tmp_path / "data"), "--prior", str(prior)]
     assert main([*args, "--prior-items", "6", "--prior-draws", "2", "--out", str(out)]) == 0
