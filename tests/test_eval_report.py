@@ -332,3 +332,85 @@ def test_report_renders_in_headless_chromium(tmp_path):
     state = json.loads(m.group(1).replace("&quot;", '"'))
     assert len(state["imgs"]) == 3 and all(state["imgs"])
     assert len(state["tabs"]) >= 3 and all(state["tabs"])
+
+
+def _recon_folder(path, n=6, s=2, size=24):
+    rec, gt = _images(n=n, s=s, size=size)
+    path.mkdir()
+    np.savez(path / "reconstructions.npz", images=rec, ground_truth=gt)
+    return rec, gt
+
+
+def test_evaluate_run_writes_the_report_folder(tmp_path):
+    from mindvis.errors import OutputExistsError, OutputOverlapError
+    from mindvis.eval.config import EvaluateConfig
+    from mindvis.eval.evaluate import evaluate_run
+
+    _recon_folder(tmp_path / "recon")
+    config = EvaluateConfig(
+        metrics="pixel,identification,semantic", n_way="2,3", trials=20, bootstrap=20, seed=7
+    )
+    out = tmp_path / "ev"
+    run = evaluate_run(config, [tmp_path / "recon"], out, classifier=StubClassifier(), title="mine")
+    assert run.out == out and run.labels is None and run.report == out / "report.html"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in run.files.values())
+    assert {"json", "html", "grid"} <= set(run.files) and all(p.parent == out for p in run.files.values())
+    saved = load_results(out)
+    assert saved == json.loads(json.dumps(run.runs[0]))  # the returned results are what was written
+    assert saved["title"] == "mine" and saved["classifier"]["name"] == "stub"
+    assert saved["settings"]["trials"] == 20 and saved["settings"]["seed"] == 7
+    assert saved["settings"]["n_way"] == [2, 3] and saved["settings"]["bootstrap"] == 20
+    assert {m["group"] for m in saved["metrics"]} == {"pixel", "identification", "semantic"}
+    assert "semantic_3way_top1" in {m["key"] for m in saved["metrics"]}
+    assert "mine" in (out / "report.html").read_text()
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(OutputExistsError):
+        evaluate_run(config, [tmp_path / "recon"], out)
+    with pytest.raises(OutputOverlapError):
+        evaluate_run(config, [tmp_path / "recon"], tmp_path / "recon" / "ev")
+    assert (out / "metrics.json").read_bytes() == before
+    again = evaluate_run(
+        EvaluateConfig(metrics="pixel", trials=5, bootstrap=0), [tmp_path / "recon"], out, overwrite=True
+    )
+    assert (
+        load_results(out)["settings"]["trials"] == 5
+        and again.runs[0]["title"] == f"evaluation of {tmp_path / 'recon'}"
+    )
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_evaluate_run_compares_runs_and_checks_its_inputs_first(tmp_path):
+    from mindvis.errors import ConfigError, OutputOverlapError
+    from mindvis.eval.config import EvaluateConfig
+    from mindvis.eval.evaluate import COMPARE_TITLE, evaluate_run
+
+    _recon_folder(tmp_path / "recon")
+    config = EvaluateConfig(metrics="pixel,identification", n_way="2", trials=10, bootstrap=10)
+    evaluate_run(config, [tmp_path / "recon"], tmp_path / "ev")
+    run = evaluate_run(config, [tmp_path / "ev", tmp_path / "recon"], tmp_path / "cmp", compare=True)
+    assert run.labels == ["ev", "recon"] and [r["label"] for r in run.runs] == ["ev", "recon"]
+    doc = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
+    assert doc["labels"] == ["ev", "recon"] and doc["title"] == COMPARE_TITLE and len(doc["runs"]) == 2
+    # the first run is read back, the second scored: the same images and settings give the same figures
+    first, second = ({m["key"]: m["aggregates"] for m in r["metrics"]} for r in doc["runs"])
+    assert first == second
+    bad = [
+        (dict(compare=True, labels=["a"]), "labels"),
+        (dict(compare=True, inputs=[tmp_path / "ev"]), "compare"),
+        (dict(inputs=[tmp_path / "recon", tmp_path / "ev", tmp_path / "cmp"]), None),
+    ]
+    for kwargs, field in bad:
+        inputs = kwargs.pop("inputs", [tmp_path / "ev", tmp_path / "recon"])
+        with pytest.raises(ConfigError) as err:
+            evaluate_run(config, inputs, tmp_path / "refused", **kwargs)
+        assert err.value.field == field
+    assert not (tmp_path / "refused").exists()
+    # a benchmark classifier named as benchmark:DIR is an input too: never inside the output
+    (tmp_path / "judge").mkdir()
+    with pytest.raises(OutputOverlapError, match="--classifier"):
+        evaluate_run(
+            config,
+            [tmp_path / "recon"],
+            tmp_path / "judge" / "ev",
+            classifier=f"benchmark:{tmp_path / 'judge'}",
+        )

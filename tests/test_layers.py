@@ -29,8 +29,10 @@ models       ``models.*``, ``sampling``                            the networks,
 pipeline     ``pipeline``                                          a model with its preprocessing and sampler, and
                                                                    the folder format trained models are saved in
 scoring      ``eval.images``, ``eval.metrics``, ``eval.networks``, scores of reconstructed images against the seen
-             ``eval.fid``, ``eval.classifier``, ``eval.suite``     ones; below ``train`` because training validates
-                                                                   with the same suite
+             ``eval.fid``, ``eval.classifier``, ``eval.suite``,    ones; below ``train`` because training validates
+             ``eval.config``                                       with the same suite; the settings of the
+                                                                   evaluation commands, where the suite's metric
+                                                                   groups are defined
 train        ``train.*``, ``convert.*``                            what makes model folders: training (which saves
                                                                    pipelines and scores them) and the converters
                                                                    of the original checkpoints (which save
@@ -90,6 +92,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "mindvis.eval.fid",
             "mindvis.eval.classifier",
             "mindvis.eval.suite",
+            "mindvis.eval.config",
         ),
     ),
     ("train", ("mindvis.train", "mindvis.convert")),

@@ -132,7 +132,7 @@ def test_probe_cli_writes_json_table_and_plot(tmp_path, monkeypatch, quiet_cli_l
     def fake_load(kind, data_dir, subject, split, **kw):
         return {"train": tr, "test": te}[split]
 
-    monkeypatch.setattr("mindvis.commands.probe.load_dataset", fake_load)
+    monkeypatch.setattr("mindvis.eval.probe.load_dataset", fake_load)
     out = tmp_path / "probe out"
     data_dir = str(tmp_path / "data")  # read through the patched loader
     code = main(["probe", str(run), "--dataset", "synthetic", "--data-dir", data_dir, "--out", str(out)])
@@ -250,9 +250,7 @@ def test_probe_cli_reports_the_prior_class_signal(tmp_path, monkeypatch, quiet_c
     tr, te = _split(24, 0, "train", True), _split(8, 1, "test", True)
     unlabelled = FMRIDataset(voxels=tr.voxels, subject="sbj_1", split="train", source="mem/train")
     splits = {"train": tr, "test": te}
-    monkeypatch.setattr(
-        "mindvis.commands.probe.load_dataset", lambda kind, d, subj, split, **kw: splits[split]
-    )
+    monkeypatch.setattr("mindvis.eval.probe.load_dataset", lambda kind, d, subj, split, **kw: splits[split])
     out = tmp_path / "probe"
     args = ["probe", "--dataset", "synthetic", "--data-dir", str(tmp_path / "data"), "--prior", str(prior)]
     assert main([*args, "--prior-items", "6", "--prior-draws", "2", "--out", str(out)]) == 0
@@ -262,3 +260,65 @@ def test_probe_cli_reports_the_prior_class_signal(tmp_path, monkeypatch, quiet_c
     assert "0.5: no signal" in (out / "probe.md").read_text()
     splits["train"] = unlabelled
     assert main(args) != 0  # no labels: a one-line error before any probing
+
+
+def test_probe_writes_what_it_returns(tmp_path, monkeypatch):
+    from mindvis.errors import OutputExistsError, OutputOverlapError
+    from mindvis.eval.config import ProbeConfig
+    from mindvis.eval.probe import PROBE_FORMAT, probe
+
+    tr, te = _split(120, 0, "train", True), _split(40, 1, "test", True)
+    run_dir = _stage_a_run(tmp_path, tr)
+    asked = []
+
+    def fake_load(kind, data_dir, subject, split, **kw):
+        asked.append((kind, data_dir, subject, split, kw))
+        return {"train": tr, "test": te}[split]
+
+    monkeypatch.setattr("mindvis.eval.probe.load_dataset", fake_load)
+    data_dir = tmp_path / "data"
+    printed = probe(
+        ProbeConfig(), [run_dir / "model"], None, dataset="synthetic", data_dir=data_dir, roi="V1"
+    )
+    assert printed.out is None and printed.prior_signal is None and not list(tmp_path.glob("*probe*"))
+    assert asked == [
+        ("synthetic", data_dir, None, "train", {"roi": "V1"}),
+        ("synthetic", data_dir, "sbj_1", "test", {"roi": "V1"}),
+    ]
+    out = tmp_path / "probe out"
+    run = probe(ProbeConfig(), [run_dir / "model"], out, dataset="synthetic", data_dir=data_dir)
+    assert run.data == {
+        "dataset": "synthetic",
+        "data_dir": str(data_dir),
+        "subject": "sbj_1",
+        "train": 120,
+        "test": 40,
+    }
+    assert [r["level"] for r in run.rows] == [
+        "voxels",
+        "input",
+        "tokens",
+        "one token weighting",
+        "mean token",
+    ]
+    assert run.rows == printed.rows  # the probes are deterministic
+    saved = json.loads((out / "probe.json").read_text())
+    assert saved["format"] == PROBE_FORMAT and saved["data"] == run.data
+    assert saved["results"] == json.loads(json.dumps(run.rows)) and saved["conditioning_use"] == {}
+    assert "prior_class_signal" not in saved and "versions" in saved
+    table = (out / "probe.md").read_text().splitlines()
+    assert len(table) == 2 + 5 and table[2].startswith("| voxels | voxels | 96 |")
+    assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["probe.json", "probe.md", "probe.png"]
+    with pytest.raises(OutputExistsError):
+        probe(ProbeConfig(), [], out, dataset="synthetic", data_dir=data_dir)
+    with pytest.raises(OutputOverlapError, match="MODELS"):
+        probe(
+            ProbeConfig(),
+            [run_dir / "model"],
+            run_dir / "model" / "probe",
+            dataset="synthetic",
+            data_dir=data_dir,
+        )
+    again = probe(ProbeConfig(), [], out, dataset="synthetic", data_dir=data_dir, overwrite=True)
+    assert len(again.rows) == 1 and len(json.loads((out / "probe.json").read_text())["results"]) == 1

@@ -19,13 +19,16 @@ Features are z-scored per column on the training split and the ridge penalty is 
 error (:func:`mindvis.utils.linalg.ridge_dual`). A linear probe is a lower bound on what a level holds: a level
 can carry information in a form a linear readout misses. But the stage B conditioner itself is linear in the
 encoder tokens, so information that a linear probe cannot find in the tokens is hard for it to use too.
+
+:func:`run_probes` probes given splits and models; :func:`probe` loads a dataset's splits, probes them and writes
+``probe.json``, ``probe.md`` and ``probe.png``, as ``mindvis probe`` does.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +37,19 @@ import numpy as np
 import torch
 
 from mindvis.data.dataset import FMRIDataset
+from mindvis.data.formats.registry import load_dataset
 from mindvis.data.paired import images_to_tensor
 from mindvis.data.preprocess import find_preprocessing, load_preprocessor, prepare_voxels
 from mindvis.errors import DataError
+from mindvis.eval.config import ProbeConfig
 from mindvis.eval.metrics import pcc_matrix, two_way_identification
 from mindvis.models.ldm import prior_class_table
 from mindvis.models.mbm import FMRIEncoder, load_mbm_weights
 from mindvis.pipeline import MindVisPipeline
 from mindvis.utils.images import resize_tensor
+from mindvis.utils.io import atomic_dir, atomic_write, check_output_apart, prepare_output_dir, write_json
 from mindvis.utils.linalg import ridge_dual, standardise_columns
+from mindvis.utils.steps import provenance
 
 _logger = logging.getLogger(__name__)
 
@@ -393,15 +400,214 @@ def run_probes(
     return ProbeReport(results, use)
 
 
+#: The format of ``probe.json``.
+PROBE_FORMAT = "mindvis-probe/1"
+
+
+def fmt_score(value: float | None, digits: int = 3) -> str:
+    """A score for the probe tables: ``-`` for ``None``."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def probe_table(rows: list[dict[str, Any]], use: dict[str, dict[str, float]] | None = None) -> str:
+    """A Markdown table of probe results (``ProbeResult.to_dict()`` rows), then the conditioning-use figures."""
+    head = "| source | level | dims | class accuracy | class chance | pixel 2-way |\n|---|---|---:|---:|---:|---:|\n"
+    body = "".join(
+        f"| {r['source']} | {r['level']} | {r['dims']} | {fmt_score(r['class_accuracy'])} | "
+        f"{fmt_score(r['class_chance'])} | {fmt_score(r['pixel_2way'])} |\n"
+        for r in rows
+    )
+    tail = ""
+    if use:
+        tail = (
+            "\n| model | denoising loss, own fMRI | with another sample's fMRI | gap |\n|---|---:|---:|---:|\n"
+            + "".join(
+                f"| {k} | {u['loss_true']:.5f} | {u['loss_shuffled']:.5f} | {u['gap_percent']:+.2f} % |\n"
+                for k, u in use.items()
+            )
+        )
+    return head + body + tail
+
+
+def training_prior_signal(
+    prior: str | os.PathLike, train: FMRIDataset, items: int, draws: int
+) -> dict[str, Any]:
+    """:func:`prior_class_signal` of the prior pipeline folder ``prior`` on a seeded random subset of ``items``
+    labelled training images, with the prior's path and ``draws`` added.
+
+    Raises:
+        DataError: ``train`` has no labels or no images.
+    """
+    from mindvis.train.stage_b_model import load_prior
+
+    if train.labels is None or not train.paired:
+        raise DataError("--prior needs labelled, paired training images", path=train.source, field="labels")
+    labels = np.asarray(train.labels)
+    known = np.flatnonzero(labels >= 0)
+    idx = np.sort(np.random.default_rng(0).permutation(known)[:items])
+    signal = prior_class_signal(load_prior(prior), train.sample_images()[idx], labels[idx], draws=draws)
+    return {"prior": str(prior), "draws": draws, **signal}
+
+
+def prior_signal_text(signal: dict[str, Any]) -> str:
+    """One paragraph on a prior's class signal (:func:`prior_class_signal`)."""
+    acc = ", ".join(f"{n} draw{'s' * (int(n) > 1)} {v:.3f}" for n, v in signal["accuracy"].items())
+    return (
+        f"prior {signal['prior']} on {signal['items']} training images: denoising loss under the image's own "
+        f"class {signal['loss_own']:.5f}, under the other classes {signal['loss_other']:.5f} "
+        f"({signal['gap_percent']:+.2f} %); in a single draw the own class beats a random other one "
+        f"{signal['pairwise_win']:.3f} of the time (0.5: no signal; by timestep "
+        + ", ".join(f"{k} {v:.3f}" for k, v in signal["pairwise_win_by_timestep"].items())
+        + "); the lowest loss names the class "
+        f"({acc}; chance {signal['chance']:.3f})"
+    )
+
+
+def plot_probes(rows: list[dict[str, Any]], path: Path) -> None:
+    """Horizontal bars of class accuracy and pixel identification per level, chance marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['source']}: {r['level']}" for r in rows]
+    panels = [
+        ("class accuracy (test)", "class_accuracy", [r["class_chance"] for r in rows]),
+        ("pixel 2-way identification (test)", "pixel_2way", [0.5] * len(rows)),
+    ]
+    panels = [p for p in panels if any(r[p[1]] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.35 * len(rows) + 1.2), squeeze=False)
+    ys = list(range(len(rows)))[::-1]
+    for ax, (title, key, chance) in zip(axes[0], panels, strict=True):
+        ax.barh(ys, [r[key] or 0.0 for r in rows], color="#4c72b0")
+        for y, c in zip(ys, chance, strict=True):
+            if c is not None:
+                ax.plot([c, c], [y - 0.4, y + 0.4], color="#c44e52", lw=2)
+        ax.set_yticks(ys, names if ax is axes[0][0] else [""] * len(rows), fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_title(title, fontsize=9)
+    axes[0][-1].text(1.0, -0.9, "red: chance", color="#c44e52", fontsize=7, ha="right")
+    fig.tight_layout()
+
+    with atomic_write(path, mode="wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+@dataclass
+class ProbeRun:
+    """What :func:`probe` found and wrote.
+
+    Attributes:
+        report: the probes (:func:`run_probes`).
+        data: the data probed, as ``probe.json`` records it: ``dataset``, ``data_dir``, ``subject``, ``train`` and
+            ``test`` (sample counts).
+        prior_signal: the prior's class signal (:func:`training_prior_signal`), or ``None`` without a prior.
+        out: the folder written (``probe.json``, ``probe.md``, ``probe.png``), or ``None``.
+    """
+
+    report: ProbeReport
+    data: dict[str, Any]
+    prior_signal: dict[str, Any] | None
+    out: Path | None
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The levels as ``ProbeResult.to_dict()`` rows."""
+        return [r.to_dict() for r in self.report.levels]
+
+
+def probe(
+    config: ProbeConfig,
+    models: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None,
+    *,
+    dataset: str,
+    data_dir: str | os.PathLike | None = None,
+    subject: str | None = None,
+    roi: str | None = None,
+    prior: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> ProbeRun:
+    """Probe the raw voxels and every level of ``models`` (:func:`run_probes`) on a dataset's train and test
+    splits, measure ``prior``'s class signal when one is given, and write ``probe.json``, ``probe.md`` and
+    ``probe.png`` into ``out`` (built beside it and moved into place when complete).
+
+    Args:
+        config: the prior measurement's settings.
+        models: stage A runs, stage A weights folders or stage B pipelines (none: only the raw voxels).
+        out: the folder to write, apart from every input; ``None``: write nothing.
+        dataset: the dataset kind (:func:`~mindvis.data.formats.registry.load_dataset`).
+        data_dir: its folder (default: found as ``load_dataset`` finds it).
+        subject: the subject (default: the first).
+        roi: the ROI mask key (default: the dataset's).
+        prior: a class-conditional prior pipeline folder (``train-prior --out/pipeline``).
+        overwrite: replace a non-empty ``out``.
+
+    Raises:
+        OutputOverlapError: ``out`` is, contains or lies inside an input.
+        OutputExistsError: ``out`` is not empty and ``overwrite`` is not set.
+        DataError: the splits cannot be probed (no labels nor images; with ``prior``, no labelled images).
+    """
+    models = list(models)
+    if out is not None:
+        out = Path(out)
+        check_output_apart(out, {"MODELS": models, "--data-dir": data_dir, "--prior": prior})
+        prepare_output_dir(out, overwrite=overwrite)
+    options: dict[str, Any] = {} if roi is None else {"roi": roi}
+    train = load_dataset(dataset, data_dir, subject, "train", **options)
+    test = load_dataset(dataset, data_dir, subject or train.subject, "test", **options)
+    signal = (
+        None if prior is None else training_prior_signal(prior, train, config.prior_items, config.prior_draws)
+    )
+    report = run_probes(train, test, models)
+    data = {
+        "dataset": dataset,
+        "data_dir": None if data_dir is None else str(data_dir),
+        "subject": train.subject,
+        "train": len(train),
+        "test": len(test),
+    }
+    result = ProbeRun(report, data, signal, out)
+    if out is None:
+        return result
+    rows = result.rows
+    with atomic_dir(out, overwrite=True) as tmp:
+        write_json(
+            tmp / "probe.json",
+            {
+                "format": PROBE_FORMAT,
+                "data": data,
+                **report.to_dict(),
+                **({} if signal is None else {"prior_class_signal": signal}),
+                **provenance(),
+            },
+        )
+        with atomic_write(tmp / "probe.md", mode="w") as f:
+            f.write(probe_table(rows, report.conditioning))
+            if signal is not None:
+                f.write(f"\n{prior_signal_text(signal)}\n")
+        plot_probes(rows, tmp / "probe.png")
+    return result
+
+
 __all__ = [
+    "PROBE_FORMAT",
     "ProbeReport",
     "ProbeResult",
+    "ProbeRun",
     "conditioning_use",
+    "fmt_score",
     "model_levels",
+    "plot_probes",
     "prior_class_signal",
+    "prior_signal_text",
+    "probe",
     "probe_level",
+    "probe_table",
     "run_probes",
     "source_name",
     "token_weighting_accuracy",
+    "training_prior_signal",
     "two_way_pixel_identification",
 ]

@@ -39,6 +39,7 @@ import numpy as np
 from mindvis.errors import ConfigError, WeightsUnavailable
 from mindvis.eval import metrics as M
 from mindvis.eval.classifier import ImageClassifier
+from mindvis.eval.config import METRIC_GROUPS
 from mindvis.eval.fid import fid_summary, load_inception
 from mindvis.eval.images import pair_images
 from mindvis.eval.networks import LPIPSAlex, MetricWeights, nsd_network_scores
@@ -47,7 +48,6 @@ from mindvis.utils.steps import provenance
 
 logger = logging.getLogger(__name__)
 
-METRIC_GROUPS = ("pixel", "identification", "semantic", "nsd", "lpips", "fid")
 RESULTS_FORMAT = "mindvis-eval/1"
 ORIGINAL_EVAL_SIZE = (256, 256)  # the resolution at which the original MinD-Vis compared images
 
