@@ -253,7 +253,7 @@ def converted(tmp_path_factory):
 def test_reconstruct_feeds_a_converted_original_model_what_the_original_fed_it(
     converted, tmp_path, monkeypatch
 ):
-    from mindvis.commands.reconstruct import fit_to_model
+    from mindvis.reconstruct import fit_to_model
     from mindvis.errors import DataError
     from mindvis.pipeline import MindVisPipeline
 
