@@ -26,8 +26,10 @@ data         ``data.*``, ``safeload``,                             reading files
                                                                    ``safeload``)
 models       ``models.*``, ``sampling``                            the networks, their configs and loaders, and the
                                                                    noise schedules and samplers a model runs with
-pipeline     ``pipeline``                                          a model with its preprocessing and sampler, and
-                                                                   the folder format trained models are saved in
+pipeline     ``pipeline``, ``reconstruct``                         a model with its preprocessing and sampler, the
+                                                                   folder format trained models are saved in, and
+                                                                   reconstruction from fMRI files or dataset
+                                                                   splits into an output folder
 scoring      ``eval.images``, ``eval.metrics``, ``eval.networks``, scores of reconstructed images against the seen
              ``eval.fid``, ``eval.classifier``, ``eval.suite``,    ones; below ``train`` because training validates
              ``eval.config``                                       with the same suite; the settings of the
@@ -82,7 +84,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("utils", ("mindvis.utils",)),
     ("data", ("mindvis.data", "mindvis.safeload", "mindvis.synthcortex")),
     ("models", ("mindvis.models", "mindvis.sampling")),
-    ("pipeline", ("mindvis.pipeline",)),
+    ("pipeline", ("mindvis.pipeline", "mindvis.reconstruct")),
     (
         "scoring",
         (

@@ -253,9 +253,9 @@ def converted(tmp_path_factory):
 def test_reconstruct_feeds_a_converted_original_model_what_the_original_fed_it(
     converted, tmp_path, monkeypatch
 ):
-    from mindvis.commands.reconstruct import fit_to_model
     from mindvis.errors import DataError
     from mindvis.pipeline import MindVisPipeline
+    from mindvis.reconstruct import fit_to_model
 
     assert MindVisPipeline.from_pretrained(converted).num_voxels == 256
     arrays = write_god_subject(tmp_path / "data", "sbj_1", n_train=20, n_img=2, reps=3, v_all=260, n_vc=240)

@@ -2,300 +2,68 @@
 
 Writes into ``--out``: ``samples/item0000_s0.png`` ... (one PNG per sample), ``grid.png`` (one row per
 item, the ground truth first when known, as the original), ``reconstructions.npz`` (``images`` uint8
-``[N, S, H, W, 3]``, ``seeds``, ``ground_truth`` when known) and ``run.json`` (the settings).
+``[N, S, H, W, 3]``, ``seeds``, ``ground_truth`` when known) and ``run.json`` (the settings). The work is
+:func:`mindvis.reconstruct.reconstruct`; the settings' options are generated from
+:class:`~mindvis.reconstruct.ReconstructConfig`.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 
-from mindvis.commands._options import SEED_RANGE
-from mindvis.data.formats.registry import load_dataset
-from mindvis.errors import ConfigError, DataError
-from mindvis.utils.images import image_grid, save_png
-from mindvis.utils.io import atomic_dir, check_output_apart, prepare_output_dir, save_npz_atomic, write_json
+from mindvis.commands._options import SEED_RANGE, OptionSpec, add_options, config_options, config_values
+from mindvis.errors import ConfigError
+from mindvis.reconstruct import ReconstructConfig, reconstruct
 
-_logger = logging.getLogger(__name__)
+#: Bounds of the generated options, checked by the command line before the config sees them.
+_LIMITS: dict[str, dict[str, Any]] = {
+    "limit": {"min": 1},
+    "num_samples": {"min": 1},
+    "steps": {"min": 1},
+    "eta": {"min": 0.0},
+    "seed": SEED_RANGE,
+    "batch_size": {"min": 1},
+}
 
-_FMRI_KEYS = ("fmri", "voxels", "X", "arr_0")
-_IMAGE_KEYS = ("images", "ground_truth", "test_images", "arr_0")
+_OPTIONS: list[OptionSpec] = [
+    dataclasses.replace(s, limits=tuple(_LIMITS.get(s.name, {}).items()))
+    for s in config_options(ReconstructConfig)
+] + [
+    OptionSpec("progress", bool, True, ("--progress/--no-progress",), "Show a progress bar."),
+    OptionSpec("overwrite", bool, False, ("--overwrite",), "Replace a non-empty output folder."),
+]
 
 
 def register(app: typer.Typer) -> None:
-    app.command("reconstruct")(reconstruct)
+    app.command("reconstruct")(reconstruct_command)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Input readers
-# ----------------------------------------------------------------------------------------------------------
+#: The option of each config field, named in errors in place of the field (``--guidance-scale``).
+_FLAGS: dict[str, str] = {
+    **{f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(ReconstructConfig)},
+    **{s.name: s.decls[0].split("/")[0] for s in _OPTIONS},
+}
 
 
-def _pick_array(path: Path, npz: Any, key: str | None, candidates: tuple[str, ...], what: str) -> np.ndarray:
-    names = list(npz.files)
-    if key is not None:
-        if key not in names:
-            raise DataError(
-                f"no array named {key!r} (the file has {', '.join(names) or 'none'})", path=path, field=key
-            )
-        return npz[key]
-    if len(names) == 1:
-        return npz[names[0]]
-    for k in candidates:
-        if k in names:
-            return npz[k]
-    raise DataError(
-        f"several arrays ({', '.join(names)}); say which holds the {what} with the key option", path=path
-    )
-
-
-def _load_array(path: Path, key: str | None, candidates: tuple[str, ...], what: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataError("file not found", path=path)
-    if path.stat().st_size == 0:
-        raise DataError("file is empty", path=path)
-    suffix = path.suffix.lower()
+@contextmanager
+def _flags_in_errors() -> Iterator[None]:
+    """Re-raise a :class:`ConfigError` about a setting with the setting's option as its field."""
     try:
-        if suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                return np.asarray(_pick_array(path, npz, key, candidates, what))
-    except DataError:
+        yield
+    except ConfigError as exc:
+        if exc.path is None and exc.field in _FLAGS:
+            raise ConfigError(exc.detail, field=_FLAGS[exc.field]) from None
         raise
-    except ValueError as exc:
-        raise DataError(f"cannot read the array ({exc}); object arrays are refused", path=path) from None
-    except (OSError, EOFError) as exc:
-        raise DataError(f"not a readable .npy/.npz file ({exc})", path=path) from None
-    raise DataError(f"expected a .npy or .npz file, got {suffix or 'no extension'}", path=path)
 
 
-def load_fmri_file(path: Path, key: str | None = None) -> np.ndarray:
-    """Voxels ``[N, V]`` float32 from a ``.npy`` or ``.npz`` (``[V]`` is one item).
-
-    Raises:
-        DataError: missing or empty file, unreadable array, non-float dtype, wrong rank, no rows, NaN/Inf.
-    """
-    arr = _load_array(path, key, _FMRI_KEYS, "fMRI")
-    if arr.dtype.kind != "f":
-        raise DataError(
-            f"expected floating-point voxels, got dtype {arr.dtype}", path=path, field=key or "fmri"
-        )
-    if arr.ndim == 3 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim == 1:
-        arr = arr[None]
-    if arr.ndim != 2:
-        raise DataError(
-            f"expected fMRI of shape [N, V], got {list(arr.shape)}", path=path, field=key or "fmri"
-        )
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise DataError(f"no fMRI values (shape {list(arr.shape)})", path=path, field=key or "fmri")
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
-        raise DataError(
-            f"{int(bad.sum())} NaN/Inf value(s) in {len(rows)} sample(s) (first: row {rows[0]})",
-            path=path,
-            field=key or "fmri",
-        )
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def load_images_file(path: Path, key: str | None = None) -> np.ndarray:
-    """Ground-truth images ``[N, H, W, 3]`` uint8 from a ``.npy`` / ``.npz`` (gray ``[N, H, W]`` is repeated)."""
-    arr = _load_array(path, key, _IMAGE_KEYS, "images")
-    if arr.ndim == 3:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise DataError(
-            f"expected images [N, H, W, 3], got {list(arr.shape)}", path=path, field=key or "images"
-        )
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if arr.dtype != np.uint8:
-        if arr.dtype.kind == "f" and np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1:
-            arr = (arr * 255).astype(np.uint8)
-        else:
-            raise DataError(
-                f"expected uint8 images (or floats in [0, 1]), got {arr.dtype}",
-                path=path,
-                field=key or "images",
-            )
-    return arr
-
-
-def read_dataset_split(
-    dataset: str, split: str, data_dir: Path | None, subject: str | None
-) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Hook for ``--dataset/--split``: voxels ``[N, V]``, ground-truth images ``[N, H, W, 3]`` (or ``None``) and a
-    description, read through the dataset readers (:func:`mindvis.data.formats.registry.load_dataset`).
-
-    The voxels are returned as stored; normalisation and padding are applied by the caller
-    (``--preprocess`` / ``--pad-to-model``).
-    """
-    ds = load_dataset(dataset, data_dir=data_dir, subject=subject, split=split)
-    voxels = np.asarray(ds.voxels, dtype=np.float32)
-    gt = ds.images[ds.image_ids] if ds.paired else None
-    return voxels, gt, f"{dataset}:{ds.subject}/{ds.split} ({ds.source or data_dir})"
-
-
-def original_preprocessing(
-    dataset: str,
-    data_dir: Path | None,
-    subject: str | None,
-    num_voxels: int,
-    patch_size: int,
-) -> Any:
-    """The preprocessing the original applies to a converted original model's data, fitted on the training split
-    of ``dataset`` (``create_Kamitani_dataset``): the original padding rule (``p - V % p`` wrapped voxels, a
-    whole extra patch when ``V % p == 0``), one global mean and std fitted on the padded training fMRI, wrap
-    padding or cropping to the model's ``num_voxels``, and the original's test normalisation (the mean and std
-    of the normalised training fMRI, about 0 and 1, so test fMRI reaches the model nearly as stored).
-
-    Raises:
-        DataError: the dataset has no training split to fit on.
-    """
-    from mindvis.data.preprocess import FMRIPreprocessor
-
-    train = load_dataset(dataset, data_dir=data_dir, subject=subject, split="train", include_images=False)
-    pre = FMRIPreprocessor(
-        normalize="global",
-        patch_size=patch_size,
-        pad_mode="original",
-        length=num_voxels,
-        test_normalize="original",
-    )
-    return pre.fit(train.voxels, source=train.source or f"{dataset}:{train.subject}/train")
-
-
-def fit_to_model(
-    voxels: np.ndarray, num_voxels: int, pad: bool, source: str, patch_size: int | None = None
-) -> np.ndarray:
-    """Check the voxel count against the model; with ``pad``, wrap-pad (or crop) to it.
-
-    Raises:
-        DataError: the counts differ and ``pad`` is off.
-    """
-    v = voxels.shape[1]
-    if v == num_voxels:
-        return voxels
-    if not pad:
-        from mindvis.data.preprocess import padded_length
-
-        hint = ""
-        if patch_size and v >= patch_size and padded_length(v, patch_size, "original") == num_voxels:
-            hint = (
-                f" (the original's padding rule, p - V mod p = {num_voxels - v} wrapped voxels, gives exactly "
-                "the model's count)"
-            )
-        raise DataError(
-            f"the fMRI has {v} voxels per sample but the model takes {num_voxels}; apply the "
-            f"training preprocessing (--preprocess) or pass --pad-to-model to wrap-pad/crop{hint}",
-            path=source,
-            field="voxels",
-        )
-    from mindvis.data.preprocess import pad_columns
-
-    if v > num_voxels:
-        _logger.warning("cropping %d voxels to the model's %d", v, num_voxels)
-    else:
-        _logger.info("wrap-padding %d voxels to the model's %d", v, num_voxels)
-    return np.ascontiguousarray(pad_columns(voxels, num_voxels, mode="wrap"), dtype=np.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Output
-# ----------------------------------------------------------------------------------------------------------
-
-
-#: The largest classifier-free guidance scale accepted (the original samples at 1; papers use up to about 10).
-MAX_GUIDANCE = 1000.0
-
-
-def check_finite_voxels(voxels: np.ndarray, source: str) -> None:
-    """Refuse voxels (after preprocessing) that hold NaN or infinity: the samples would be NaN."""
-    bad = ~np.isfinite(voxels)
-    if bad.any():
-        items = np.flatnonzero(bad.any(axis=1))
-        raise DataError(
-            f"{int(bad.sum())} voxel values are NaN or infinite after preprocessing (items "
-            f"{_list(items)}); expected finite fMRI values",
-            path=source,
-            field="--fmri",
-        )
-
-
-def finite_images_uint8(images: Any, source: str, voxels: np.ndarray) -> np.ndarray:
-    """The pipeline's float images ``[N, S, 3, H, W]`` as uint8 ``[N, S, H, W, 3]``, refusing NaN or infinite
-    samples, which would otherwise be written as black images that look like results."""
-    import torch
-
-    from mindvis.models.ldm import images_to_uint8
-
-    x = torch.as_tensor(images)
-    bad = ~torch.isfinite(x).flatten(2).all(dim=2)  # [N, S]
-    if bad.any():
-        items = np.flatnonzero(bad.any(dim=1).numpy())
-        raise DataError(
-            f"the samples of items {_list(items)} are NaN or infinite, so nothing was written: the fMRI values "
-            f"(largest magnitude {float(np.abs(voxels).max()):.3g}) or the guidance scale are beyond what the "
-            "model can take; check the preprocessing (z-scored voxels are of order 1)",
-            path=source,
-            field="--fmri",
-        )
-    n, s = x.shape[:2]
-    return images_to_uint8(x.flatten(0, 1)).reshape(n, s, x.shape[3], x.shape[4], 3).numpy()
-
-
-def _list(items: np.ndarray, limit: int = 8) -> str:
-    shown = ", ".join(str(int(i)) for i in items[:limit])
-    return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "")
-
-
-def write_outputs(
-    out: Path,
-    images: np.ndarray,
-    seeds: list[int],
-    ground_truth: np.ndarray | None,
-    run_info: dict[str, Any],
-    overwrite: bool,
-) -> Path:
-    """Write the PNGs, the grid, the npz and run.json into ``out`` (the folder appears complete or not at all)."""
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        (tmp / "samples").mkdir()
-        for i in range(images.shape[0]):
-            for s in range(images.shape[1]):
-                save_png(tmp / "samples" / f"item{i:04d}_s{s}.png", images[i, s])
-        save_png(tmp / "grid.png", image_grid(images, ground_truth))
-        arrays: dict[str, np.ndarray] = {"images": images, "seeds": np.asarray(seeds, dtype=np.int64)}
-        if ground_truth is not None:
-            arrays["ground_truth"] = ground_truth
-        save_npz_atomic(tmp / "reconstructions.npz", compressed=True, **arrays)
-        write_json(tmp / "run.json", run_info)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("CUDA is not available on this machine", field="--device")
-    return name
-
-
-def reconstruct(
+@add_options(_OPTIONS)
+def reconstruct_command(
     model: Path = typer.Option(..., "--model", help="Pipeline folder (from `mindvis convert` or training)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
     fmri: Path | None = typer.Option(None, "--fmri", help="Voxels [N, V] as .npy or .npz."),
@@ -319,152 +87,30 @@ def reconstruct(
     pad_to_model: bool = typer.Option(
         False, "--pad-to-model", help="Wrap-pad (or crop) the voxels to the model's count."
     ),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N items."),
-    num_samples: int = typer.Option(5, "--num-samples", min=1, help="Images per fMRI item."),
-    steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps (default per sampler)."),
-    sampler: str = typer.Option(
-        "dpmsolver++",
-        "--sampler",
-        help="dpmsolver++ (25 steps: PLMS-250's quality at a tenth of the UNet calls, docs/performance.md), ddim, "
-        "or plms (the original's, 250 steps).",
-    ),
-    eta: float = typer.Option(0.0, "--eta", min=0.0, help="DDIM noise (0: deterministic)."),
-    guidance_scale: float | None = typer.Option(
-        None,
-        "--guidance-scale",
-        help="Classifier-free guidance (1: off). Default: the model's; a model trained with --cond-dropout "
-        "records the scale it was validated with, any other model 1.",
-    ),
-    seed: int = typer.Option(0, "--seed", help="Item i uses seed + i.", **SEED_RANGE),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Latents per UNet call."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (GPU)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    **shared: Any,
 ) -> None:
     """Reconstruct the seen images from fMRI: a PNG per sample, a grid, and an npz of all images."""
-    import time
-
-    import torch
     from rich.console import Console
 
-    from mindvis.pipeline import MindVisPipeline
-    from mindvis.sampling import SAMPLERS
-    from mindvis.utils.steps import provenance
-
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}", field="--sampler")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose {', '.join(dtypes)}", field="--dtype")
-    if (fmri is None) == (dataset is None):
-        raise ConfigError("give exactly one of --fmri FILE and --dataset NAME", field="--fmri")
-    if guidance_scale is not None and not abs(guidance_scale) <= MAX_GUIDANCE:
-        raise ConfigError(
-            f"{guidance_scale!r} is not a usable guidance scale: expected a finite number within "
-            f"+-{MAX_GUIDANCE:g} (1: off; larger scales overflow the latents)",
-            field="--guidance-scale",
+    with _flags_in_errors():
+        config = ReconstructConfig(**config_values(ReconstructConfig, shared), pad_to_model=pad_to_model)
+        result = reconstruct(
+            config,
+            model,
+            out,
+            fmri=fmri,
+            fmri_key=fmri_key,
+            images=images,
+            images_key=images_key,
+            dataset=dataset,
+            data_dir=data_dir,
+            subject=subject,
+            split=split,
+            preprocess=preprocess,
+            overwrite=shared["overwrite"],
+            progress=shared["progress"],
         )
-    check_output_apart(
-        out,
-        {
-            "--model": model,
-            "--fmri": fmri,
-            "--images": images,
-            "--data-dir": data_dir,
-            "--preprocess": preprocess,
-        },
-    )
-    prepare_output_dir(out, overwrite=overwrite)
-    dev = _device(device)
-
-    # inputs first (cheap checks before the model load)
-    gt: np.ndarray | None = None
-    if fmri is not None:
-        voxels = load_fmri_file(fmri, fmri_key)
-        source = str(fmri)
-    else:
-        voxels, gt, source = read_dataset_split(str(dataset), split, data_dir, subject)
-    if images is not None:
-        gt = load_images_file(images, images_key)
-    if limit is not None:
-        voxels = voxels[:limit]
-        gt = None if gt is None else gt[:limit]
-    if gt is not None and len(gt) != len(voxels):
-        raise DataError(
-            f"{len(gt)} ground-truth images for {len(voxels)} fMRI items",
-            path=images or source,
-            field="--images",
-        )
-
-    pipe = MindVisPipeline.from_pretrained(model)
-    if pipe.num_voxels is None:
-        raise ConfigError(
-            "this model is a class-conditional prior, not an fMRI model", path=model, field="--model"
-        )
-    # Voxel preprocessing. --dataset items belong to --split; --fmri items count as test items (new fMRI to
-    # reconstruct), which matters only for a preprocessing whose test_normalize is "original".
-    from mindvis.data.preprocess import is_original_checkpoint, load_preprocessor
-
-    item_split = split if dataset is not None else "test"
-    patch_size = int(pipe.model.fmri_encoder.config.patch_size)
-    pre_path = preprocess if preprocess is not None else (model / "preprocess.json")
-    pre_info: str | None = None
-    if preprocess is not None or pre_path.is_file():
-        pre = load_preprocessor(pre_path, subject=subject)
-        voxels = np.asarray(pre.transform(voxels, source=source, split=item_split), dtype=np.float32)
-        pre_info = str(pre_path)
-        _logger.info("applied the preprocessing in %s", pre_path)
-    elif dataset is not None and is_original_checkpoint(pipe.source):
-        # a converted original model: what the original fed it (fitted on the dataset's training split)
-        pre = original_preprocessing(str(dataset), data_dir, subject, pipe.num_voxels, patch_size)
-        voxels = np.asarray(pre.transform(voxels, source=source, split=item_split), dtype=np.float32)
-        pre_info = f"the original's, fitted on the {dataset} training split ({pre.n_voxels_in_} voxels)"
-        _logger.info("converted original model: applied %s preprocessing", pre_info)
-    voxels = fit_to_model(voxels, pipe.num_voxels, pad_to_model, source, patch_size)
-    check_finite_voxels(voxels, source)
-    pipe.to(dev, dtypes[dtype] if dtype != "float32" else None)
-    if guidance_scale is None:
-        guidance_scale = pipe.default_guidance_scale
-        if guidance_scale != 1.0:
-            _logger.info("classifier-free guidance %g (the model's default)", guidance_scale)
-
-    t0 = time.perf_counter()
-    result = pipe(
-        voxels,
-        num_samples=num_samples,
-        num_inference_steps=steps,
-        sampler=sampler,  # type: ignore[arg-type]
-        eta=eta,
-        seed=seed,
-        batch_size=batch_size,
-        guidance_scale=guidance_scale,
-        progress=progress,
-        output_type="pt",
-    )
-    elapsed = time.perf_counter() - t0
-    imgs = finite_images_uint8(result.images, source, voxels)
-    run_info = {
-        "model": str(model),
-        "fmri": source,
-        "items": int(imgs.shape[0]),
-        "num_samples": num_samples,
-        "sampler": result.sampler,
-        "num_inference_steps": result.num_inference_steps,
-        "eta": eta,
-        "guidance_scale": guidance_scale,
-        "seed": seed,
-        "batch_size": batch_size,
-        "device": dev,
-        "dtype": dtype,
-        "pad_to_model": pad_to_model,
-        "preprocess": pre_info,
-        "seconds": round(elapsed, 3),
-        "ground_truth": gt is not None,
-        **provenance(),
-    }
-    write_outputs(out, imgs, result.seeds, gt, run_info, overwrite=overwrite)
     Console().print(
-        f"[green]wrote[/green] {out}: {imgs.shape[0]} items x {imgs.shape[1]} samples "
-        f"({result.sampler}, {result.num_inference_steps} steps, {elapsed:.1f} s)"
+        f"[green]wrote[/green] {result.out}: {result.items} items x {result.num_samples} samples "
+        f"({result.sampler}, {result.num_inference_steps} steps, {result.seconds:.1f} s)"
     )
