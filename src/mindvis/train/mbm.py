@@ -27,7 +27,8 @@ masked-patch reconstruction loss and the Pearson correlation between predicted a
 patches (``val/corr``, averaged over samples; ``val/corr_all`` is the same over all patches, which is what
 the original prints).
 
-A run's settings are :class:`~mindvis.train.mbm_config.MBMTrainConfig` (importable from here too).
+A run's settings are :class:`~mindvis.train.mbm_config.MBMTrainConfig` (importable from here too);
+:mod:`mindvis.train.stage_a` runs a stage from the settings the commands take.
 """
 
 from __future__ import annotations
