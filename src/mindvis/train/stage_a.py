@@ -1,8 +1,8 @@
 """Stage A (masked brain modeling, Chen et al., CVPR 2023) from the settings the commands take.
 
 :func:`pretrain` (stage A1, ``mindvis pretrain``) and :func:`finetune` (stage A2, ``mindvis finetune``) find the
-data, resolve the run configuration and train (:func:`mindvis.train.mbm.run_mbm_stage`); they print nothing and
-return the run's :class:`~mindvis.train.mbm.MBMRunResult`. Their settings are :class:`PretrainConfig` and
+data, resolve the run configuration and train (:func:`mindvis.train.mbm.run_mbm_stage`), and return the run's
+:class:`~mindvis.train.mbm.MBMRunResult`, from which the commands print their report. Their settings are :class:`PretrainConfig` and
 :class:`FinetuneConfig`, whose fields declared with :func:`~mindvis.config.setting` are the commands' options
 (the recipe, preprocessing and hardware ones shared, in :class:`StageAConfig`).
 
@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from mindvis.train.mbm import MBMRunResult
     from mindvis.train.mbm_config import MBMTrainConfig
 
-#: Model sizes of stage A1 (:data:`mindvis.models.mbm.MBM_VARIANTS`), in the order its errors list them.
-VARIANTS: tuple[str, ...] = ("large", "small", "tiny")
+#: Model sizes of stage A1 (:data:`mindvis.models.mbm.MBM_VARIANTS`; ``large_patch16`` is ``large``), in the
+#: order the errors list them.
+VARIANTS: tuple[str, ...] = ("large", "large_patch16", "small", "tiny")
 #: The largest seed (numpy's and Lightning's range; Lightning would silently replace a larger one by 0).
 MAX_SEED = 2**32 - 1
 
@@ -262,7 +263,7 @@ class PretrainConfig(StageAConfig):
         None, "Common voxel length (multiple of the patch size) (default: longest subject)."
     )
     patch_size: int | None = setting(None, "Voxels per patch (default: 16).")
-    variant: Literal["tiny", "small", "large"] | None = setting(
+    variant: Literal["tiny", "small", "large", "large_patch16"] | None = setting(
         None, "Model size: tiny, small or large (default: large)."
     )
 
