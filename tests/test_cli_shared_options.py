@@ -11,15 +11,14 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from mindvis.commands._options import (
-    MBM_RUN_OPTIONS,
     OptionSpec,
     add_options,
-    given_run_options,
-    mbm_run_options,
-    nest,
+    stage_a_options,
     trainer_config,
     trainer_options,
 )
+from mindvis.config import settings_of
+from mindvis.train.stage_a import FinetuneConfig, PretrainConfig, StageAConfig, nest
 from mindvis.utils.linalg import ridge_dual
 
 
@@ -61,29 +60,31 @@ def test_add_options_refuses_misuse():
         add_options([spec])(lambda a=1, **shared: None)
     with pytest.raises(TypeError, match="help text"):
         add_options([OptionSpec("b", int, 0, ("--b",))])(lambda **shared: None)
-    with pytest.raises(TypeError, match="give the help texts"):
-        mbm_run_options(epochs="E.")
     with pytest.raises(TypeError, match="no options"):
-        mbm_run_options(not_an_option="x")
+        stage_a_options(PretrainConfig, hidden=("not_an_option",))
 
 
-def test_stage_a_options_map_onto_the_run_configuration():
-    """Every stage A option sets a field the run configuration has; unset options are left out."""
+def test_stage_a_settings_map_onto_the_run_configuration():
+    """Every stage A setting sets a field the run configuration has; unset settings are left out."""
     from mindvis.data.pretrain import MBMDataConfig
     from mindvis.train.common import TrainerConfig
     from mindvis.train.mbm import MBMTrainConfig
+    from mindvis.train.stage_a import CONFIG_KEYS
 
     fields = {
         None: {f.name for f in dataclasses.fields(MBMTrainConfig)},
         "data": {f.name for f in dataclasses.fields(MBMDataConfig)},
         "trainer": {f.name for f in dataclasses.fields(TrainerConfig)},
     }
-    keys = [s.key for s in MBM_RUN_OPTIONS if s.key is not None]
-    assert len(keys) == len(set(keys))
-    for key in keys:
+    names = {f.name for cls in (PretrainConfig, FinetuneConfig) for f in settings_of(cls)}
+    assert set(CONFIG_KEYS) == names
+    for cls in (PretrainConfig, FinetuneConfig):
+        keys = [CONFIG_KEYS[f.name] for f in settings_of(cls) if CONFIG_KEYS[f.name] is not None]
+        assert len(keys) == len(set(keys)), cls
+    for key in filter(None, CONFIG_KEYS.values()):
         head, _, tail = key.partition(".")
         assert (tail in fields[head]) if tail else (head in fields[None]), key
-    given = given_run_options({s.name: None for s in MBM_RUN_OPTIONS} | {"lr": 0.1, "pad_mode": "cut"})
+    given = PretrainConfig(lr=0.1, pad_mode="cut").given()
     assert given == {"lr": 0.1, "data.pad_mode": "cut"}
     assert nest(given) == {"lr": 0.1, "data": {"pad_mode": "cut"}}
 
@@ -91,7 +92,9 @@ def test_stage_a_options_map_onto_the_run_configuration():
 def test_pretrain_and_finetune_share_the_stage_a_options():
     from mindvis.cli import app
 
-    names = [s.name for s in MBM_RUN_OPTIONS]
+    names = [f.name for f in settings_of(StageAConfig)]
+    names = [*names[: names.index("seed")], "threads", *names[names.index("seed") :]]
+    names += ["progress", "resume", "overwrite"]
     for command in ("pretrain", "finetune"):
         params = [p.name for p in _params(app, command)]
         assert params[-len(names) :] == names, command

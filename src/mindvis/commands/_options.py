@@ -7,15 +7,17 @@ same hardware and logging options. Each such option is described once here as an
 typer shows them as ordinary options (in the given order, after the command's own), and the command body
 receives their values as one dict.
 
-The stage A options all default to ``None`` = "not given", so that the stage's recipe supplies the default and,
-with ``--resume``, the run folder's saved configuration wins over defaults but not over what is given.
+A command whose settings are a config dataclass generates their options with :func:`config_options` (the
+default and help text are the fields') and collects their values with :func:`config_values`. The stage A
+settings (:mod:`mindvis.train.stage_a`) all default to ``None`` = "not given", so that the stage's recipe
+supplies the default and, with ``--resume``, the run folder's saved configuration wins over defaults but not
+over what is given.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any, TypeVar
 import typer
 
 from mindvis.config import settings_of
-from mindvis.errors import ConfigError
+from mindvis.train.stage_a import StageAConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,8 +44,7 @@ class OptionSpec:
         annotation: its type, e.g. ``int | None``.
         default: the value when the option is not given.
         decls: the option's flags, e.g. ``("--num-nodes",)`` or ``("--progress/--no-progress",)``.
-        help: the ``--help`` text; ``None`` when each command must give its own (see :func:`with_help`).
-        key: the dotted run-configuration key it sets (``"data.nan_policy"``), for stage A options.
+        help: the ``--help`` text (required: ``None`` is refused when the option is added).
         limits: ``min`` / ``max`` of a number option (see :data:`SEED_RANGE`).
         hidden: left out of ``--help`` (an older spelling that still works).
     """
@@ -53,7 +54,6 @@ class OptionSpec:
     default: Any
     decls: tuple[str, ...]
     help: str | None = None
-    key: str | None = None
     limits: tuple[tuple[str, int], ...] = ()
     hidden: bool = False
 
@@ -114,7 +114,7 @@ def config_options(cls: type, prefix: str = "") -> list[OptionSpec]:
         elif any(typing.get_origin(a) is typing.Literal for a in args):
             annotation = str | None
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        if annotation is bool and "/" not in flag:
+        if annotation in (bool, bool | None) and "/" not in flag:
             flag = f"{flag}/--no-{flag[2:]}"
         specs.append(OptionSpec(prefix + f.name, annotation, f.default, (flag,), f.metadata["help"]))
     return specs
@@ -125,19 +125,6 @@ def config_values(cls: type, values: dict[str, Any], prefix: str = "") -> dict[s
     return {f.name: values[prefix + f.name] for f in settings_of(cls) if prefix + f.name in values}
 
 
-def with_help(specs: tuple[OptionSpec, ...], **helps: str) -> list[OptionSpec]:
-    """``specs`` with the help texts ``helps`` (by option name) replacing theirs.
-
-    Raises:
-        TypeError: a name in ``helps`` is not an option of ``specs``.
-    """
-    names = {s.name for s in specs}
-    unknown = sorted(set(helps) - names)
-    if unknown:
-        raise TypeError(f"no options {unknown} here; options: {sorted(names)}")
-    return [dataclasses.replace(s, help=helps[s.name]) if s.name in helps else s for s in specs]
-
-
 _STRATEGY_HELP = "auto (DDP with several devices), ddp, fsdp..."
 _COMPILE_HELP = (
     "torch.compile the model's heavy parts before training (on a CPU it needs a C++ compiler, else it is "
@@ -145,177 +132,42 @@ _COMPILE_HELP = (
 )
 
 # ---------------------------------------------------------------------------------------------------------------
-# Stage A (pretrain, finetune): recipe, preprocessing, hardware and logging; every default None = "not given".
+# Stage A (pretrain, finetune): the settings of their configs; every default None = "not given".
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _stage_a(
-    name: str,
-    kind: type,
-    help: str | None = None,
-    key: str | None = None,
-    limits: dict[str, int] | None = None,
-) -> OptionSpec:
-    """A stage A option: type ``kind | None``, default ``None``, flag ``--name-with-dashes`` (``--x/--no-x`` for
-    a bool), configuration key ``key`` (default ``name``). Help ``None``: each command says its own default."""
-    flag = "--" + name.replace("_", "-")
-    if kind is bool:
-        flag = f"{flag}/--no-{flag[2:]}"
-    return OptionSpec(name, kind | None, None, (flag,), help, key or name, tuple((limits or {}).items()))
-
-
-MBM_RUN_OPTIONS: tuple[OptionSpec, ...] = (
-    _stage_a("epochs", int),
-    _stage_a("batch_size", int),
-    _stage_a("lr", float),
-    _stage_a("min_lr", float, "Final learning rate (default: 0)."),
-    _stage_a("weight_decay", float, "AdamW weight decay (default: 0.05)."),
-    _stage_a("warmup_epochs", float),
-    _stage_a("clip_grad", float, "Gradient-norm clip, 0 = off (default: 0.8)."),
-    _stage_a("mask_ratio", float, "Fraction of patches masked (default: 0.75)."),
-    _stage_a("accumulate", int, "Batches per optimizer step (default: 1)."),
-    _stage_a("include_test_fmri", bool, key="data.include_test_fmri"),
-    _stage_a(
-        "nan_policy",
-        str,
-        "NaN/Inf voxels: error (default), zero (set to the mean) or drop (remove voxel).",
-        key="data.nan_policy",
-    ),
-    _stage_a("normalize", str, key="data.normalize"),
-    _stage_a(
-        "pad_mode",
-        str,
-        "Padding to whole patches: auto (default: original when finetuning an original checkpoint, or a model "
-        "whose voxel count is the original rule's; else wrap), wrap (ours: up to the next multiple of the patch "
-        "size), original (the original code's: always p - V mod p more voxels, a whole extra patch when V is a "
-        "multiple of p, statistics fitted after padding), constant or cut.",
-        key="data.pad_mode",
-    ),
-    _stage_a("val_fraction", float, key="data.val_fraction"),
-    _stage_a("val_every", int, "Validate every N epochs (default: 1).", key="trainer.val_every_n_epochs"),
-    _stage_a("accelerator", str, "auto (default), cpu, gpu...", key="trainer.accelerator"),
-    _stage_a("devices", str, "auto (default), a count, or indices like 0,1.", key="trainer.devices"),
-    _stage_a("num_nodes", int, "Machines (default: 1).", key="trainer.num_nodes"),
-    _stage_a("strategy", str, _STRATEGY_HELP, key="trainer.strategy"),
-    _stage_a(
-        "precision",
-        str,
-        "auto (bf16-mixed on GPUs, 32 on CPUs), 32-true, bf16-mixed, 16-mixed.",
-        key="trainer.precision",
-    ),
-    _stage_a("compile", bool, _COMPILE_HELP + " Default: off.", key="trainer.compile"),
-    _stage_a("num_workers", int, "Data-loader workers (default: 0)."),
-    OptionSpec("threads", int | None, None, ("--threads",), "CPU threads of torch (default: one per core)."),
-    _stage_a("seed", int, "Random seed (default: 2022).", limits=SEED_RANGE),
-    _stage_a("logger", str, "csv (default), tensorboard or wandb (both add the CSV).", key="trainer.logger"),
-    _stage_a("progress", bool, "Show the progress bar.", key="trainer.progress_bar"),
+#: The stage A options that are not settings: torch's CPU threads (listed before ``--seed``) ...
+_THREADS = OptionSpec(
+    "threads", int | None, None, ("--threads",), "CPU threads of torch (default: one per core)."
+)
+#: ... and, after the settings, the progress bar and what to do with the run folder.
+_STAGE_A_RUN = (
+    OptionSpec("progress", bool | None, None, ("--progress/--no-progress",), "Show the progress bar."),
     OptionSpec("resume", bool, False, ("--resume",), "Continue the run in --out from checkpoints/last.ckpt."),
     OptionSpec("overwrite", bool, False, ("--overwrite",), "Replace a non-empty --out."),
 )
 
-#: Stage A options that may differ from the saved configuration when a run is resumed.
-RESUME_MUTABLE = {
-    "epochs",
-    "num_workers",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "trainer.strategy",
-    "trainer.precision",
-    "trainer.compile",
-    "trainer.accelerator",
-    "trainer.logger",
-    "trainer.progress_bar",
-}
 
-
-def mbm_run_options(hidden: tuple[str, ...] = (), **helps: str) -> list[OptionSpec]:
-    """The stage A options, with the stage's help texts for the options whose default depends on the stage
-    (``epochs``, ``batch_size``, ``lr``, ``warmup_epochs``, ``include_test_fmri``, ``normalize``,
-    ``val_fraction``); the options named in ``hidden`` still work but are left out of ``--help``."""
-    specs = with_help(MBM_RUN_OPTIONS, **helps)
-    missing = [s.name for s in specs if s.help is None]
-    if missing:
-        raise TypeError(f"give the help texts of {missing}")
-    unknown = sorted(set(hidden) - {s.name for s in specs})
-    if unknown:
-        raise TypeError(f"no options {unknown} to hide")
-    return [dataclasses.replace(s, hidden=True) if s.name in hidden else s for s in specs]
-
-
-def given_run_options(shared: dict[str, Any]) -> dict[str, Any]:
-    """The stage A options that were given, as dotted configuration keys (``"lr"``, ``"data.nan_policy"``,
-    ``"trainer.devices"``); ``resume`` and ``overwrite`` are not configuration and are left out."""
-    return {
-        s.key: shared[s.name] for s in MBM_RUN_OPTIONS if s.key is not None and shared.get(s.name) is not None
-    }
-
-
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"data.x": 1, "lr": 2}`` -> ``{"data": {"x": 1}, "lr": 2}``."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        head, _, tail = key.partition(".")
-        if tail:
-            out.setdefault(head, {})[tail] = value
-        else:
-            out[key] = value
-    return out
-
-
-def resolve_config(stage: str, out: Path, resume: bool, given: dict[str, Any]) -> Any:
-    """The stage A run configuration (:class:`~mindvis.train.mbm.MBMTrainConfig`): the stage's defaults with
-    the given options, or, with ``resume``, the saved configuration with the given options that may change on
-    resume (others must equal the saved values).
+def stage_a_options(cls: type[StageAConfig], hidden: tuple[str, ...] = ()) -> list[OptionSpec]:
+    """The options of a stage A command after its paths: the settings of ``cls`` (a
+    :class:`~mindvis.train.stage_a.StageAConfig`) that are the stage's own, then the shared ones with
+    ``--threads`` (before ``--seed``, which takes :data:`SEED_RANGE`), then ``--progress``, ``--resume`` and
+    ``--overwrite``. The options named in ``hidden`` still work but are left out of ``--help``.
 
     Raises:
-        ConfigError: ``resume`` and a given option differs from the saved one and may not change.
+        TypeError: a name in ``hidden`` is not an option.
     """
-    from mindvis.train.mbm import MBMTrainConfig
-    from mindvis.train.run_folder import read_run_config
-
-    if not resume:
-        return MBMTrainConfig.for_stage(stage, **nest(given))  # type: ignore[arg-type]
-    saved = read_run_config(out, stage)["config"]
-    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()}
-    for key, value in given.items():
-        head, _, tail = key.partition(".")
-        current = merged.get(head, {}).get(tail) if tail else merged.get(head)
-        if key not in RESUME_MUTABLE and _normalise(current) != _normalise(value):
-            raise ConfigError(
-                f"cannot change {key} when resuming (the run was started with {current!r}); start a new run instead",
-                field=key,
-            )
-        if tail:
-            merged.setdefault(head, {})[tail] = value
-        else:
-            merged[key] = value
-    return MBMTrainConfig.from_dict(merged)
-
-
-def _normalise(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
-    if isinstance(value, Path):
-        return str(value.resolve())
-    if isinstance(value, str) and os.path.exists(value):
-        return str(Path(value).resolve())
-    return value
-
-
-def run_mbm(
-    stage: str, out: Path, given: dict[str, Any], resume: bool, overwrite: bool, threads: int | None = None
-) -> None:
-    """Resolve the configuration of stage A ``stage`` (``"pretrain"`` or ``"finetune"``), train with ``threads``
-    torch CPU threads (``None``: torch's default), and print the outcome (on the primary process)."""
-    from mindvis.train.mbm import run_mbm_stage
-    from mindvis.train.processes import is_primary_process
-
-    set_threads(threads or 0)
-
-    config = resolve_config(stage, out, resume, given)
-    result = run_mbm_stage(config, out, resume=resume, overwrite=overwrite)
-    if is_primary_process():
-        report_mbm(result, stage)
+    shared = [f.name for f in settings_of(StageAConfig)]
+    specs = {s.name: s for s in config_options(cls)}
+    specs["seed"] = dataclasses.replace(specs["seed"], limits=tuple(SEED_RANGE.items()))
+    out = [s for name, s in specs.items() if name not in shared]
+    for name in shared:
+        out += [_THREADS, specs[name]] if name == "seed" else [specs[name]]
+    out += _STAGE_A_RUN
+    unknown = sorted(set(hidden) - {s.name for s in out})
+    if unknown:
+        raise TypeError(f"no options {unknown} to hide")
+    return [dataclasses.replace(s, hidden=True) if s.name in hidden else s for s in out]
 
 
 def report_mbm(result: Any, stage: str) -> None:
