@@ -23,7 +23,7 @@ import yaml
 from mindvis.config import change_config, config_to_dict, option_paths
 from mindvis.errors import ConfigError
 from mindvis.eval.classifier import ClassifierConfig, classifier_config
-from mindvis.eval.evaluate import EvaluateConfig
+from mindvis.eval.config import EvaluateConfig
 from mindvis.reconstruct import ReconstructConfig
 from mindvis.synthcortex.config import OPTION_FIELDS as SIMULATE_OPTION_FIELDS
 from mindvis.synthcortex.config import SynthConfig
