@@ -115,28 +115,18 @@ def test_shipped_prior_used_only_for_its_own_corpus(tmp_path, monkeypatch):
     assert (run / "prior" / "ARTIFACT.json").is_file()
 
 
-@pytest.mark.parametrize(
-    "outcome, fails",
-    [("return-none", False), ("exit-0", False), ("return-3", True), ("exit-none", True), ("exit-1", True)],
-)
-def test_run_cli_never_passes_off_a_stopped_command_as_done(monkeypatch, outcome, fails):
-    import mindvis.cli
-    from mindvis.demo import run_cli
-    from mindvis.errors import MindVisError
+@pytest.mark.parametrize("stop", [SystemExit(None), SystemExit(0), KeyboardInterrupt()])
+def test_a_step_that_stops_early_is_not_recorded_as_done(monkeypatch, tmp_path, stop):
+    """Lightning stops gracefully on SIGTERM by raising SystemExit (code None): the step must run again."""
+    import mindvis.demo
 
-    def fake_app(args, prog_name, standalone_mode):
-        kind, _, code = outcome.partition("-")
-        value = None if code == "none" else int(code)
-        if kind == "exit":
-            raise SystemExit(value)  # Lightning's graceful SIGTERM stop raises SystemExit with code None
-        return value
+    def stopped(*args, **kwargs):
+        raise stop
 
-    monkeypatch.setattr(mindvis.cli, "app", fake_app)
-    if fails:
-        with pytest.raises(MindVisError, match="mindvis train"):
-            run_cli(["train"])
-    else:
-        run_cli(["train"])
+    monkeypatch.setattr(mindvis.demo, "simulate", stopped)
+    with pytest.raises(type(stop)):
+        run_demo(get_preset("smoke"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "steps" / "simulate.json").exists()
 
 
 def test_report_says_plainly_whether_the_method_beats_chance():
@@ -178,29 +168,35 @@ def test_label_budget_script_on_a_smoke_run(smoke_run, tmp_path, load_script):
     assert "| labelled trials |" in lb.table(rows, k)
 
 
-def test_set_overrides_one_option_of_one_step_and_is_recorded(tmp_path):
+def test_set_overrides_one_field_of_one_step_and_is_recorded(tmp_path):
     import yaml
 
-    from mindvis.demo import _args, _variants, apply_overrides, write_run_yaml
+    from mindvis.demo import _variants, apply_overrides, write_run_yaml
+    from mindvis.reconstruct import ReconstructConfig
+    from mindvis.train.config import StageBConfig
 
     base = get_preset("default")
-    key = next(iter(base.train))  # an option the preset sets, whatever it is
     p = apply_overrides(
         base,
-        ["pretrain.variant=small", "train.align_epochs=7", "reconstruct.steps=null", f"train.{key}=null"],
+        ["pretrain.variant=small", "train.align_epochs=7", "reconstruct.steps=null", "train.sparse-rate=null"],
     )
-    assert p.pretrain["variant"] == "small" and p.train["align-epochs"] == 7  # underscores read as dashes
-    assert "steps" not in p.reconstruct and key not in p.train
-    assert _args(p.pretrain)[_args(p.pretrain).index("--variant") + 1] == "small"
-    lr = apply_overrides(base, ["prior.vq-lr=5e-4", "prior.vq=[n_embed=256]"]).prior
-    assert lr["vq-lr"] == 0.0005 and lr["vq"] == ["n_embed=256"]  # typed as the option reads it
-    # train.* reaches the ablations too, unless ablation_train sets the same key
-    ablation = next(t for k, _, t, _ in _variants(p) if k == "no_pretrain")
-    assert ablation["align-epochs"] == 7 and ablation["random-encoder"] is True
+    assert p.pretrain.variant == "small" and p.train.align_epochs == 7
+    assert p.reconstruct.steps == ReconstructConfig().steps != base.reconstruct.steps  # null: the default
+    assert p.train.sparse_rate == StageBConfig().sparse_rate != base.train.sparse_rate
+    # a field path or the option's name; nested configs and dict entries; typed as the field is
+    q = apply_overrides(
+        base, ["prior.vq-lr=1e-4", "prior.vq_model.n_embed=256", "simulate.rest-subjects=3", "prior.unet.lr=3e-4"]
+    )
+    assert q.prior.vq.lr == 1e-4 and q.prior.vq_model["n_embed"] == 256 and q.prior.unet.lr == 3e-4
+    assert q.simulate.n_rest_subjects == 3 and isinstance(q.prior.vq.lr, float)
+    # train.* reaches the ablations too, unless ablation_train sets the same field
+    ablation = next(v for v in _variants(p) if v.key == "no_pretrain")
+    assert ablation.train.align_epochs == 7 and ablation.train.encoder_init == "random"
+    assert ablation.train.epochs == base.ablation_train["epochs"]
     assert get_preset("default").pretrain == base.pretrain  # the preset itself is untouched
     assert p.overrides[0] == "pretrain.variant=small" and base.overrides == []
 
-    write_run_yaml(tmp_path, p, {}, {})
+    write_run_yaml(tmp_path, p)
     doc = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert doc["mindvis_demo"]["overrides"] == p.overrides
     assert doc["mindvis_demo"]["settings"]["pretrain"]["variant"] == "small"
@@ -210,21 +206,41 @@ def test_set_overrides_one_option_of_one_step_and_is_recorded(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "name, items",
+    [
+        ("smoke", []),
+        ("default", ["pretrain.variant=small", "train.align-epochs=7", "reconstruct.steps=null"]),
+        ("default", ["prior.vq_model.n_embed=null", "prior.unet.ema_decay=null", "ablation_train.epochs=null"]),
+        ("quick", ["simulate.preset=hard", "simulate.n_train=100", "ablation_train.cond_dropout=0.2"]),
+        ("smoke", ["train.val_items=null", "classifier.holdout=0.2", "evaluate.trials=30"]),
+    ],
+)
+def test_the_reproduce_line_is_written_from_the_configs_and_gives_the_same_run(name, items):
+    from mindvis.demo import apply_overrides, set_items
+
+    made = apply_overrides(get_preset(name), items)
+    again = apply_overrides(get_preset(name), set_items(made))
+    assert again.to_dict() == made.to_dict()
+    assert set_items(get_preset(name)) == []
+
+
+@pytest.mark.parametrize(
     "item, match",
     [
         ("pretrain.variant", "SECTION.KEY=VALUE"),
         ("variant=small", "SECTION.KEY=VALUE"),
         ("stage_b.epochs=3", "unknown section 'stage_b'"),
-        ("pretrain.no-such-option=1", "has no option --no-such-option"),
-        ("train.random-encoder=false", "cannot be negated"),
-        ("train.random-encoder=3", "is a flag"),
-        ("train.epochs=abc", "'abc': Invalid value for '--epochs'"),
+        ("pretrain.no-such-option=1", "has no setting 'no-such-option'"),
+        ("train.validate-start=3", "expected true or false"),
+        ("train.epochs=abc", "expected an integer"),
         ("train.epochs=", "give a value"),
-        ("pretrain.epochs=[1, 2]", "takes one value, not a list"),
-        ("prior.vq=[a, [b]]", "expected a list"),
-        ("train.out=elsewhere", "the demo sets --out"),
-        ("reconstruct.split=train", "the demo sets --split"),
-        ("ablation_train.random-encoder=true", "the demo sets --random-encoder"),
+        ("train.epochs=0", "train.epochs"),
+        ("pretrain.epochs=[1, 2]", "expected an integer"),
+        ("prior.vq=3", "group of settings"),
+        ("prior.resolution=64", "the demo sets resolution"),
+        ("train.dataset=god", "the demo sets dataset"),
+        ("ablation_train.encoder_init=random", "the demo sets encoder_init"),
+        ("simulate.preset=nosuch", "unknown preset"),
     ],
 )
 def test_set_rejects_what_it_cannot_apply(item, match):
@@ -250,7 +266,7 @@ def test_a_rerun_continues_with_the_settings_the_run_was_made_with(tmp_path):
     from mindvis.demo import apply_overrides, write_run_yaml
 
     made = ["pretrain.variant=small", "train.align-epochs=7"]
-    write_run_yaml(tmp_path, apply_overrides(get_preset("smoke"), made), {}, {})
+    write_run_yaml(tmp_path, apply_overrides(get_preset("smoke"), made))
     assert continued_overrides(tmp_path, "smoke", []) == made  # no --set: the run goes on as it was made
     assert continued_overrides(tmp_path, "smoke", made) == made
     same = ["train.align_epochs=7", "pretrain.variant=small"]  # spelling and order aside, the same settings
@@ -261,7 +277,7 @@ def test_a_rerun_continues_with_the_settings_the_run_was_made_with(tmp_path):
     new = ["pretrain.variant=tiny"]
     assert continued_overrides(tmp_path, "smoke", new, overwrite=True) == new
     assert continued_overrides(tmp_path / "new", "smoke", ["train.epochs=2"]) == ["train.epochs=2"]
-    write_run_yaml(tmp_path / "plain", get_preset("smoke"), {}, {})
+    write_run_yaml(tmp_path / "plain", get_preset("smoke"))
     with pytest.raises(ConfigError, match="was made with no --set"):
         continued_overrides(tmp_path / "plain", "smoke", ["train.epochs=2"])
 
@@ -272,8 +288,8 @@ def test_resume_with_set_picks_the_run_made_with_the_same_settings(tmp_path):
     from mindvis.commands.demo import _latest_run
     from mindvis.demo import apply_overrides, write_run_yaml
 
-    write_run_yaml(tmp_path / "a", apply_overrides(get_preset("smoke"), ["pretrain.variant=small"]), {}, {})
-    write_run_yaml(tmp_path / "b", get_preset("smoke"), {}, {})
+    write_run_yaml(tmp_path / "a", apply_overrides(get_preset("smoke"), ["pretrain.variant=small"]))
+    write_run_yaml(tmp_path / "b", get_preset("smoke"))
     os.utime(tmp_path / "a", (1, 1))  # b is the newest
     assert _latest_run(tmp_path, "smoke") == tmp_path / "b"
     assert _latest_run(tmp_path, "smoke", ["pretrain.variant=small"]) == tmp_path / "a"

@@ -44,7 +44,8 @@ eval         ``eval.*`` (the rest: ``probe``, ``report``, ...),    experiments o
                                                                    does
 report       ``demo_report``, ``departures``                       the demo's report and the table of departures
                                                                    from the original that it prints
-demo         ``demo``                                              the end-to-end run that ``mindvis demo`` starts
+demo         ``demo``, ``demo_presets``                            the end-to-end run that ``mindvis demo`` starts
+                                                                   and its presets (the config of every step)
 commands     ``commands.*``                                        one command line command each, calling the
                                                                    library
 cli          ``cli``                                               the entry point that registers every command
@@ -100,18 +101,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("train", ("mindvis.train", "mindvis.convert")),
     ("eval", ("mindvis.eval", "mindvis.baselines")),
     ("report", ("mindvis.demo_report", "mindvis.departures")),
-    ("demo", ("mindvis.demo",)),
+    ("demo", ("mindvis.demo", "mindvis.demo_presets")),
     ("commands", ("mindvis.commands",)),
     ("cli", ("mindvis.cli",)),
 ]
 
 #: Upward imports allowed for now: ``(importer, imported) -> why``. Each must still exist (a stale entry fails).
-ALLOWED_UPWARD: dict[tuple[str, str], str] = {
-    ("mindvis.demo", "mindvis.cli"): (
-        "the demo validates its --set overrides against the Typer options of the commands it runs; this goes "
-        "when the coming config work gives the commands' options a home below the demo"
-    ),
-}
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 
 #: Third-party packages that do not count as heavy: a function-level import that would only add these to the
 #: importing module's module-level imports has no reason to stay in the function.
@@ -371,17 +367,8 @@ def _loaded_by_cli() -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(modules), frozenset(heavy)
 
 
-#: Function-level imports of ``demo`` that defer nothing heavy: ``(importer, imported)``. They move to the top of the
-#: module when the demo calls the library through typed configs instead of the command line (``demo`` -> ``cli``
-#: then goes, with :data:`ALLOWED_UPWARD`).
-DEFERRED: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("mindvis.demo", "mindvis.cli"),
-        ("mindvis.demo", "mindvis.data.formats.registry"),
-        ("mindvis.demo", "mindvis.demo_report"),
-        ("mindvis.demo", "mindvis.utils.io"),
-    }
-)
+#: Function-level imports that defer nothing heavy but stay in a function: ``(importer, imported)`` (none now).
+DEFERRED: frozenset[tuple[str, str]] = frozenset()
 
 
 def test_function_level_imports_only_defer_heavy_packages():

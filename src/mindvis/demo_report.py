@@ -219,7 +219,7 @@ def departures(preset: Any) -> list[str]:
 
     out = []
     for d in in_force(preset):
-        value = getattr(preset, d.preset_step, {}).get(d.option.removeprefix("--"))
+        value = preset.options(d.preset_step).get(d.option.removeprefix("--"))
         given = f"{d.option} {value}" if value is not None and not isinstance(value, bool) else d.option
         out.append(f"{d.what}: {d.behaviour_ours} ({given})")
     return out
@@ -444,7 +444,7 @@ th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
 {f'<img alt="training curves" src="data:image/png;base64,{curves}">' if curves else "<p>(no curves logged)</p>"}
 <p>Stage B's points at 0 epochs are validations before the diffusion finetune (<code>--validate-start</code>): the
 untrained model and, with a context warm start, the model right after it.</p>
-{stand_ins_section(run_dir, preset.reconstruct.get("guidance-scale"))}
+{stand_ins_section(run_dir, preset.reconstruct.guidance_scale)}
 {probe_section(run_dir)}
 {timing}
 </body></html>"""

@@ -200,15 +200,9 @@ DEPARTURES: tuple[Departure, ...] = (
 
 
 def in_force(preset: Any) -> list[Departure]:
-    """The departures a demo preset's command settings select (``preset`` has ``train``, ``finetune``, ... dicts)."""
-    out = []
-    for d in DEPARTURES:
-        if not d.preset_step:
-            continue
-        settings = getattr(preset, d.preset_step, None)
-        if isinstance(settings, dict) and d.active(settings):
-            out.append(d)
-    return out
+    """The departures a demo preset's settings select (``preset.options(step)``: a step's settings by option name,
+    see :meth:`mindvis.demo_presets.DemoPreset.options`)."""
+    return [d for d in DEPARTURES if d.preset_step and d.active(preset.options(d.preset_step))]
 
 
 def markdown_table() -> str:

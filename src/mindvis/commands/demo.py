@@ -151,10 +151,11 @@ def demo(
         None,
         "--set",
         metavar="SECTION.KEY=VALUE",
-        help="Change one option of one step's command, e.g. pretrain.variant=small or train.align-epochs=40 "
-        "(repeatable; VALUE is checked against the option: true/false for a flag, [a, b] for a repeatable one, "
-        "null drops it). Sections: simulate, classifier, pretrain, "
-        "finetune, prior, train, ablation_train, reconstruct, evaluate. Recorded in config.yaml and the report.",
+        help="Change one setting of one step's config, e.g. pretrain.variant=small, train.align-epochs=40 or "
+        "prior.vq.lr=1e-4 (repeatable; KEY is a config field or the step command's option; VALUE is YAML of "
+        "the field's type: true/false, a number, text, [a, b]; null restores the default). Sections: simulate, "
+        "classifier, pretrain, finetune, prior, train, ablation_train, reconstruct, evaluate. Recorded in "
+        "config.yaml and the report.",
     ),
     overwrite: bool = typer.Option(
         False,
