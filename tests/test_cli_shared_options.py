@@ -164,9 +164,7 @@ def test_stage_b_options_are_generated_from_its_config(monkeypatch):
         raise SystemExit(0)
 
     monkeypatch.setattr(ldm, "train_stage_b", fake_train)
-    monkeypatch.setattr(
-        "mindvis.train.ldm.load_dataset", lambda *a, **k: type("D", (), {"subject": "s"})()
-    )
+    monkeypatch.setattr("mindvis.train.ldm.load_dataset", lambda *a, **k: type("D", (), {"subject": "s"})())
     args = ["train", "--prior", "p", "--mbm", "m", "--out", "o", "--dataset", "bold5000", "--subject", "s"]
     flags = [
         "--steps",

@@ -50,16 +50,14 @@ def test_demo_smoke_and_resume(smoke_run):
     first, tmp_path = smoke_run
     _check_run(first, preset)
     assert first.skipped == []
-    if preset.train.get(
-        "align-epochs"
-    ):  # the warm start ran and the report names what differs from the original
+    if preset.train.align_epochs:  # the warm start ran and the report names what differs from the original
         assert (tmp_path / "run" / "stage_b" / "align.json").is_file()
         assert "--align-epochs" in (tmp_path / "run" / "report" / "index.html").read_text()
-    if preset.train.get("validate-start"):  # the stage B curve starts before training
+    if preset.train.validate_start:  # the stage B curve starts before training
         from mindvis.demo_report import stage_b_validation_curve
 
         start = json.loads((tmp_path / "run" / "stage_b" / "validation_start.json").read_text())
-        assert len(start["points"]) == (2 if preset.train.get("align-epochs") else 1)
+        assert len(start["points"]) == (2 if preset.train.align_epochs else 1)
         xs, ys = stage_b_validation_curve(tmp_path / "run", "val/loss")
         assert xs[: len(start["points"])] == [0.0] * len(start["points"])
         assert ys[0] == pytest.approx(start["points"][0]["val/loss"])
@@ -96,7 +94,7 @@ def test_shipped_prior_used_only_for_its_own_corpus(tmp_path, monkeypatch):
     run_demo(preset, tmp_path / "run", progress=False)  # its own run: the rerun below changes it
     run = tmp_path / "run"
     corpus = run / "sim" / "stimuli" / "corpus.npz"
-    res = int(preset.simulate["resolution"])
+    res = preset.simulate.resolution
     shipped = tmp_path / "assets" / "prior-small"
     shutil.copytree(run / "prior" / "pipeline", shipped / "pipeline")
     monkeypatch.setattr(demo, "SHIPPED_PRIOR", shipped)
@@ -178,14 +176,20 @@ def test_set_overrides_one_field_of_one_step_and_is_recorded(tmp_path):
     base = get_preset("default")
     p = apply_overrides(
         base,
-        ["pretrain.variant=small", "train.align_epochs=7", "reconstruct.steps=null", "train.sparse-rate=null"],
+        [
+            "pretrain.variant=small",
+            "train.align_epochs=7",
+            "reconstruct.steps=null",
+            "train.sparse-rate=null",
+        ],
     )
     assert p.pretrain.variant == "small" and p.train.align_epochs == 7
     assert p.reconstruct.steps == ReconstructConfig().steps != base.reconstruct.steps  # null: the default
     assert p.train.sparse_rate == StageBConfig().sparse_rate != base.train.sparse_rate
     # a field path or the option's name; nested configs and dict entries; typed as the field is
     q = apply_overrides(
-        base, ["prior.vq-lr=1e-4", "prior.vq_model.n_embed=256", "simulate.rest-subjects=3", "prior.unet.lr=3e-4"]
+        base,
+        ["prior.vq-lr=1e-4", "prior.vq_model.n_embed=256", "simulate.rest-subjects=3", "prior.unet.lr=3e-4"],
     )
     assert q.prior.vq.lr == 1e-4 and q.prior.vq_model["n_embed"] == 256 and q.prior.unet.lr == 3e-4
     assert q.simulate.n_rest_subjects == 3 and isinstance(q.prior.vq.lr, float)
@@ -210,7 +214,10 @@ def test_set_overrides_one_field_of_one_step_and_is_recorded(tmp_path):
     [
         ("smoke", []),
         ("default", ["pretrain.variant=small", "train.align-epochs=7", "reconstruct.steps=null"]),
-        ("default", ["prior.vq_model.n_embed=null", "prior.unet.ema_decay=null", "ablation_train.epochs=null"]),
+        (
+            "default",
+            ["prior.vq_model.n_embed=null", "prior.unet.ema_decay=null", "ablation_train.epochs=null"],
+        ),
         ("quick", ["simulate.preset=hard", "simulate.n_train=100", "ablation_train.cond_dropout=0.2"]),
         ("smoke", ["train.val_items=null", "classifier.holdout=0.2", "evaluate.trials=30"]),
     ],

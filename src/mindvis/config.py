@@ -264,6 +264,11 @@ def coerce_value(annotation: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"expected an integer, got {value!r}", field=name)
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {value!r}", field=name)
         return float(value)
@@ -321,7 +326,10 @@ def change_config(config: Any, path: str, value: Any) -> Any:
     annotation = typing.get_type_hints(type(config))[head]
     current = getattr(config, head)
     if rest and dataclasses.is_dataclass(current):
-        new = change_config(current, rest, value)
+        try:
+            new = change_config(current, rest, value)
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, field=f"{head}.{exc.field}") from None
     elif rest and isinstance(current, Mapping):
         new = dict(current)
         if value is RESET or value is None:

@@ -57,8 +57,8 @@ def simulate(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mindvis.synthcortex import SynthConfig
-    from mindvis.synthcortex.config import OPTION_FIELDS
     from mindvis.synthcortex import simulate as run_simulation
+    from mindvis.synthcortex.config import OPTION_FIELDS
 
     given: dict[str, Any] = {
         "seed": seed,

@@ -34,6 +34,7 @@ OPTION_FIELDS: dict[str, str] = {
     "preset": "name",
 }
 
+
 @dataclass
 class SynthConfig:
     """Every parameter of a SynthCortex run. Build with :meth:`preset`; validated at creation.
