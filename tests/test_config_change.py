@@ -39,7 +39,8 @@ def test_change_config_sets_typed_fields_and_leaves_the_original():
     assert b.epochs == 7 and a.epochs == 3
     assert change_config(a, "clip", 1).clip == 1.0 and isinstance(change_config(a, "clip", 1).clip, float)
     assert change_config(a, "clip", None).clip is None  # the type allows None: None
-    assert change_config(change_config(a, "epochs", 9), "epochs", None).epochs == 3  # it does not: the default
+    nine = change_config(a, "epochs", 9)
+    assert change_config(nine, "epochs", None).epochs == 3  # the type does not allow None: the default
     assert change_config(a, "epochs", RESET).epochs == 3
     assert change_config(a, "sizes", [3, 4]).sizes == (3, 4)
     assert change_config(a, "name", 32).name == "32"  # a number written for text stays text

@@ -13,6 +13,7 @@ text are written once, in the dataclass, and the command's options are generated
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -265,10 +266,8 @@ def coerce_value(annotation: Any, value: Any, name: str) -> Any:
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {value!r}", field=name)
         return float(value)
