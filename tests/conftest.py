@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("MINDVIS_LOG_DIR", str(Path(__file__).parent / ".logs"))
 
 FIXTURES = Path(__file__).parent / "fixtures"
+#: The test suite's demo preset (``mindvis demo --preset tests/fixtures/demo-smoke.yaml``): every step, tiny.
+SMOKE_PRESET = str(FIXTURES / "demo-smoke.yaml")
 
 
 def parity_dir() -> Path:

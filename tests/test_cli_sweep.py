@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import typer
 
-from conftest import parity_dir
+from conftest import SMOKE_PRESET, parity_dir
 from mindvis.cli import COMMAND_MODULES, app, main
 
 ODD = "dír with spaces ✓ 数据"
@@ -247,7 +247,7 @@ def test_no_command_overwrites_a_non_empty_folder(odd, capsys, tmp_path):
         "convert": ["convert", "--mbm", fx / "mae_checkpoint.pth", "--out", full],
         "reconstruct": [*odd.recon, "--out", full],
         "evaluate": [*odd.evaluate, "--out", full],
-        "demo": ["demo", "--preset", "smoke", "--run-dir", full, "--no-progress"],
+        "demo": ["demo", "--preset", SMOKE_PRESET, "--run-dir", full, "--no-progress"],
     }  # fmt: skip
     for name, args in attempts.items():
         line = assert_one_line_error(run(capsys, *args), 2, str(full))
@@ -270,7 +270,7 @@ def test_demo_refuses_a_run_folder_of_another_preset(tmp_path, capsys):
     (run_dir / "config.yaml").write_text("mindvis_demo:\n  preset: quick\n")
     before = snapshot(run_dir)
     assert_one_line_error(
-        run(capsys, "demo", "--preset", "smoke", "--run-dir", run_dir, "--no-progress"),
+        run(capsys, "demo", "--preset", SMOKE_PRESET, "--run-dir", run_dir, "--no-progress"),
         2,
         "'quick'",
         "--overwrite",

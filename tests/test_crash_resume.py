@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SMOKE_PRESET
 from mindvis.errors import CheckpointError, MindVisError
 from mindvis.utils import io as mio
 from mindvis.utils.io import (
@@ -624,7 +625,7 @@ def test_kill_loop_demo_resumes_to_the_same_results(tmp_path):
     rng = random.Random(int(os.environ.get("MINDVIS_KILL_SEED", "0")))
     env = subprocess_env(tmp_path)
     run = tmp_path / "run"
-    cmd = mindvis_cmd("demo", "--preset", "smoke", "--run-dir", str(run), "--no-progress")
+    cmd = mindvis_cmd("demo", "--preset", SMOKE_PRESET, "--run-dir", str(run), "--no-progress")
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]

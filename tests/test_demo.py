@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from conftest import SMOKE_PRESET
 from mindvis.demo import get_preset, run_demo
 from mindvis.errors import ConfigError
 
@@ -42,11 +43,11 @@ def smoke_run(tmp_path_factory):
     """One smoke run of the demo shared by this file's tests: ``(result, its tmp folder)``; the run is
     ``folder / "run"``. The tests read it, or rerun it with the same settings (which changes nothing)."""
     folder = tmp_path_factory.mktemp("smoke")
-    return run_demo(get_preset("smoke"), folder / "run", progress=False), folder
+    return run_demo(get_preset(SMOKE_PRESET), folder / "run", progress=False), folder
 
 
 def test_demo_smoke_and_resume(smoke_run):
-    preset = get_preset("smoke")
+    preset = get_preset(SMOKE_PRESET)
     first, tmp_path = smoke_run
     _check_run(first, preset)
     assert first.skipped == []
@@ -64,7 +65,7 @@ def test_demo_smoke_and_resume(smoke_run):
         assert len(xs) > len(start["points"]) and min(xs[len(start["points"]) :]) >= 1
     markers = sorted(p.name for p in (tmp_path / "run" / "steps").glob("*.json"))
     # a rerun with the same settings skips every finished step (the report is rebuilt)
-    second = run_demo(get_preset("smoke"), tmp_path / "run", progress=False)
+    second = run_demo(get_preset(SMOKE_PRESET), tmp_path / "run", progress=False)
     assert set(second.skipped) >= {"simulate", "classifier", "pretrain", "finetune", "prior", "train_method"}
     assert sorted(p.name for p in (tmp_path / "run" / "steps").glob("*.json")) == markers
 
@@ -90,7 +91,7 @@ def test_shipped_prior_used_only_for_its_own_corpus(tmp_path, monkeypatch):
     import mindvis.demo as demo
     from mindvis.utils.io import file_sha256, write_json
 
-    preset = get_preset("smoke")
+    preset = get_preset(SMOKE_PRESET)
     run_demo(preset, tmp_path / "run", progress=False)  # its own run: the rerun below changes it
     run = tmp_path / "run"
     corpus = run / "sim" / "stimuli" / "corpus.npz"
@@ -106,7 +107,7 @@ def test_shipped_prior_used_only_for_its_own_corpus(tmp_path, monkeypatch):
     assert not demo._shipped_prior_fits(res, corpus), "another corpus"
     # a rerun that can use the shipped prior copies it instead of training
     write_json(shipped / "ARTIFACT.json", {"corpus_sha256": file_sha256(corpus)})
-    again = run_demo(get_preset("smoke"), run, progress=False)
+    again = run_demo(get_preset(SMOKE_PRESET), run, progress=False)
     # the prior step's inputs changed (shipped instead of trained), so it and every later step rerun
     assert {"simulate", "pretrain"} <= set(again.skipped)
     assert "prior" not in again.skipped and "train_method" not in again.skipped
@@ -123,7 +124,7 @@ def test_a_step_that_stops_early_is_not_recorded_as_done(monkeypatch, tmp_path, 
 
     monkeypatch.setattr(mindvis.demo, "simulate", stopped)
     with pytest.raises(type(stop)):
-        run_demo(get_preset("smoke"), tmp_path / "run", progress=False)
+        run_demo(get_preset(SMOKE_PRESET), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "steps" / "simulate.json").exists()
 
 
@@ -212,14 +213,14 @@ def test_set_overrides_one_field_of_one_step_and_is_recorded(tmp_path):
 @pytest.mark.parametrize(
     "name, items",
     [
-        ("smoke", []),
+        (SMOKE_PRESET, []),
         ("default", ["pretrain.variant=small", "train.align-epochs=7", "reconstruct.steps=null"]),
         (
             "default",
             ["prior.vq_model.n_embed=null", "prior.unet.ema_decay=null", "ablation_train.epochs=null"],
         ),
         ("quick", ["simulate.preset=hard", "simulate.n_train=100", "ablation_train.cond_dropout=0.2"]),
-        ("smoke", ["train.val_items=null", "classifier.holdout=0.2", "evaluate.trials=30"]),
+        (SMOKE_PRESET, ["train.val_items=null", "classifier.holdout=0.2", "evaluate.trials=30"]),
     ],
 )
 def test_the_reproduce_line_is_written_from_the_configs_and_gives_the_same_run(name, items):
@@ -254,7 +255,7 @@ def test_set_rejects_what_it_cannot_apply(item, match):
     from mindvis.demo import apply_overrides
 
     with pytest.raises(ConfigError, match=match) as err:
-        apply_overrides(get_preset("smoke"), [item])
+        apply_overrides(get_preset(SMOKE_PRESET), [item])
     assert err.value.field == "--set"
 
 
@@ -262,7 +263,9 @@ def test_demo_cli_set_error_is_one_line_and_writes_nothing(tmp_path, capsys):
     from mindvis.cli import main
 
     run = tmp_path / "run"
-    rc = main(["demo", "--preset", "smoke", "--run-dir", str(run), "--set", "nosuch.key=1", "--no-progress"])
+    rc = main(
+        ["demo", "--preset", SMOKE_PRESET, "--run-dir", str(run), "--set", "nosuch.key=1", "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--set" in err and "nosuch" in err and len(err.strip().splitlines()) == 1
     assert not run.exists()
@@ -273,20 +276,20 @@ def test_a_rerun_continues_with_the_settings_the_run_was_made_with(tmp_path):
     from mindvis.demo import apply_overrides, write_run_yaml
 
     made = ["pretrain.variant=small", "train.align-epochs=7"]
-    write_run_yaml(tmp_path, apply_overrides(get_preset("smoke"), made))
-    assert continued_overrides(tmp_path, "smoke", []) == made  # no --set: the run goes on as it was made
-    assert continued_overrides(tmp_path, "smoke", made) == made
+    write_run_yaml(tmp_path, apply_overrides(get_preset(SMOKE_PRESET), made))
+    assert continued_overrides(tmp_path, SMOKE_PRESET, []) == made  # no --set: the run goes on as it was made
+    assert continued_overrides(tmp_path, SMOKE_PRESET, made) == made
     same = ["train.align_epochs=7", "pretrain.variant=small"]  # spelling and order aside, the same settings
-    assert continued_overrides(tmp_path, "smoke", same) == same
+    assert continued_overrides(tmp_path, SMOKE_PRESET, same) == same
     with pytest.raises(ConfigError, match="was made with --set pretrain.variant=small") as err:
-        continued_overrides(tmp_path, "smoke", ["pretrain.variant=tiny"])
+        continued_overrides(tmp_path, SMOKE_PRESET, ["pretrain.variant=tiny"])
     assert err.value.field == "--set"
     new = ["pretrain.variant=tiny"]
-    assert continued_overrides(tmp_path, "smoke", new, overwrite=True) == new
-    assert continued_overrides(tmp_path / "new", "smoke", ["train.epochs=2"]) == ["train.epochs=2"]
-    write_run_yaml(tmp_path / "plain", get_preset("smoke"))
+    assert continued_overrides(tmp_path, SMOKE_PRESET, new, overwrite=True) == new
+    assert continued_overrides(tmp_path / "new", SMOKE_PRESET, ["train.epochs=2"]) == ["train.epochs=2"]
+    write_run_yaml(tmp_path / "plain", get_preset(SMOKE_PRESET))
     with pytest.raises(ConfigError, match="was made with no --set"):
-        continued_overrides(tmp_path / "plain", "smoke", ["train.epochs=2"])
+        continued_overrides(tmp_path / "plain", SMOKE_PRESET, ["train.epochs=2"])
 
 
 def test_resume_with_set_picks_the_run_made_with_the_same_settings(tmp_path):
@@ -295,9 +298,45 @@ def test_resume_with_set_picks_the_run_made_with_the_same_settings(tmp_path):
     from mindvis.commands.demo import _latest_run
     from mindvis.demo import apply_overrides, write_run_yaml
 
-    write_run_yaml(tmp_path / "a", apply_overrides(get_preset("smoke"), ["pretrain.variant=small"]))
-    write_run_yaml(tmp_path / "b", get_preset("smoke"))
+    write_run_yaml(tmp_path / "a", apply_overrides(get_preset(SMOKE_PRESET), ["pretrain.variant=small"]))
+    write_run_yaml(tmp_path / "b", get_preset(SMOKE_PRESET))
     os.utime(tmp_path / "a", (1, 1))  # b is the newest
-    assert _latest_run(tmp_path, "smoke") == tmp_path / "b"
-    assert _latest_run(tmp_path, "smoke", ["pretrain.variant=small"]) == tmp_path / "a"
-    assert _latest_run(tmp_path, "smoke", ["pretrain.variant=base"]) is None
+    assert _latest_run(tmp_path, SMOKE_PRESET) == tmp_path / "b"
+    assert _latest_run(tmp_path, SMOKE_PRESET, ["pretrain.variant=small"]) == tmp_path / "a"
+    assert _latest_run(tmp_path, SMOKE_PRESET, ["pretrain.variant=base"]) is None
+
+
+def test_a_preset_file_and_a_runs_config_yaml_are_presets(tmp_path):
+    from mindvis.demo import apply_overrides, write_run_yaml
+    from mindvis.synthcortex import SynthConfig
+
+    made = apply_overrides(get_preset("quick"), ["train.align_epochs=7", "simulate.preset=hard"])
+    write_run_yaml(tmp_path, made)
+    again = get_preset(str(tmp_path / "config.yaml"))  # a run's settings make a preset
+    assert again.name == str(tmp_path / "config.yaml")
+    assert {**again.to_dict(), "name": ""} == {**made.to_dict(), "name": ""}
+    partial = tmp_path / "mine.yaml"
+    partial.write_text("simulate: {name: hard, n_train: 30}\ntrain: {epochs: 2}\nablations: none\n")
+    p = get_preset(str(partial))
+    assert p.simulate == SynthConfig.preset("hard", n_train=30)  # the noise preset's values, then the file's
+    assert p.train.epochs == 2 and p.train.lr == get_preset("quick").train.lr  # the rest: the defaults
+    assert p.ablations == "none"
+
+
+@pytest.mark.parametrize(
+    "text, match, field",
+    [
+        ("train: {epochs: zero}\n", "expected an integer", "train.epochs"),
+        ("prior: {vq: {lr: -1}}\n", "", "prior.vq.lr"),
+        ("stage_b: {epochs: 1}\n", "unknown section", "stage_b"),
+        ("train: {nope: 1}\n", "has no field 'nope'", "train.nope"),
+        ("ablations: some\n", "none, fast or all", "ablations"),
+        ("[1, 2]\n", "expected a mapping", None),
+    ],
+)
+def test_a_bad_preset_file_is_refused_naming_the_file_and_field(tmp_path, text, match, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        get_preset(str(path))
+    assert str(path) in str(err.value) and err.value.field == field

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import parity_dir
+from conftest import SMOKE_PRESET, parity_dir
 from mindvis.cli import main
 
 #: JSON keys whose values are wall-clock measurements or timestamps, not results; and cache keys, which hash
@@ -278,7 +278,7 @@ def find_key(obj, key: str):
 def run_smoke_demo(run_dir: Path) -> None:
     from mindvis.demo import get_preset, run_demo
 
-    run_demo(get_preset("smoke"), run_dir, progress=False)
+    run_demo(get_preset(SMOKE_PRESET), run_dir, progress=False)
 
 
 @pytest.mark.slow

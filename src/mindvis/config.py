@@ -214,6 +214,13 @@ def _dataclass_of(annotation: Any) -> type | None:
     return None
 
 
+def _under(head: str, field: str | None) -> str:
+    """The dotted path of ``field`` of the config in field ``head`` (a config may already name it so)."""
+    if not field:
+        return head
+    return field if field.startswith(f"{head}.") else f"{head}.{field}"
+
+
 def _allows_none(annotation: Any) -> bool:
     return annotation is Any or type(None) in typing.get_args(annotation)
 
@@ -328,7 +335,7 @@ def change_config(config: Any, path: str, value: Any) -> Any:
         try:
             new = change_config(current, rest, value)
         except ConfigError as exc:
-            raise ConfigError(exc.detail, field=f"{head}.{exc.field}") from None
+            raise ConfigError(exc.detail, field=_under(head, exc.field)) from None
     elif rest and isinstance(current, Mapping):
         new = dict(current)
         if value is RESET or value is None:
@@ -373,6 +380,44 @@ def config_to_dict(config: Any) -> Any:
     return config
 
 
+def config_from_plain(cls: type, data: Any, source: Any = None) -> Any:
+    """Build config dataclass ``cls`` from plain data (:func:`config_to_dict`'s, or a YAML file's): each value
+    converted to its field's type (:func:`coerce_value`), a nested config built the same way, a missing field
+    left at its default, and the config's own checks run.
+
+    Raises:
+        ConfigError: not a mapping, an unknown field, or a value of the wrong type or refused by the config; the
+            error names ``source`` (the file) and the field's dotted path.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping of {cls.__name__} fields, got {data!r}", path=source)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            raise ConfigError(
+                f"{cls.__name__} has no field {name!r}; it has: {', '.join(sorted(fields))}",
+                path=source,
+                field=name,
+            )
+        inner = _dataclass_of(hints[name])
+        try:
+            if inner is not None and isinstance(value, Mapping):
+                kwargs[name] = config_from_plain(inner, value)
+            else:
+                kwargs[name] = coerce_value(hints[name], value, name)
+        except ConfigError as exc:
+            field = name if exc.field in (None, name) else _under(name, exc.field)
+            raise ConfigError(exc.detail, path=source, field=field) from None
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(exc.detail, path=source, field=exc.field) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot build {cls.__name__}: {exc}", path=source) from None
+
+
 __all__ = [
     "MAX_DEPTH",
     "MAX_LEVELS",
@@ -392,6 +437,7 @@ __all__ = [
     "check_parameters",
     "coerce_value",
     "config_from_dict",
+    "config_from_plain",
     "config_to_dict",
     "field_default",
     "option_paths",

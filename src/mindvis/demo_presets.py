@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mindvis.config import change_config, config_to_dict, option_paths
+from mindvis.config import change_config, config_from_plain, config_to_dict, option_paths
 from mindvis.errors import ConfigError
 from mindvis.eval.classifier import ClassifierConfig, classifier_config
 from mindvis.eval.config import EvaluateConfig
@@ -234,62 +234,114 @@ def _presets() -> dict[str, DemoPreset]:
         ablations="all",
         evaluate=EvaluateConfig(trials=1000, bootstrap=1000),
     )
-    # the test suite's end-to-end check: every step on the smallest data that still exercises it
-    smoke = DemoPreset(
-        name="smoke",
-        note="test-suite smoke run: tiny data and models, one epoch each; numbers are meaningless",
-        simulate=SynthConfig.preset(
-            n_train=40,
-            n_test=4,
-            n_repeats=2,
-            n_rest_subjects=2,
-            n_trs=60,
-            voxels=320,
-            rest_vertices=256,
-            corpus_size=60,
-            resolution=32,
-            seed=0,
-        ),
-        classifier=classifier_config(epochs=1),
-        pretrain=PretrainConfig(variant="tiny", epochs=1, batch_size=16),
-        finetune=FinetuneConfig(epochs=1, batch_size=8, **_OUR_STAGE_A2),
-        prior=_prior(
-            "tiny",
-            vq_model=_TINY_NORM,
-            unet_model=_TINY_NORM,
-            vq_epochs=1,
-            unet_epochs=1,
-            final_samples_per_class=1,
-            unet={"sample_steps": 2, "samples_per_class": 1},
-        ),
-        train=StageBConfig(
-            epochs=1,
-            batch_size=8,
-            val_every=1,
-            num_samples=1,
-            sampler="ddim",
-            sample_steps=2,
-            val_items=2,
-            **_OUR_STAGE_B,
-            align_epochs=1,
-            cond_dropout=0.1,
-            guidance_scale=2.0,
-            validate_start=True,
-        ),
-        reconstruct=ReconstructConfig(num_samples=2, sampler="dpmsolver++", steps=3, guidance_scale=2.0),
-        ablations="none",
-        evaluate=EvaluateConfig(trials=20, bootstrap=20),
-    )
-    return {p.name: p for p in (quick, default, full, smoke)}
+    return {p.name: p for p in (quick, default, full)}
 
 
 PRESETS = _presets()
 
 
 def get_preset(name: str) -> DemoPreset:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}", field="preset")
-    return copy.deepcopy(PRESETS[name])
+    """The preset ``name`` (:data:`PRESETS`), or the preset in the YAML file ``name`` (:func:`load_preset_file`;
+    its :attr:`DemoPreset.name` is then the file's absolute path, so that a run made with it continues with it).
+
+    Raises:
+        ConfigError: neither a preset name nor a preset file; or the file's error.
+    """
+    if name in PRESETS:
+        return copy.deepcopy(PRESETS[name])
+    if Path(name).suffix.lower() in (".yaml", ".yml") or Path(name).is_file():
+        return load_preset_file(name)
+    raise ConfigError(
+        f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}, or a preset file (.yaml)",
+        field="preset",
+    )
+
+
+#: The config class of each section of a preset.
+SECTION_TYPES: dict[str, type] = {
+    "simulate": SynthConfig,
+    "classifier": ClassifierConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "prior": PriorTrainConfig,
+    "train": StageBConfig,
+    "reconstruct": ReconstructConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def preset_from_dict(data: Any, name: str, source: Any = None) -> DemoPreset:
+    """A preset from plain data (:meth:`DemoPreset.to_dict`'s): each section a mapping of its config's fields (a
+    missing field keeps the config's default), ``ablation_train`` a mapping of stage B fields, ``ablations``
+    and ``note``. ``name`` becomes the preset's name.
+
+    Raises:
+        ConfigError: an unknown or missing section, an unknown field or a value its config refuses (the error
+            names ``source`` and the field).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of preset sections, got {data!r}", path=source)
+    known = {*SECTION_TYPES, "ablation_train", "ablations", "note", "name"}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ConfigError(
+            f"unknown section(s) {', '.join(unknown)}; a preset has: {', '.join(sorted(known))}",
+            path=source,
+            field=unknown[0],
+        )
+    sections = {}
+    for section, cls in SECTION_TYPES.items():
+        given = data.get(section) or {}
+        try:
+            sections[section] = config_from_plain(cls, given, source)
+            if cls is SynthConfig:  # a noise preset's values, then the fields the file gives
+                sim = sections[section]
+                sections[section] = SynthConfig.preset(
+                    sim.name, **{k: getattr(sim, k) for k in given if k != "name"}
+                )
+        except ConfigError as exc:
+            raise ConfigError(
+                exc.detail, path=source, field=f"{section}.{exc.field}" if exc.field else section
+            ) from None
+    ablations = data.get("ablations", "fast")
+    if ablations not in ("none", "fast", "all"):
+        raise ConfigError(f"expected none, fast or all, got {ablations!r}", path=source, field="ablations")
+    preset = DemoPreset(name=name, **sections, ablations=ablations, note=str(data.get("note") or ""))
+    abl = data.get("ablation_train") or {}
+    if not isinstance(abl, dict):
+        raise ConfigError(
+            f"expected a mapping of stage B fields, got {abl!r}", path=source, field="ablation_train"
+        )
+    for key, value in abl.items():
+        try:
+            _with_change(
+                preset, "ablation_train", _field_path("ablation_train", preset.train, str(key)), value
+            )
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, path=source, field=f"ablation_train.{key}") from None
+    return preset
+
+
+def load_preset_file(path: str | Path) -> DemoPreset:
+    """The preset in YAML file ``path``: the settings of :func:`preset_from_dict`, or a demo run's ``config.yaml``
+    (its ``mindvis_demo.settings``, so that a run's settings make a preset). The preset's name is the file's
+    absolute path.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a preset (naming the file and the field).
+    """
+    path = Path(path).expanduser().absolute()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the preset file ({exc.strerror})", path=path, field="preset"
+        ) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not a YAML file ({exc})", path=path, field="preset") from None
+    if isinstance(data, dict) and isinstance(data.get("mindvis_demo"), dict):
+        data = data["mindvis_demo"].get("settings")
+    return preset_from_dict(data, str(path), source=path)
 
 
 #: Fields that the demo sets itself (from another step's output, or per ablation): ``--set`` may not change them.
@@ -459,7 +511,7 @@ def reproduce_line(preset: DemoPreset, run_dir: Path) -> str:
     """The ``mindvis demo`` command line that makes ``preset``'s run again, written from its configs."""
     sets = "".join(f" --set {shlex.quote(item)}" for item in set_items(preset))
     ablations = (
-        "" if preset.ablations == PRESETS[preset.name].ablations else f" --ablations {preset.ablations}"
+        "" if preset.ablations == get_preset(preset.name).ablations else f" --ablations {preset.ablations}"
     )
     return f"mindvis demo --preset {preset.name}{sets}{ablations} --run-dir {shlex.quote(str(run_dir))}"
 

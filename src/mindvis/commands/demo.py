@@ -125,7 +125,8 @@ def demo(
     preset: str = typer.Option(
         "default",
         help="quick (~3 min on 2 CPU cores, smoke test), default (~20 min), "
-        "full (paper-sized models; for a GPU).",
+        "full (paper-sized models; for a GPU); or a preset file (.yaml: each step's config fields, as in the "
+        "settings of a run's config.yaml, which is itself a preset file).",
     ),
     run_dir: Path = typer.Option(
         None, "--run-dir", help="Run folder to create or continue (default: runs/<timestamp>)."
