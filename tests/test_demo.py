@@ -9,6 +9,7 @@ import pytest
 
 from conftest import SMOKE_PRESET
 from mindvis.demo import get_preset, run_demo
+from mindvis.demo_report import stage_b_validation_curve
 from mindvis.errors import ConfigError
 
 
@@ -51,18 +52,16 @@ def test_demo_smoke_and_resume(smoke_run):
     first, tmp_path = smoke_run
     _check_run(first, preset)
     assert first.skipped == []
-    if preset.train.align_epochs:  # the warm start ran and the report names what differs from the original
-        assert (tmp_path / "run" / "stage_b" / "align.json").is_file()
-        assert "--align-epochs" in (tmp_path / "run" / "report" / "index.html").read_text()
-    if preset.train.validate_start:  # the stage B curve starts before training
-        from mindvis.demo_report import stage_b_validation_curve
-
-        start = json.loads((tmp_path / "run" / "stage_b" / "validation_start.json").read_text())
-        assert len(start["points"]) == (2 if preset.train.align_epochs else 1)
-        xs, ys = stage_b_validation_curve(tmp_path / "run", "val/loss")
-        assert xs[: len(start["points"])] == [0.0] * len(start["points"])
-        assert ys[0] == pytest.approx(start["points"][0]["val/loss"])
-        assert len(xs) > len(start["points"]) and min(xs[len(start["points"]) :]) >= 1
+    # the smoke preset runs the warm start and a validation before training; the report names the departure
+    assert preset.train.align_epochs > 0 and preset.train.validate_start
+    assert (tmp_path / "run" / "stage_b" / "align.json").is_file()
+    assert "--align-epochs" in (tmp_path / "run" / "report" / "index.html").read_text()
+    start = json.loads((tmp_path / "run" / "stage_b" / "validation_start.json").read_text())
+    assert len(start["points"]) == 2  # before the warm start, and after it
+    xs, ys = stage_b_validation_curve(tmp_path / "run", "val/loss")
+    assert xs[: len(start["points"])] == [0.0] * len(start["points"])
+    assert ys[0] == pytest.approx(start["points"][0]["val/loss"])
+    assert len(xs) > len(start["points"]) and min(xs[len(start["points"]) :]) >= 1
     markers = sorted(p.name for p in (tmp_path / "run" / "steps").glob("*.json"))
     # a rerun with the same settings skips every finished step (the report is rebuilt)
     second = run_demo(get_preset(SMOKE_PRESET), tmp_path / "run", progress=False)
