@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from mindvis import __version__
-from mindvis.demo import _args, run_cli
+from mindvis.cli import app
+from mindvis.errors import MindVisError
 from mindvis.utils.io import (
     atomic_dir,
     atomic_write,
@@ -46,6 +47,40 @@ from mindvis.utils.io import (
     write_json,
 )
 from mindvis.utils.steps import provenance
+
+
+def _args(options: dict[str, Any]) -> list[str]:
+    """``{"n-train": 10, "progress": False}`` -> ``["--n-train", "10", "--no-progress"]``."""
+    out: list[str] = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out.append(f"--{key}" if value else f"--no-{key}")
+        elif isinstance(value, (list, tuple)):  # a repeatable option
+            for item in value:
+                out += [f"--{key}", str(item)]
+        else:
+            out += [f"--{key}", str(value)]
+    return out
+
+
+def run_cli(args: list[str]) -> None:
+    """Run one ``mindvis`` command in this process (the build records each step as its command line, for
+    ``ARTIFACT.json``); a command that stops early (SystemExit other than 0, as Lightning's graceful stop on
+    SIGTERM raises) is an error, so the step is not taken as done."""
+    print("$ mindvis " + " ".join(args), flush=True)
+    try:
+        rc = app(args=args, prog_name="mindvis", standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code == 0:
+            return
+        raise MindVisError(
+            f"`mindvis {' '.join(args)}` stopped before finishing (exit code {exc.code})"
+        ) from None
+    if isinstance(rc, int) and rc != 0:  # click returns the code of typer.Exit when not standalone
+        raise MindVisError(f"`mindvis {' '.join(args)}` exited with code {rc}")
+
 
 #: The 20-class benchmark build: every setting of its four commands.
 BENCHMARK20: dict[str, Any] = {
