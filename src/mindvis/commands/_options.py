@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,24 +71,50 @@ class OptionSpec:
         )
 
 
-def add_options(specs: list[OptionSpec]) -> Callable[[F], F]:
-    """Decorator: the command's ``**shared`` parameter becomes the options ``specs``, in order.
+def add_options(
+    specs: Sequence[OptionSpec], *, after: Mapping[str, Sequence[OptionSpec]] | None = None
+) -> Callable[[F], F]:
+    """Decorator: the command's ``**shared`` parameter becomes the options ``specs``, in order; the options of
+    ``after[name]`` go right after the command's own parameter ``name`` (e.g. the :func:`dataset_options` after
+    ``out``, where the command has always listed them).
 
     Typer builds the command from ``inspect.signature``, so the options show in ``--help`` like the
     command's own; the command is called with every option as a keyword, so their values land in ``shared``.
+
+    Raises:
+        TypeError: no ``**shared``, an option named like a parameter of the command or added twice, or a key of
+            ``after`` that names no parameter of the command.
     """
+    placed = dict(after or {})
 
     def decorate(func: F) -> F:
         sig = inspect.signature(func, eval_str=True)
         params = list(sig.parameters.values())
         if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD:
             raise TypeError(f"{func.__name__} must end with a **shared parameter")
-        own = {p.name for p in params}
-        clash = [s.name for s in specs if s.name in own]
+        own = params[:-1]
+        names = {p.name for p in own}
+        added = [s.name for group in (*placed.values(), specs) for s in group]
+        clash = [name for name in added if name in names]
         if clash:
             raise TypeError(f"{func.__name__} already has parameters {clash}")
+        twice = sorted({name for name in added if added.count(name) > 1})
+        if twice:
+            raise TypeError(f"options {twice} are added twice to {func.__name__}")
+        unknown = sorted(set(placed) - names)
+        if unknown:
+            raise TypeError(f"{func.__name__} has no parameters {unknown} to add options after")
+        # typer passes every value by keyword; from the first placed option on, the command's own parameters
+        # turn keyword-only, as no positional parameter may follow a keyword-only one
+        out: list[inspect.Parameter] = []
+        keyword_only = False
+        for p in own:
+            out.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if keyword_only else p)
+            if p.name in placed:
+                out += [s.parameter() for s in placed[p.name]]
+                keyword_only = True
         func.__signature__ = sig.replace(  # type: ignore[attr-defined]
-            parameters=[*params[:-1], *(s.parameter() for s in specs)]
+            parameters=[*out, *(s.parameter() for s in specs)]
         )
         return func
 
