@@ -64,6 +64,40 @@ def test_add_options_refuses_misuse():
         stage_a_options(PretrainConfig, hidden=("not_an_option",))
 
 
+def test_options_placed_after_a_parameter():
+    """``add_options(after=...)`` puts a group right after the named parameter, before the command's later ones."""
+    app = typer.Typer()
+    seen: dict = {}
+
+    @app.command("go")
+    @add_options(
+        [OptionSpec("count", int, 3, ("--count",), "How many.")],
+        after={"first": [OptionSpec("mid", str, "m", ("--mid",), "Middle.")]},
+    )
+    def go(
+        first: str = typer.Option("f", "--first", help="First."),
+        last: str = typer.Option("l", "--last", help="Last."),
+        **shared: object,
+    ) -> None:
+        seen.update(shared, first=first, last=last)
+
+    @app.command("other")
+    def other() -> None:
+        pass
+
+    assert [p.name for p in _params(app, "go")] == ["first", "mid", "last", "count"]
+    result = CliRunner().invoke(app, ["go", "--mid", "x", "--last", "y"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"first": "f", "mid": "x", "last": "y", "count": 3}
+    spec = OptionSpec("mid", str, "m", ("--mid",), "Middle.")
+    with pytest.raises(TypeError, match="no parameters"):
+        add_options([], after={"nope": [spec]})(lambda first=1, **shared: None)
+    with pytest.raises(TypeError, match="added twice"):
+        add_options([spec], after={"first": [spec]})(lambda first=1, **shared: None)
+    with pytest.raises(TypeError, match="already has"):
+        add_options([], after={"first": [spec]})(lambda first=1, mid=2, **shared: None)
+
+
 def test_stage_a_settings_map_onto_the_run_configuration():
     """Every stage A setting sets a field the run configuration has; unset settings are left out."""
     from mindvis.data.pretrain import MBMDataConfig

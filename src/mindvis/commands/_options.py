@@ -7,6 +7,11 @@ same hardware and logging options. Each such option is described once here as an
 typer shows them as ordinary options (in the given order, after the command's own), and the command body
 receives their values as one dict.
 
+The commands that read an fMRI dataset (``train``, ``reconstruct``, ``probe``, ``finetune``, ``pretrain``) take
+``--dataset``, ``--split``, ``--data-dir``, ``--subject`` and ``--roi`` (those they have) from
+:func:`dataset_options`, whose help texts are written once; ``add_options``'s ``after`` puts them where the
+command lists them (e.g. after ``--out``). Stage A's ``--roi`` is a setting of its config, with the same help text.
+
 A command whose settings are a config dataclass generates their options with :func:`config_options` (the
 default and help text are the fields') and collects their values with :func:`config_values`. The stage A
 settings (:mod:`mindvis.train.stage_a`) all default to ``None`` = "not given", so that the stage's recipe
@@ -19,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
 from mindvis.config import settings_of
+from mindvis.data.formats.registry import DATASET_NAMES, GOD_ROI_HELP
 from mindvis.train.stage_a import StageAConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,24 +77,50 @@ class OptionSpec:
         )
 
 
-def add_options(specs: list[OptionSpec]) -> Callable[[F], F]:
-    """Decorator: the command's ``**shared`` parameter becomes the options ``specs``, in order.
+def add_options(
+    specs: Sequence[OptionSpec], *, after: Mapping[str, Sequence[OptionSpec]] | None = None
+) -> Callable[[F], F]:
+    """Decorator: the command's ``**shared`` parameter becomes the options ``specs``, in order; the options of
+    ``after[name]`` go right after the command's own parameter ``name`` (e.g. the :func:`dataset_options` after
+    ``out``, where the command has always listed them).
 
     Typer builds the command from ``inspect.signature``, so the options show in ``--help`` like the
     command's own; the command is called with every option as a keyword, so their values land in ``shared``.
+
+    Raises:
+        TypeError: no ``**shared``, an option named like a parameter of the command or added twice, or a key of
+            ``after`` that names no parameter of the command.
     """
+    placed = dict(after or {})
 
     def decorate(func: F) -> F:
         sig = inspect.signature(func, eval_str=True)
         params = list(sig.parameters.values())
         if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD:
             raise TypeError(f"{func.__name__} must end with a **shared parameter")
-        own = {p.name for p in params}
-        clash = [s.name for s in specs if s.name in own]
+        own = params[:-1]
+        names = {p.name for p in own}
+        added = [s.name for group in (*placed.values(), specs) for s in group]
+        clash = [name for name in added if name in names]
         if clash:
             raise TypeError(f"{func.__name__} already has parameters {clash}")
+        twice = sorted({name for name in added if added.count(name) > 1})
+        if twice:
+            raise TypeError(f"options {twice} are added twice to {func.__name__}")
+        unknown = sorted(set(placed) - names)
+        if unknown:
+            raise TypeError(f"{func.__name__} has no parameters {unknown} to add options after")
+        # typer passes every value by keyword; from the first placed option on, the command's own parameters
+        # turn keyword-only, as no positional parameter may follow a keyword-only one
+        out: list[inspect.Parameter] = []
+        keyword_only = False
+        for p in own:
+            out.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if keyword_only else p)
+            if p.name in placed:
+                out += [s.parameter() for s in placed[p.name]]
+                keyword_only = True
         func.__signature__ = sig.replace(  # type: ignore[attr-defined]
-            parameters=[*params[:-1], *(s.parameter() for s in specs)]
+            parameters=[*out, *(s.parameter() for s in specs)]
         )
         return func
 
@@ -125,6 +157,82 @@ def config_values(cls: type, values: dict[str, Any], prefix: str = "") -> dict[s
     return {f.name: values[prefix + f.name] for f in settings_of(cls) if prefix + f.name in values}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset a command reads (train, reconstruct, probe, finetune, pretrain).
+# ---------------------------------------------------------------------------------------------------------------
+
+#: The dataset formats, as the help texts list them: "god, bold5000, nsd, nifti or synthetic".
+DATASET_FORMATS = f"{', '.join(DATASET_NAMES[:-1])} or {DATASET_NAMES[-1]}"
+#: Where a dataset folder is looked for when ``--data-dir`` is not given (see
+#: :func:`mindvis.data.formats.registry.resolve_data_dir`).
+DATA_ROOT = "$MINDVIS_DATA, else ~/mindvis_data"
+
+#: Each dataset option by parameter name: its flag, its type when given a value, and its help text.
+_DATASET_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "dataset": ("--dataset", str, f"Dataset format: {DATASET_FORMATS} (the simulator's output)."),
+    "split": ("--split", str, "Split of --dataset."),
+    "data_dir": ("--data-dir", Path, "Folder of --dataset"),  # then its default, unless required, and "."
+    "subject": (
+        "--subject",
+        str,
+        "Subject of --dataset in its naming, e.g. sbj_1 (GOD), CSI1 (BOLD5000), subj01 (NSD) (default: the "
+        "first).",
+    ),
+    "roi": ("--roi", str, GOD_ROI_HELP),  # also the help of the stage A configs' roi setting
+}
+#: The default of ``--split`` (only ``reconstruct`` has it).
+_SPLIT_DEFAULT = "test"
+#: The options whose shared help text refers to ``--dataset``.
+_OF_DATASET = ("split", "data_dir", "subject")
+
+
+def dataset_options(
+    *,
+    which: Sequence[str],
+    dataset_default: str | None = None,
+    required: Collection[str] = (),
+    help: Mapping[str, str] | None = None,
+) -> list[OptionSpec]:
+    """The options of the dataset a command reads, in the order of ``which`` (names among ``dataset``,
+    ``split``, ``data_dir``, ``subject``, ``roi``), with the help texts every such command shares.
+
+    Each takes the flag of its name with dashes and defaults to ``None`` (the reader's default, which its help
+    text states), except ``dataset`` (``dataset_default``) and ``split`` (``"test"``); an option named in
+    ``required`` has no default. ``help`` replaces the shared text of an option whose meaning in the command
+    differs (e.g. ``finetune``'s ``--data-dir``, a GOD folder, as it has no ``--dataset``).
+
+    Raises:
+        TypeError: an unknown name, a ``dataset_default`` without ``dataset`` or with it required, or an option
+            whose shared text refers to ``--dataset`` without it and without its own text.
+    """
+    texts = dict(help or {})
+    unknown = sorted({*which, *required, *texts} - set(_DATASET_OPTIONS))
+    if unknown:
+        raise TypeError(f"no dataset options {unknown}")
+    if not {*required, *texts} <= set(which):
+        raise TypeError(f"options {sorted({*required, *texts} - set(which))} are not among {list(which)}")
+    if dataset_default is not None and ("dataset" not in which or "dataset" in required):
+        raise TypeError("dataset_default is for an optional --dataset")
+    if "dataset" not in which:
+        orphans = [name for name in which if name in _OF_DATASET and name not in texts]
+        if orphans:
+            raise TypeError(f"without --dataset, options {orphans} need their own help text")
+    specs = []
+    for name in which:
+        flag, kind, text = _DATASET_OPTIONS[name]
+        if name == "data_dir":
+            text += (
+                "." if name in required else f" (default: its usual folder, e.g. GOD/, under {DATA_ROOT})."
+            )
+        if name in required:
+            default, annotation = ..., kind
+        else:
+            default = {"dataset": dataset_default, "split": _SPLIT_DEFAULT}.get(name)
+            annotation = kind if default is not None else kind | None
+        specs.append(OptionSpec(name, annotation, default, (flag,), texts.get(name, text)))
+    return specs
+
+
 _STRATEGY_HELP = "auto (DDP with several devices), ddp, fsdp..."
 _COMPILE_HELP = (
     "torch.compile the model's heavy parts before training (on a CPU it needs a C++ compiler, else it is "
@@ -150,9 +258,10 @@ _STAGE_A_RUN = (
 
 def stage_a_options(cls: type[StageAConfig], hidden: tuple[str, ...] = ()) -> list[OptionSpec]:
     """The options of a stage A command after its paths: the settings of ``cls`` (a
-    :class:`~mindvis.train.stage_a.StageAConfig`) that are the stage's own, then the shared ones with
-    ``--threads`` (before ``--seed``, which takes :data:`SEED_RANGE`), then ``--progress``, ``--resume`` and
-    ``--overwrite``. The options named in ``hidden`` still work but are left out of ``--help``.
+    :class:`~mindvis.train.stage_a.StageAConfig`) that are the stage's own (``--roi`` among them, a setting with
+    the help text of every ``--roi``), then the shared ones with ``--threads`` (before ``--seed``, which takes
+    :data:`SEED_RANGE`), then ``--progress``, ``--resume`` and ``--overwrite``. The options named in ``hidden``
+    still work but are left out of ``--help``.
 
     Raises:
         TypeError: a name in ``hidden`` is not an option.

@@ -1,7 +1,8 @@
 """``mindvis data``: inspect dataset folders, convert GOD BData to the npz layout, build HCP pretraining files.
 
-Other commands take the dataset through the shared options :data:`DATASET_OPTION` and :data:`DATA_DIR_OPTION`
-and load it with :func:`mindvis.data.formats.registry.load_dataset`.
+Other commands take the dataset through the shared options of
+:func:`mindvis.commands._options.dataset_options` and load it with
+:func:`mindvis.data.formats.registry.load_dataset`.
 """
 
 from __future__ import annotations
@@ -11,20 +12,8 @@ from pathlib import Path
 
 import typer
 
-from mindvis.data.formats.registry import DATASET_NAMES
 from mindvis.errors import DataError
 from mindvis.utils.io import check_output_apart
-
-#: ``--dataset`` option for commands that read a dataset (god, bold5000, nsd, nifti, synthetic).
-DATASET_OPTION = typer.Option(
-    "god", "--dataset", help=f"Dataset format: {', '.join(DATASET_NAMES)}.", show_default=True
-)
-#: ``--data-dir`` option; default ``$MINDVIS_DATA/<dataset folder>`` or ``~/mindvis_data/<dataset folder>``.
-DATA_DIR_OPTION = typer.Option(
-    None,
-    "--data-dir",
-    help="Dataset folder (default: the dataset's folder under $MINDVIS_DATA, else ~/mindvis_data).",
-)
 
 data_app = typer.Typer(help="Inspect, convert and prepare fMRI datasets.", no_args_is_help=True)
 convert_app = typer.Typer(help="Convert a dataset to the layout mindvis reads fastest.", no_args_is_help=True)

@@ -18,14 +18,34 @@ from typing import Any
 
 import typer
 
-from mindvis.commands._options import add_options, config_values, report_mbm, set_threads, stage_a_options
+from mindvis.commands._options import (
+    DATA_ROOT,
+    add_options,
+    config_values,
+    dataset_options,
+    report_mbm,
+    set_threads,
+    stage_a_options,
+)
 from mindvis.train import stage_a
 from mindvis.train.stage_a import FinetuneConfig
 
 
 def register(app: typer.Typer) -> None:
     @app.command("finetune")
-    @add_options(stage_a_options(FinetuneConfig, hidden=("include_test_fmri",)))
+    @add_options(
+        stage_a_options(FinetuneConfig, hidden=("include_test_fmri",)),
+        after={
+            "out": dataset_options(  # no --dataset: stage A2 reads the GOD layout
+                which=("data_dir", "subject"),
+                help={
+                    "data_dir": "GOD folder (sbj_N.npz), or a folder holding GOD/, e.g. the simulator output "
+                    f"(default: the GOD folder under {DATA_ROOT}).",
+                    "subject": "Target subject, e.g. sbj_1 (default: the only one).",
+                },
+            )
+        },
+    )
     def finetune(
         init: Path | None = typer.Option(
             None,
@@ -35,14 +55,6 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(
             ..., "--out", "-o", help="Run folder to create (or to continue with --resume)."
-        ),
-        data_dir: Path | None = typer.Option(
-            None,
-            "--data-dir",
-            help="GOD folder (sbj_N.npz), or a folder holding GOD/ (e.g. the simulator output).",
-        ),
-        subject: str | None = typer.Option(
-            None, "--subject", help="Target subject, e.g. sbj_1 (default: the only one)."
         ),
         **shared: Any,
     ) -> None:
@@ -56,8 +68,8 @@ def register(app: typer.Typer) -> None:
             config,
             out,
             init=init,
-            data_dir=data_dir,
-            subject=subject,
+            data_dir=shared["data_dir"],
+            subject=shared["subject"],
             resume=shared["resume"],
             overwrite=shared["overwrite"],
             progress=shared["progress"],

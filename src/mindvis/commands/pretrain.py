@@ -12,23 +12,36 @@ from typing import Any
 
 import typer
 
-from mindvis.commands._options import add_options, config_values, report_mbm, set_threads, stage_a_options
+from mindvis.commands._options import (
+    DATA_ROOT,
+    add_options,
+    config_values,
+    dataset_options,
+    report_mbm,
+    set_threads,
+    stage_a_options,
+)
 from mindvis.train import stage_a
 from mindvis.train.stage_a import PretrainConfig
 
 
 def register(app: typer.Typer) -> None:
     @app.command("pretrain")
-    @add_options(stage_a_options(PretrainConfig))
+    @add_options(
+        stage_a_options(PretrainConfig),
+        after={
+            "out": dataset_options(  # no --dataset: stage A1 reads HCP and GOD
+                which=("data_dir",),
+                help={
+                    "data_dir": "Folder holding HCP/ and/or GOD/ (e.g. the simulator output). "
+                    f"Default: {DATA_ROOT}."
+                },
+            )
+        },
+    )
     def pretrain(
         out: Path = typer.Option(
             ..., "--out", "-o", help="Run folder to create (or to continue with --resume)."
-        ),
-        data_dir: Path | None = typer.Option(
-            None,
-            "--data-dir",
-            help="Folder holding HCP/ and/or GOD/ (e.g. the simulator output). "
-            "Default: $MINDVIS_DATA, else ~/mindvis_data.",
         ),
         hcp_dir: Path | None = typer.Option(
             None, "--hcp-dir", help="HCP folder (HCP/npz/<subject>/HCP_visual_voxel.npz)."
@@ -44,7 +57,7 @@ def register(app: typer.Typer) -> None:
         result = stage_a.pretrain(
             config,
             out,
-            data_dir=data_dir,
+            data_dir=shared["data_dir"],
             hcp_dir=hcp_dir,
             god_dir=god_dir,
             resume=shared["resume"],

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from mindvis.commands._options import add_options, config_options, config_values, set_threads
+from mindvis.commands._options import add_options, config_options, config_values, dataset_options, set_threads
 from mindvis.eval.config import ProbeConfig
 
 #: The bounds typer checks before the config does (a usage error naming the flag).
@@ -19,7 +19,12 @@ _LIMITS = {"prior_items": (("min", 2),), "prior_draws": (("min", 1),)}
 def register(app: typer.Typer) -> None:
     @app.command("probe")
     @add_options(
-        [dataclasses.replace(s, limits=_LIMITS.get(s.name, s.limits)) for s in config_options(ProbeConfig)]
+        [dataclasses.replace(s, limits=_LIMITS.get(s.name, s.limits)) for s in config_options(ProbeConfig)],
+        after={
+            "models": dataset_options(
+                which=("dataset", "data_dir", "subject", "roi"), required=("dataset", "data_dir")
+            )
+        },
     )
     def probe(
         models: list[Path] = typer.Argument(
@@ -27,10 +32,6 @@ def register(app: typer.Typer) -> None:
             help="Model folders to probe: stage A runs (pretrain/finetune --out), stage A weights folders, or "
             "stage B pipelines (train --out/model). None: only the raw voxels.",
         ),
-        dataset: str = typer.Option(..., "--dataset", help="Dataset kind (synthetic, god, ...)."),
-        data_dir: Path = typer.Option(..., "--data-dir", help="Folder of --dataset."),
-        subject: str | None = typer.Option(None, "--subject", help="Subject (default: the first)."),
-        roi: str | None = typer.Option(None, "--roi", help="ROI mask key (default: the dataset's)."),
         out: Path | None = typer.Option(
             None, "--out", "-o", help="Folder for probe.json, probe.md and probe.png (default: print only)."
         ),
@@ -65,10 +66,10 @@ def register(app: typer.Typer) -> None:
             config,
             list(models or []),
             out,
-            dataset=dataset,
-            data_dir=data_dir,
-            subject=subject,
-            roi=roi,
+            dataset=settings["dataset"],
+            data_dir=settings["data_dir"],
+            subject=settings["subject"],
+            roi=settings["roi"],
             prior=prior,
             overwrite=overwrite,
         )

@@ -17,7 +17,15 @@ from typing import Any
 
 import typer
 
-from mindvis.commands._options import SEED_RANGE, OptionSpec, add_options, config_options, config_values
+from mindvis.commands._options import (
+    DATASET_FORMATS,
+    SEED_RANGE,
+    OptionSpec,
+    add_options,
+    config_options,
+    config_values,
+    dataset_options,
+)
 from mindvis.errors import ConfigError
 from mindvis.reconstruct import ReconstructConfig, reconstruct
 
@@ -38,6 +46,12 @@ _OPTIONS: list[OptionSpec] = [
     OptionSpec("progress", bool, True, ("--progress/--no-progress",), "Show a progress bar."),
     OptionSpec("overwrite", bool, False, ("--overwrite",), "Replace a non-empty output folder."),
 ]
+
+#: The dataset read in place of ``--fmri``: a split of one subject.
+_DATASET: list[OptionSpec] = dataset_options(
+    which=("dataset", "split", "data_dir", "subject"),
+    help={"dataset": f"Read --split of this dataset instead of --fmri; its format: {DATASET_FORMATS}."},
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -62,7 +76,7 @@ def _flags_in_errors() -> Iterator[None]:
         raise
 
 
-@add_options(_OPTIONS)
+@add_options(_OPTIONS, after={"images_key": _DATASET})
 def reconstruct_command(
     model: Path = typer.Option(..., "--model", help="Pipeline folder (from `mindvis convert` or training)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
@@ -72,10 +86,6 @@ def reconstruct_command(
         None, "--images", help="Ground-truth images [N, H, W, 3] (.npy/.npz)."
     ),
     images_key: str | None = typer.Option(None, "--images-key", help="Array name inside the images .npz."),
-    dataset: str | None = typer.Option(None, "--dataset", help="Read a dataset split instead of --fmri."),
-    split: str = typer.Option("test", "--split", help="Split of --dataset."),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="Folder of --dataset."),
-    subject: str | None = typer.Option(None, "--subject", help="Subject of --dataset."),
     preprocess: Path | None = typer.Option(
         None,
         "--preprocess",
@@ -102,10 +112,10 @@ def reconstruct_command(
             fmri_key=fmri_key,
             images=images,
             images_key=images_key,
-            dataset=dataset,
-            data_dir=data_dir,
-            subject=subject,
-            split=split,
+            dataset=shared["dataset"],
+            data_dir=shared["data_dir"],
+            subject=shared["subject"],
+            split=shared["split"],
             preprocess=preprocess,
             overwrite=shared["overwrite"],
             progress=shared["progress"],

@@ -23,11 +23,18 @@ from mindvis.commands._options import (
     add_options,
     config_options,
     config_values,
+    dataset_options,
     set_threads,
     trainer_config,
     trainer_options,
 )
 from mindvis.train.config import STAGE_B_TRAINER, StageBConfig
+
+#: ``--subject``: the default GOD subject is the original's (see :func:`mindvis.train.ldm.default_subject`).
+_SUBJECT_HELP = (
+    "Subject of --dataset (default: for god, sbj_3, the original's, or the folder's first subject, with a "
+    "warning, when it has no sbj_3; for the other datasets, the first)."
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +49,14 @@ def register(app: typer.Typer) -> None:
             log_every=STAGE_B_TRAINER["log_every_n_steps"],
             progress_help="Show the progress bar.",
             resume_help="Continue the run in --out.",
-        )
+        ),
+        after={
+            "out": dataset_options(
+                which=("dataset", "data_dir", "subject", "roi"),
+                dataset_default="god",
+                help={"subject": _SUBJECT_HELP},
+            )
+        },
     )
     def train(
         prior: Path = typer.Option(
@@ -56,17 +70,6 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             ..., "--out", "-o", help="Run folder to create (or continue with --resume)."
         ),
-        dataset: str = typer.Option("god", "--dataset", help="god, synthetic, bold5000, nsd or nifti."),
-        data_dir: Path | None = typer.Option(
-            None, "--data-dir", help="Dataset folder (default: found under $MINDVIS_DATA)."
-        ),
-        subject: str | None = typer.Option(
-            None,
-            "--subject",
-            help="Subject [default: for god, sbj_3 (the original's; the folder's first subject, with a warning, "
-            "when it has no sbj_3); for the other datasets, the first].",
-        ),
-        roi: str | None = typer.Option(None, "--roi", help="ROI of the GOD layout [default: VC]."),
         preprocess: Path | None = typer.Option(
             None,
             "--preprocess",
@@ -92,7 +95,7 @@ def register(app: typer.Typer) -> None:
 
         config = StageBConfig(
             **config_values(StageBConfig, shared),
-            dataset=dataset,
+            dataset=shared["dataset"],
             encoder_init="random" if random_encoder else "pretrained",
             seed=shared["seed"],
             num_workers=shared["num_workers"],
@@ -102,9 +105,9 @@ def register(app: typer.Typer) -> None:
             prior,
             mbm,
             out,
-            data_dir=data_dir,
-            subject=subject,
-            roi=roi,
+            data_dir=shared["data_dir"],
+            subject=shared["subject"],
+            roi=shared["roi"],
             preprocess=preprocess,
             classifier=classifier,
             trainer_config=trainer_config(shared),

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mindvis.config import check_bool, setting, settings_of
 from mindvis.data.formats.common import default_data_root
-from mindvis.data.formats.registry import resolve_data_dir
+from mindvis.data.formats.registry import GOD_ROI_HELP, resolve_data_dir
 from mindvis.errors import ConfigError, DataError
 from mindvis.utils.io import check_output_apart
 
@@ -254,7 +254,7 @@ class PretrainConfig(StageAConfig):
     use_god: bool | None = setting(None, "Use the GOD data (default: when found).", flag="--god")
     god_subjects: str | None = setting(None, "Comma-separated GOD subjects (default all).")
     hcp_limit: int | None = setting(None, "Use only the first N HCP subjects.")
-    roi: str | None = setting(None, "GOD ROI mask key (default: VC).")
+    roi: str | None = setting(None, GOD_ROI_HELP)
     window_trs: int | None = setting(None, "HCP TRs averaged per sample (default: 10).")
     aug_times: float | None = setting(
         None, "Interpolation augmentation: total size multiplier (default: 1 = none)."
@@ -324,7 +324,7 @@ class FinetuneConfig(StageAConfig):
         "train+test; with original drawn from the rows it also tunes on, as the original reports the "
         "correlation on the data it tunes on.",
     )
-    roi: str | None = setting(None, "ROI mask key (default: VC).")
+    roi: str | None = setting(None, GOD_ROI_HELP)
     a2_data: Literal["original", "train", "train+test"] | None = setting(
         None,
         "Which fMRI of the subject A2 tunes on. original (default, the original's): its test-set fMRI only, the "

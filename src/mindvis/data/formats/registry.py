@@ -19,6 +19,9 @@ from mindvis.errors import ConfigError, DataError
 
 DatasetName = Literal["god", "bold5000", "nsd", "nifti", "synthetic"]
 DATASET_NAMES: tuple[str, ...] = ("god", "bold5000", "nsd", "nifti", "synthetic")
+#: What the ``roi`` option of the GOD layout (``god``, ``synthetic``) is, for users: the help text of every
+#: command's ``--roi`` (:func:`mindvis.commands._options.dataset_options`) and of the stage A configs' ``roi``.
+GOD_ROI_HELP = "ROI mask key of the GOD layout, e.g. VC or V1 (default: VC)."
 
 #: Folder names looked for under the data root, in order.
 DEFAULT_FOLDERS: dict[str, tuple[str, ...]] = {
