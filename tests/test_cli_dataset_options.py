@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import click
 import pytest
-import typer
 from typer.main import get_command
 from typer.testing import CliRunner
 

@@ -235,3 +235,25 @@ def test_vq_options_of_train_prior_are_generated_from_its_config():
     assert "--vq-lr" in params["vq_lr"].opts and "--gan-start" in params["vq_gan_start_step"].opts
     values = {"vq_lr": 0.5, "vq_recon_loss": "l2", "unet_lr": 9.0}
     assert config_values(VQTrainConfig, values, prefix="vq_") == {"lr": 0.5, "recon_loss": "l2"}
+
+
+def test_no_option_help_is_swallowed_as_markup():
+    """``--help`` renders option help with rich markup: a ``[word ...]`` in a help text would vanish from it."""
+    import typer
+    from rich.text import Text
+
+    from mindvis.cli import app
+
+    def walk(cmd, name=""):
+        for sub_name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, f"{name} {sub_name}".strip())
+        for p in getattr(cmd, "params", []):
+            if getattr(p, "help", None):
+                yield name, p
+
+    bad = [
+        f"{name} {p.opts[0]}: {p.help}"
+        for name, p in walk(typer.main.get_command(app))
+        if Text.from_markup(p.help).plain != p.help.replace("\\[", "[")  # \[ shows a bracket on purpose
+    ]
+    assert not bad, bad

@@ -154,7 +154,7 @@ def demo(
         metavar="SECTION.KEY=VALUE",
         help="Change one setting of one step's config, e.g. pretrain.variant=small, train.align-epochs=40 or "
         "prior.vq.lr=1e-4 (repeatable; KEY is a config field or the step command's option; VALUE is YAML of "
-        "the field's type: true/false, a number, text, [a, b]; null restores the default). Sections: simulate, "
+        "the field's type: true/false, a number, text, a list as \\[a, b]; null restores the default). Sections: simulate, "
         "classifier, pretrain, finetune, prior, train, ablation_train, reconstruct, evaluate. Recorded in "
         "config.yaml and the report.",
     ),

@@ -33,7 +33,7 @@ def simulate(
         None,
         "--source",
         help="Stimulus source: fashion-mnist (10 classes), animal-mnist (10), fashion+animal (both: 20 "
-        "classes, corpus classes balanced by reusing Animal-MNIST objects) or folder:PATH [fashion-mnist].",
+        "classes, corpus classes balanced by reusing Animal-MNIST objects) or folder:PATH (default: fashion-mnist).",
     ),
     voxels: int | None = typer.Option(None, "--voxels", help="Mean VC voxels of a target subject [4500]."),
     rest_vertices: int | None = typer.Option(

@@ -30,12 +30,12 @@ def register(app: typer.Typer) -> None:
             help="Training settings: small (the quick demo judge) or judge (the 20-class corpus judge: a "
             "deeper CNN, about 30 minutes on one core). Options given explicitly override the preset.",
         ),
-        epochs: int | None = typer.Option(None, help="Training epochs [small: 10, judge: 20]."),
+        epochs: int | None = typer.Option(None, help="Training epochs (default: small 10, judge 20)."),
         input_size: int | None = typer.Option(
             None, help="Network input size (images are resized to it) [32]."
         ),
         holdout: float | None = typer.Option(
-            None, help="Share of the corpus held out to measure accuracy [small: 0.15, judge: 0.1]."
+            None, help="Share of the corpus held out to measure accuracy (default: small 0.15, judge 0.1)."
         ),
         blur: float | None = typer.Option(
             None,

@@ -77,7 +77,7 @@ class StageBConfig:
     weight_decay: float = setting(0.01, "AdamW weight decay (torch's default, as the original).")
     batch_size: int | None = setting(
         None,
-        "Batch per device [default: the original's for the dataset: 5 for GOD, 25 for BOLD5000, else 5].",
+        "Batch per device (default: the original's for the dataset: 5 for GOD, 25 for BOLD5000, else 5).",
     )
     dataset: str = "god"
     epochs: int = setting(500, "Training epochs.")
@@ -95,7 +95,7 @@ class StageBConfig:
     quick_samples: int = 3
     full_val_every: int = 15
     full_val_threshold: float = 0.15
-    image_size: int | None = setting(None, "Resolution [default: the prior's].")
+    image_size: int | None = setting(None, "Resolution (default: the prior's).")
     crop_ratio: float = setting(0.2, "Random crop removes this fraction.")
     crop_p: float = setting(0.5, "Probability of the random crop.")
     sparse_rate: float = setting(
@@ -298,7 +298,7 @@ class VQTrainConfig:
     lr: float = setting(2e-4, "VQ Adam learning rate (betas 0.5, 0.9 as VQGAN).", flag="--vq-lr")
     recon_loss: Literal["l1", "l2"] = setting("l1", "Pixel reconstruction loss: l1 or l2.")
     codebook_weight: float = setting(
-        1.0, "Weight of the codebook loss |sg[h] - e|^2 (unused with --codebook-ema)."
+        1.0, "Weight of the codebook loss |sg(h) - e|^2 (unused with --codebook-ema)."
     )
     codebook_ema: bool = setting(
         True,
@@ -306,7 +306,7 @@ class VQTrainConfig:
         "instead of by the codebook loss; converges much faster from a random start.",
     )
     codebook_decay: float = 0.99
-    commitment_weight: float = setting(0.25, "Commitment loss weight (beta of |h - sg[e]|^2).")
+    commitment_weight: float = setting(0.25, "Commitment loss weight (beta of |h - sg(e)|^2).")
     lpips_weight: float = setting(
         1.0, "Weight of the perceptual term (LPIPS or --perceptual-classifier).", flag="--lpips-weight"
     )
@@ -439,7 +439,7 @@ class PriorTrainConfig:
     """
 
     preset: str = setting("small", "Model sizes: tiny, small or label2img.")
-    resolution: int | None = setting(None, "Image size [default: the preset's].")
+    resolution: int | None = setting(None, "Image size (default: the preset's).")
     vq_epochs: int = setting(20, "VQ training epochs.")
     unet_epochs: int = setting(60, "UNet training epochs.")
     vq_batch_size: int = setting(16, "VQ batch per device.")
