@@ -171,3 +171,21 @@ def test_console_script_error_has_no_traceback(tmp_path):
     )
     assert res.returncode == 2
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_simulate_options_are_generated_from_synthconfig():
+    """Every ``setting`` of SynthConfig is an option of ``mindvis simulate`` with the field's default and help,
+    and the noise preset's values do not depend on which of them are given (presets change only noise fields)."""
+    import typer
+
+    from mindvis.cli import app
+    from mindvis.config import settings_of
+    from mindvis.synthcortex.config import PRESETS, SynthConfig
+
+    cmd = typer.main.get_command(app).commands["simulate"]
+    params = {p.name: p for p in cmd.params}
+    for f in settings_of(SynthConfig):
+        assert params[f.name].default == f.default and params[f.name].help == f.metadata["help"], f.name
+    assert {"--subjects", "--rest-subjects", "--repeats", "--trs"} <= {o for p in cmd.params for o in p.opts}
+    options = {f.name for f in settings_of(SynthConfig)}
+    assert all(not (set(values) & options) for values in PRESETS.values())

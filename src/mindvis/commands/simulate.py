@@ -2,53 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from mindvis.commands._options import SEED_RANGE
+from mindvis.commands._options import SEED_RANGE, add_options, config_options, config_values
+from mindvis.synthcortex import simulate as run_simulation
+from mindvis.synthcortex.config import SynthConfig
 from mindvis.utils.io import check_output_apart
 
 
+def _options() -> list:
+    specs = config_options(SynthConfig)
+    return [
+        dataclasses.replace(s, limits=tuple(SEED_RANGE.items())) if s.name == "seed" else s for s in specs
+    ]
+
+
 def register(app: typer.Typer) -> None:
-    app.command("simulate", help=simulate.__doc__)(simulate)
+    app.command("simulate", help=simulate.__doc__)(add_options([], after={"preset": _options()})(simulate))
 
 
 def simulate(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     preset: str = typer.Option("realistic", "--preset", help="Noise preset: easy, realistic or hard."),
-    seed: int = typer.Option(
-        0, "--seed", help="Random seed; the same seed gives identical files.", **SEED_RANGE
-    ),
-    subjects: int | None = typer.Option(None, "--subjects", help="GOD-like target subjects [1]."),
-    rest_subjects: int | None = typer.Option(
-        None, "--rest-subjects", help="HCP-like resting-state subjects [50]."
-    ),
-    n_train: int | None = typer.Option(None, "--n-train", help="Training images, one trial each [1200]."),
-    n_test: int | None = typer.Option(None, "--n-test", help="Test images [50]."),
-    repeats: int | None = typer.Option(None, "--repeats", help="Repeats of each test image [35]."),
-    resolution: int | None = typer.Option(None, "--resolution", help="Stimulus size in pixels [64]."),
-    source: str | None = typer.Option(
-        None,
-        "--source",
-        help="Stimulus source: fashion-mnist (10 classes), animal-mnist (10), fashion+animal (both: 20 "
-        "classes, corpus classes balanced by reusing Animal-MNIST objects) or folder:PATH (default: fashion-mnist).",
-    ),
-    voxels: int | None = typer.Option(None, "--voxels", help="Mean VC voxels of a target subject [4500]."),
-    rest_vertices: int | None = typer.Option(
-        None, "--rest-vertices", help="V1-V4 vertices of each resting-state subject [3600]."
-    ),
-    trs: int | None = typer.Option(None, "--trs", help="Resting-state TRs per subject [1200]."),
-    corpus_size: int | None = typer.Option(
-        None,
-        "--corpus-size",
-        help="Images in stimuli/corpus.npz, streamed to disk in chunks (any size fits in memory) [5000].",
-    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     report: bool = typer.Option(
         False, "--report", help="Print the calibration figures and write calibration.json."
     ),
+    **shared: Any,
 ) -> None:
     """Simulate a visual cortex and write GOD- and HCP-format fMRI plus the stimulus corpus."""
     import time
@@ -56,26 +40,7 @@ def simulate(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mindvis.synthcortex import SynthConfig
-    from mindvis.synthcortex import simulate as run_simulation
-    from mindvis.synthcortex.config import OPTION_FIELDS
-
-    given: dict[str, Any] = {
-        "seed": seed,
-        "subjects": subjects,
-        "rest_subjects": rest_subjects,
-        "n_train": n_train,
-        "n_test": n_test,
-        "repeats": repeats,
-        "resolution": resolution,
-        "source": source,
-        "voxels": voxels,
-        "rest_vertices": rest_vertices,
-        "trs": trs,
-        "corpus_size": corpus_size,
-    }
-    overrides = {OPTION_FIELDS.get(k, k): v for k, v in given.items() if v is not None}
-    config = SynthConfig.preset(preset, **overrides)
+    config = SynthConfig.preset(preset, **config_values(SynthConfig, shared))
 
     folder = config.source.partition("folder:")[2] if config.source.startswith("folder:") else None
     check_output_apart(out, {"--source": folder})

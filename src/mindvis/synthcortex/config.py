@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from mindvis.config import setting
 from mindvis.errors import ConfigError
 from mindvis.synthcortex.sources import parse_source
 
@@ -24,15 +25,8 @@ def _default_fractions() -> dict[str, float]:
     return {"V1": 0.22, "V2": 0.21, "V3": 0.17, "V4": 0.14, "HVC": 0.26}
 
 
-#: The options of ``mindvis simulate`` that set a :class:`SynthConfig` field of another name (``--rest-subjects``
-#: sets ``n_rest_subjects``; ``--preset`` picks the noise preset, ``name``); the others are the field's own name.
-OPTION_FIELDS: dict[str, str] = {
-    "subjects": "n_subjects",
-    "rest_subjects": "n_rest_subjects",
-    "repeats": "n_repeats",
-    "trs": "n_trs",
-    "preset": "name",
-}
+#: The option of ``mindvis simulate`` that picks the noise preset, which :meth:`SynthConfig.preset` calls ``name``.
+OPTION_FIELDS: dict[str, str] = {"preset": "name"}
 
 
 @dataclass
@@ -86,23 +80,29 @@ class SynthConfig:
     """
 
     name: str = "realistic"
-    seed: int = 0
-    n_subjects: int = 1
-    n_rest_subjects: int = 50
-    n_train: int = 1200
-    n_test: int = 50
-    n_repeats: int = 35
+    seed: int = setting(0, "Random seed; the same seed gives identical files.")
+    n_subjects: int = setting(1, "GOD-like target subjects.", flag="--subjects")
+    n_rest_subjects: int = setting(50, "HCP-like resting-state subjects.", flag="--rest-subjects")
+    n_train: int = setting(1200, "Training images, one trial each.")
+    n_test: int = setting(50, "Test images.")
+    n_repeats: int = setting(35, "Repeats of each test image.", flag="--repeats")
     trials_per_run: int = 50
-    n_trs: int = 1200
+    n_trs: int = setting(1200, "Resting-state TRs per subject.", flag="--trs")
     tr: float = 0.72
-    resolution: int = 64
-    source: str = "fashion-mnist"
-    corpus_size: int = 5000
+    resolution: int = setting(64, "Stimulus size in pixels.")
+    source: str = setting(
+        "fashion-mnist",
+        "Stimulus source: fashion-mnist (10 classes), animal-mnist (10), fashion+animal (both: 20 classes, corpus "
+        "classes balanced by reusing Animal-MNIST objects) or folder:PATH.",
+    )
+    corpus_size: int = setting(
+        5000, "Images in stimuli/corpus.npz, streamed to disk in chunks (any size fits in memory)."
+    )
     field_deg: float = 12.0
-    voxels: int = 4500
+    voxels: int = setting(4500, "Mean VC voxels of a target subject.")
     voxel_jitter: float = 0.05
     roi_fractions: dict[str, float] = field(default_factory=_default_fractions)
-    rest_vertices: int = 3600
+    rest_vertices: int = setting(3600, "V1-V4 vertices of each resting-state subject.")
     map_jitter_deg: float = 5.0
     snr_median: float = 0.1
     snr_spread: float = 0.8
