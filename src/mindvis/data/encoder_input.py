@@ -2,8 +2,8 @@
 
 A stage A run saves its fitted preprocessing as :data:`PREPROCESSING_NAME` next to its ``model/`` folder;
 :func:`find_preprocessing` finds that file from the model folder, and :func:`prepare_voxels` preprocesses a
-subject's training and test splits to the encoder's input width, with the run's preprocessing or with a new one
-fitted on the training split.
+subject's training and test splits to the encoder's input width, with the run's preprocessing or with a new
+one fitted on the training split.
 """
 
 from __future__ import annotations

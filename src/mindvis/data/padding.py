@@ -1,12 +1,12 @@
 """Padding voxel vectors to whole patches and to a common length (MinD-Vis, Chen et al., CVPR 2023).
 
-A masked brain model cuts each voxel vector into patches of ``p`` voxels, so the vector is padded to a multiple
-of ``p``. :func:`padded_length` gives the padded voxel count of each ``pad_mode`` (ours, ``"wrap"``: up to the
-next multiple of ``p``; ``"original"``, the original code's rule: always ``p - V % p`` more, a whole extra
-patch when ``V % p == 0``), and :func:`pad_columns` pads or crops the voxel axis to a given length. A model from
-an original checkpoint needs the original's rule: :func:`is_original_checkpoint` reads where a model came from
-in its provenance metadata, and :func:`choose_pad_mode` picks the pad mode that gives a model the voxel count
-it was trained with. :class:`~mindvis.data.preprocessor.FMRIPreprocessor` pads with these.
+A masked brain model cuts each voxel vector into patches of ``p`` voxels, so the vector is padded to a
+multiple of ``p``. :func:`padded_length` gives the padded voxel count of each ``pad_mode`` (ours, ``"wrap"``:
+up to the next multiple of ``p``; ``"original"``, the original code's rule: always ``p - V % p`` more, a whole
+extra patch when ``V % p == 0``), and :func:`pad_columns` pads or crops the voxel axis to a given length. A
+model from an original checkpoint needs the original's rule: :func:`is_original_checkpoint` reads where a
+model came from in its provenance metadata, and :func:`choose_pad_mode` picks the pad mode that gives a model
+the voxel count it was trained with. :class:`~mindvis.data.preprocessor.FMRIPreprocessor` pads with these.
 """
 
 from __future__ import annotations

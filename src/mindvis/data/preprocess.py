@@ -1,11 +1,13 @@
-"""Voxel preprocessing for masked brain modeling (MinD-Vis, Chen et al., CVPR 2023): the names of four modules
-in one place.
+"""Voxel preprocessing for masked brain modeling (MinD-Vis), re-exported from four modules.
 
-- :mod:`mindvis.data.preprocessor`: :class:`FMRIPreprocessor` (normalisation, padding to whole patches and to a
-  common length, the NaN policy, the original code's variants; its JSON) and :func:`load_preprocessor`;
-- :mod:`mindvis.data.padding`: the padding rules (:func:`padded_length`, :func:`pad_columns`) and the choice of
-  pad mode for a model (:func:`choose_pad_mode`, :func:`is_original_checkpoint`);
-- :mod:`mindvis.data.streaming`: the row blocks and running statistics that fitting and transforming stream with;
+The names imported from here live in:
+
+- :mod:`mindvis.data.preprocessor`: :class:`FMRIPreprocessor` (normalisation, padding to whole patches and to
+  a common length, the NaN policy, the original code's variants; its JSON) and :func:`load_preprocessor`;
+- :mod:`mindvis.data.padding`: the padding rules (:func:`padded_length`, :func:`pad_columns`) and the choice
+  of pad mode for a model (:func:`choose_pad_mode`, :func:`is_original_checkpoint`);
+- :mod:`mindvis.data.streaming`: the row blocks and running statistics that fitting and transforming stream
+  with;
 - :mod:`mindvis.data.encoder_input`: a stage A run's preprocessing file (:data:`PREPROCESSING_NAME`,
   :func:`find_preprocessing`) and the preprocessing of a subject's splits to an encoder's input width
   (:func:`prepare_voxels`).

@@ -2,8 +2,8 @@
 
 :func:`row_blocks` cuts ``N`` rows into blocks of at most :data:`BLOCK_ROWS` rows, and :class:`RunningMoments`
 merges the mean and variance of one block after another, over all values or per column.
-:class:`~mindvis.data.preprocessor.FMRIPreprocessor` fits and transforms block by block with them, so its memory
-use is one block plus the output.
+:class:`~mindvis.data.preprocessor.FMRIPreprocessor` fits and transforms block by block with them, so its
+memory use is one block plus the output.
 """
 
 from __future__ import annotations
