@@ -280,7 +280,7 @@ def original_preprocessing(
     Raises:
         DataError: the dataset has no training split to fit on.
     """
-    from mindvis.data.preprocess import FMRIPreprocessor
+    from mindvis.data.preprocessor import FMRIPreprocessor
 
     train = load_dataset(dataset, data_dir=data_dir, subject=subject, split="train", include_images=False)
     pre = FMRIPreprocessor(
@@ -305,7 +305,7 @@ def fit_to_model(
     if v == num_voxels:
         return voxels
     if not pad:
-        from mindvis.data.preprocess import padded_length
+        from mindvis.data.padding import padded_length
 
         hint = ""
         if patch_size and v >= patch_size and padded_length(v, patch_size, "original") == num_voxels:
@@ -319,7 +319,7 @@ def fit_to_model(
             path=source,
             field="voxels",
         )
-    from mindvis.data.preprocess import pad_columns
+    from mindvis.data.padding import pad_columns
 
     if v > num_voxels:
         _logger.warning("cropping %d voxels to the model's %d", v, num_voxels)
@@ -468,7 +468,8 @@ def reconstruct(
     """
     import torch
 
-    from mindvis.data.preprocess import is_original_checkpoint, load_preprocessor
+    from mindvis.data.padding import is_original_checkpoint
+    from mindvis.data.preprocessor import load_preprocessor
     from mindvis.pipeline import MindVisPipeline
     from mindvis.utils.steps import provenance
 

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 
 from mindvis.data.dataset import FMRIDataset
+from mindvis.data.encoder_input import find_preprocessing, prepare_voxels
 from mindvis.data.formats.registry import load_dataset
 from mindvis.data.paired import images_to_tensor
-from mindvis.data.preprocess import find_preprocessing, load_preprocessor, prepare_voxels
+from mindvis.data.preprocessor import load_preprocessor
 from mindvis.errors import DataError
 from mindvis.eval.config import ProbeConfig
 from mindvis.eval.metrics import pcc_matrix, two_way_identification

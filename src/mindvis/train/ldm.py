@@ -37,9 +37,10 @@ import numpy as np
 import torch
 
 from mindvis.data.dataset import FMRIDataset
+from mindvis.data.encoder_input import PREPROCESSING_NAME, find_preprocessing, prepare_voxels
 from mindvis.data.formats.registry import list_subjects, load_dataset
 from mindvis.data.paired import PairedFMRIDataset
-from mindvis.data.preprocess import PREPROCESSING_NAME, find_preprocessing, load_preprocessor, prepare_voxels
+from mindvis.data.preprocessor import load_preprocessor
 from mindvis.data.sampler import EpochShuffleSampler
 from mindvis.errors import ConfigError, DataError
 from mindvis.eval.classifier import load_benchmark_classifier
@@ -550,8 +551,8 @@ def train_stage_b(
         trainer_config: :class:`~mindvis.train.common.TrainerConfig` (devices, strategy, precision, logger);
             its ``max_epochs``, ``val_every_n_epochs`` and ``clip_grad`` are taken from ``config``.
         classifier: optional judge for the semantic validation metrics.
-        preprocessor: a fitted :class:`~mindvis.data.preprocess.FMRIPreprocessor`; default: the stage A run's
-            ``preprocessing.json`` when there is one, else fitted on ``train``.
+        preprocessor: a fitted :class:`~mindvis.data.preprocessor.FMRIPreprocessor`; default: the stage A
+            run's ``preprocessing.json`` when there is one, else fitted on ``train``.
         resume: continue from ``out_dir/checkpoints/last.ckpt``.
         overwrite: replace a non-empty ``out_dir``.
     """

@@ -19,8 +19,8 @@ correlation on the data it tunes on (so ``val/corr`` is the fit to the tuning da
 ``best/`` is the best fit). Ours, ``god_fmri="train"`` (``mindvis finetune --a2-data train``), tunes on the
 training fMRI with 5 % held out for validation and keeps the test fMRI unseen until evaluation.
 
-Masking noise is a hash of ``(seed, epoch, sample index)`` (:func:`mindvis.data.pretrain.masking_noise`, which
-:class:`~mindvis.data.pretrain.MBMDataModule` adds to every batch), not a draw from a global
+Masking noise is a hash of ``(seed, epoch, sample index)`` (:func:`mindvis.data.mask_noise.masking_noise`,
+which :class:`~mindvis.data.pretrain_loader.MBMDataModule` adds to every batch), not a draw from a global
 generator, so that a resumed run and a run on several DDP processes mask every sample exactly as one
 uninterrupted process does. Validation masks each held-out sample the same way in every epoch and logs the
 masked-patch reconstruction loss and the Pearson correlation between predicted and true voxels of the masked
@@ -46,17 +46,12 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from mindvis.data.preprocess import PREPROCESSING_NAME, choose_pad_mode, is_original_checkpoint
-from mindvis.data.pretrain import (
-    CORPUS_INDEX,
-    MBMDataConfig,
-    MBMDataModule,
-    VoxelCorpus,
-    build_corpus,
-    common_length,
-    plan_sources,
-    split_rows,
-)
+from mindvis.data.corpus import CORPUS_INDEX, VoxelCorpus, build_corpus
+from mindvis.data.corpus_plan import common_length, plan_sources
+from mindvis.data.encoder_input import PREPROCESSING_NAME
+from mindvis.data.padding import choose_pad_mode, is_original_checkpoint
+from mindvis.data.pretrain_config import MBMDataConfig
+from mindvis.data.pretrain_loader import MBMDataModule, split_rows
 from mindvis.errors import CheckpointError, ConfigError
 from mindvis.models.mbm import MaskedBrainModel, MBMConfig, load_mbm
 from mindvis.train.common import build_trainer, fit
@@ -125,8 +120,8 @@ class MBMModule(pl.LightningModule):
         model_config: the model's :class:`~mindvis.models.mbm.MBMConfig` (or its dict).
 
     Batches are dicts ``{"fmri": [B, V], "index": [B], "noise": [B, L]}``; without ``noise`` the model draws
-    its own masks from torch's generator. :class:`~mindvis.data.pretrain.MBMDataModule` adds the noise of
-    :func:`~mindvis.data.pretrain.masking_noise` on the host before each batch moves to the device.
+    its own masks from torch's generator. :class:`~mindvis.data.pretrain_loader.MBMDataModule` adds the noise
+    of :func:`~mindvis.data.mask_noise.masking_noise` on the host before each batch moves to the device.
     """
 
     def __init__(
@@ -323,7 +318,7 @@ def resolve_pad_mode(
     the mode its own mindvis run recorded for the subjects (``recorded``, :func:`init_pad_modes`: a subject of
     that run, or the mode all its subjects share); else, for a model of unknown origin, ``"original"`` when its
     voxel count is the original padding rule's for every subject and not ours
-    (:func:`~mindvis.data.preprocess.choose_pad_mode`). ``"wrap"`` otherwise and without a model.
+    (:func:`~mindvis.data.padding.choose_pad_mode`). ``"wrap"`` otherwise and without a model.
     """
     if data.pad_mode != "auto":
         return data.pad_mode

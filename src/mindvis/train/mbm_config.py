@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mindvis.data.pretrain import MBMDataConfig
+from mindvis.data.pretrain_config import MBMDataConfig
 from mindvis.errors import ConfigError
 from mindvis.models.mbm import MBM_VARIANTS, MBMConfig
 from mindvis.train.common import TrainerConfig
@@ -45,8 +45,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 
-#: The stages' data defaults (:class:`~mindvis.data.pretrain.MBMDataConfig` fields). A2's are the original's:
-#: the target subject's test fMRI (see :mod:`mindvis.train.mbm`).
+#: The stages' data defaults (:class:`~mindvis.data.pretrain_config.MBMDataConfig` fields). A2's are the
+#: original's: the target subject's test fMRI (see :mod:`mindvis.train.mbm`).
 STAGE_DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": dict(val_fraction=0.01),
     "finetune": dict(val_fraction=0.05, god_fmri="test"),

@@ -39,7 +39,7 @@ VARIANTS: tuple[str, ...] = ("large", "large_patch16", "small", "tiny")
 MAX_SEED = 2**32 - 1
 
 #: ``a2_data`` (``--a2-data``) choices: the data settings each one sets
-#: (:class:`~mindvis.data.pretrain.MBMDataConfig`).
+#: (:class:`~mindvis.data.pretrain_config.MBMDataConfig`).
 A2_DATA: dict[str, dict[str, Any]] = {
     # the original: the test fMRI (averaged + single-trial rows), normalised with the statistics of the
     # normalised training fMRI (about 0 and 1), validated on rows it also tunes on
@@ -51,9 +51,9 @@ A2_DATA: dict[str, dict[str, Any]] = {
 }
 
 #: The run-configuration key each setting sets: a :class:`~mindvis.train.mbm.MBMTrainConfig` field, or
-#: ``data.``/``trainer.`` and a field of its :class:`~mindvis.data.pretrain.MBMDataConfig` /
-#: :class:`~mindvis.train.common.TrainerConfig`. ``None``: not run configuration (``use_hcp`` and ``use_god``
-#: choose the data folders; ``a2_data`` sets the keys of :data:`A2_DATA`).
+#: ``data.``/``trainer.`` and a field of its :class:`~mindvis.data.pretrain_config.MBMDataConfig` /
+#: :class:`~mindvis.train.common.TrainerConfig`. ``None``: not run configuration (``use_hcp`` and
+#: ``use_god`` choose the data folders; ``a2_data`` sets the keys of :data:`A2_DATA`).
 CONFIG_KEYS: dict[str, str | None] = {
     # StageAConfig
     "epochs": "epochs",
@@ -175,7 +175,8 @@ class StageAConfig:
     logger: str | None = setting(None, "csv (default), tensorboard or wandb (both add the CSV).")
 
     def __post_init__(self) -> None:
-        from mindvis.data.preprocess import NAN_POLICIES, NORMALIZE_MODES, PAD_MODES  # not for --help
+        from mindvis.data.padding import PAD_MODES  # not for --help
+        from mindvis.data.preprocessor import NAN_POLICIES, NORMALIZE_MODES
 
         # the messages are those of the run configuration's checks, which the command line showed before
         for name, minimum in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("num_nodes", 1)):
