@@ -58,9 +58,10 @@ def test_constant_voxels_are_only_centred(caplog):
 
 @pytest.mark.parametrize("normalize", ["global", "voxel"])
 def test_streaming_statistics_match_numpy_on_memmaps(tmp_path, monkeypatch, normalize):
-    import mindvis.data.preprocess as pp
+    import mindvis.data.streaming as streaming
 
-    monkeypatch.setattr(pp, "BLOCK_ROWS", 7)  # many uneven blocks
+    monkeypatch.setattr(streaming, "BLOCK_ROWS", 7)  # many uneven blocks
+    assert len(list(streaming.row_blocks(53))) == 8
     x = _data(n=53, v=19, seed=3)
     np.save(tmp_path / "x.npy", x)
     mm = np.load(tmp_path / "x.npy", mmap_mode="r")

@@ -16,8 +16,10 @@ import numpy as np
 BLOCK_ROWS = 4096
 
 
-def row_blocks(n: int, block: int = BLOCK_ROWS):
-    """``(start, stop)`` of consecutive blocks of at most ``block`` rows that cover ``range(n)``."""
+def row_blocks(n: int, block: int | None = None):
+    """``(start, stop)`` of consecutive blocks of at most ``block`` rows (default: :data:`BLOCK_ROWS`, read at
+    each call) that cover ``range(n)``."""
+    block = BLOCK_ROWS if block is None else block
     for start in range(0, n, block):
         yield start, min(n, start + block)
 
