@@ -84,15 +84,15 @@ def test_demo_quick_cli(tmp_path):
     assert (tmp_path / "q" / "report" / "headline.json").is_file()
 
 
-def test_shipped_prior_used_only_for_its_own_corpus(tmp_path, monkeypatch):
+def test_shipped_prior_used_only_for_its_own_corpus(smoke_run, tmp_path, monkeypatch):
     import shutil
 
     import mindvis.demo as demo
     from mindvis.utils.io import file_sha256, write_json
 
     preset = get_preset(SMOKE_PRESET)
-    run_demo(preset, tmp_path / "run", progress=False)  # its own run: the rerun below changes it
     run = tmp_path / "run"
+    shutil.copytree(smoke_run[0].run_dir, run)  # a copy of the shared run: the rerun below changes it
     corpus = run / "sim" / "stimuli" / "corpus.npz"
     res = preset.simulate.resolution
     shipped = tmp_path / "assets" / "prior-small"
