@@ -146,3 +146,13 @@ def test_god_info_checks_averages_against_presentations(tmp_path):
     np.savez(tmp_path / "sbj_1.npz", **arrays)
     problems = describe(tmp_path)["problems"]
     assert len(problems) == 1 and "[arr_2] 2 of 3 averaged test rows differ from the mean" in problems[0]
+
+
+@pytest.mark.parametrize("name", ["bold5000", "nsd", "nifti"])
+def test_an_roi_for_a_format_without_rois_is_a_clear_error(name, tmp_path):
+    from mindvis.data.formats.registry import load_dataset
+    from mindvis.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="GOD layout") as err:
+        load_dataset(name, tmp_path, None, "train", roi="VC")
+    assert err.value.field == "roi"

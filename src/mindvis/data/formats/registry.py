@@ -119,6 +119,11 @@ def load_dataset(
             ``nan_policy``...).
     """
     key = _check_name(name)
+    if options.get("roi") is not None and key not in ("god", "synthetic"):
+        raise ConfigError(
+            f"an ROI mask applies to the GOD layout (god, synthetic), not to {key}; leave --roi out",
+            field="roi",
+        )
     folder = resolve_data_dir(key, data_dir)
     ds = _LOADERS[key](folder, subject, split, **options)
     if key == "synthetic":
