@@ -380,6 +380,17 @@ def config_to_dict(config: Any) -> Any:
     return config
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [1, 2], "d": {}}`` -> ``{"a.b": 1, "c": [1, 2], "d": {}}``: the dotted path of every
+    leaf of nested mappings (an empty mapping is a leaf, so that emptying one is a change)."""
+    if isinstance(data, Mapping) and (data or not prefix):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
 def config_from_plain(cls: type, data: Any, source: Any = None) -> Any:
     """Build config dataclass ``cls`` from plain data (:func:`config_to_dict`'s, or a YAML file's): each value
     converted to its field's type (:func:`coerce_value`), a nested config built the same way, a missing field
@@ -440,6 +451,7 @@ __all__ = [
     "config_from_plain",
     "config_to_dict",
     "field_default",
+    "flatten",
     "option_paths",
     "setting",
     "settings_of",

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mindvis.config import change_config, config_from_plain, config_to_dict, option_paths
+from mindvis.config import change_config, config_from_plain, config_to_dict, flatten, option_paths
 from mindvis.errors import ConfigError
 from mindvis.eval.classifier import ClassifierConfig, classifier_config
 from mindvis.eval.config import EvaluateConfig
@@ -464,15 +464,6 @@ def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
     return out
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out if out or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: data}
-
-
 def _yaml_value(value: Any) -> str:
     if value is None:
         return "null"
@@ -494,12 +485,12 @@ def set_items(preset: DemoPreset) -> list[str]:
                     items.append(f"{section}.{k}={_yaml_value(config_to_dict(mine[k]))}")
             continue
         new, old = (
-            _flat(config_to_dict(getattr(preset, section))),
-            _flat(config_to_dict(getattr(base, section))),
+            flatten(config_to_dict(getattr(preset, section))),
+            flatten(config_to_dict(getattr(base, section))),
         )
         if section == "simulate" and new.get("name") != old.get("name"):
             items.append(f"simulate.name={new['name']}")
-            old = _flat(config_to_dict(SynthConfig.preset(new["name"])))
+            old = flatten(config_to_dict(SynthConfig.preset(new["name"])))
         for path in new:
             if path not in old or new[path] != old[path]:
                 items.append(f"{section}.{path}={_yaml_value(new[path])}")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from mindvis.config import flatten
 from mindvis.errors import CheckpointError, ConfigError
 from mindvis.safeload import load_torch_file
 from mindvis.utils.io import atomic_write, read_json, remove_stale_temps, write_json
@@ -95,16 +96,6 @@ def read_run_config(run_dir: str | os.PathLike, stage: str | None = None) -> dic
     return doc
 
 
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}`` (of a JSON document)."""
-    if isinstance(obj, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: obj}
-
-
 def check_resume_settings(
     run_dir: str | os.PathLike, stage: str, config: Mapping[str, Any], may_change: frozenset[str]
 ) -> None:
@@ -119,8 +110,8 @@ def check_resume_settings(
     """
     if not (Path(run_dir) / RUN_CONFIG_NAME).is_file():
         return
-    saved = _flat(read_run_config(run_dir, stage)["config"])
-    new = _flat(json.loads(json.dumps(dict(config), default=str)))  # as the file holds it
+    saved = flatten(read_run_config(run_dir, stage)["config"])
+    new = flatten(json.loads(json.dumps(dict(config), default=str)))  # as the file holds it
     for key in sorted(set(saved) | set(new)):
         if saved.get(key) == new.get(key) or key in may_change:
             continue
