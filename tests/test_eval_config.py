@@ -79,3 +79,23 @@ def test_the_commands_options_keep_their_flags_defaults_and_bounds():
 def test_out_of_range_values_are_usage_errors(args, message, capsys, quiet_cli_logging):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_classifier_options_make_the_presets_config_and_are_the_commands_options():
+    import typer
+
+    from mindvis.cli import app
+    from mindvis.config import settings_of
+    from mindvis.eval.classifier import CLASSIFIER_PRESETS, ClassifierConfig
+    from mindvis.eval.config import ClassifierOptions
+
+    assert ClassifierOptions().config() == ClassifierConfig()
+    judge = ClassifierOptions(preset="judge", epochs=3, seed=5).config()
+    assert judge.epochs == 3 and judge.seed == 5 and judge.arch == CLASSIFIER_PRESETS["judge"]["arch"]
+    assert judge.blur == CLASSIFIER_PRESETS["judge"]["blur"]  # not given: the preset's
+    with pytest.raises(ConfigError, match="unknown classifier preset"):
+        ClassifierOptions(preset="huge").config()
+    params = {p.name: p for p in typer.main.get_command(app).commands["train-classifier"].params}
+    for f in settings_of(ClassifierOptions):
+        assert (params[f.name].default, params[f.name].help) == (f.default, f.metadata["help"]), f.name
+    assert "--holdout" in params["holdout_fraction"].opts

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from mindvis.commands._options import SEED_RANGE, set_threads
+from mindvis.commands._options import SEED_RANGE, add_options, config_options, config_values, set_threads
+from mindvis.eval.config import ClassifierOptions
+
+#: Bounds that typer checks on the generated options.
+_LIMITS = {"seed": tuple(SEED_RANGE.items()), "blur": (("min", 0.0), ("max", 1.0))}
+
+
+def _options() -> list:
+    return [
+        dataclasses.replace(s, limits=_LIMITS[s.name]) if s.name in _LIMITS else s
+        for s in config_options(ClassifierOptions)
+    ]
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train-classifier")
+    @add_options([], after={"exclude_test": _options()})
     def train_classifier(
         corpus: Path = typer.Option(
             ...,
@@ -24,27 +38,6 @@ def register(app: typer.Typer) -> None:
             "--exclude-test",
             help="npz whose test_images must not be trained on; matching corpus images are dropped.",
         ),
-        preset: str = typer.Option(
-            "small",
-            "--preset",
-            help="Training settings: small (the quick demo judge) or judge (the 20-class corpus judge: a "
-            "deeper CNN, about 30 minutes on one core). Options given explicitly override the preset.",
-        ),
-        epochs: int | None = typer.Option(None, help="Training epochs (default: small 10, judge 20)."),
-        input_size: int | None = typer.Option(
-            None, help="Network input size (images are resized to it) [32]."
-        ),
-        holdout: float | None = typer.Option(
-            None, help="Share of the corpus held out to measure accuracy (default: small 0.15, judge 0.1)."
-        ),
-        blur: float | None = typer.Option(
-            None,
-            min=0.0,
-            max=1.0,
-            help="Share of training images whose resolution is dropped to between half and all of the input "
-            "size and restored, so that smooth images (such as VQ decodes) are judged too [0].",
-        ),
-        seed: int = typer.Option(0, help="Seed of the split, initialisation and augmentation.", **SEED_RANGE),
         force: bool = typer.Option(False, "--force", help="Retrain even when the cached hash matches."),
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Replace an --out folder that holds something other than a classifier."
@@ -52,17 +45,15 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(
             None, help="torch CPU threads (1 is fastest on a busy machine; default: torch's choice)."
         ),
+        **shared: Any,
     ) -> None:
         """Train the benchmark classifier on training images only; cached by the SHA-256 of its data."""
         from rich.console import Console
 
-        from mindvis.eval.classifier import classifier_config
         from mindvis.eval.classifier_training import train_classifier_on
 
         console = Console()
-        config = classifier_config(
-            preset, epochs=epochs, input_size=input_size, holdout_fraction=holdout, blur=blur, seed=seed
-        )
+        config = ClassifierOptions(**config_values(ClassifierOptions, shared)).config()
         set_threads(threads or 0)
         result = train_classifier_on(
             config, corpus, out, exclude_test=exclude_test, force=force, overwrite=overwrite

@@ -8,6 +8,7 @@ options from them (:func:`~mindvis.config.setting`) without loading the metrics:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mindvis.config import MAX_ROWS, MAX_SIZE, check_bool, check_int, check_int_tuple, setting
 from mindvis.errors import ConfigError
@@ -114,3 +115,46 @@ class ProbeConfig:
 
 
 __all__ = ["MAX_SEED", "METRIC_GROUPS", "EvaluateConfig", "ProbeConfig", "parse_metric_groups", "parse_n_way"]
+
+
+@dataclass
+class ClassifierOptions:
+    """What ``mindvis train-classifier`` takes: a training preset of
+    :data:`~mindvis.eval.classifier.CLASSIFIER_PRESETS` and the settings given over it (``None``: the preset's).
+    :meth:`config` is the :class:`~mindvis.eval.classifier.ClassifierConfig` they make."""
+
+    preset: str = setting(
+        "small",
+        "Training settings: small (the quick demo judge) or judge (the 20-class corpus judge: a deeper CNN, about "
+        "30 minutes on one core). Options given explicitly override the preset.",
+    )
+    epochs: int | None = setting(None, "Training epochs (default: small 10, judge 20).")
+    input_size: int | None = setting(None, "Network input size (images are resized to it) (default: 32).")
+    holdout_fraction: float | None = setting(
+        None,
+        "Share of the corpus held out to measure accuracy (default: small 0.15, judge 0.1).",
+        flag="--holdout",
+    )
+    blur: float | None = setting(
+        None,
+        "Share of training images whose resolution is dropped to between half and all of the input size and "
+        "restored, so that smooth images (such as VQ decodes) are judged too (default: 0).",
+    )
+    seed: int = setting(0, "Seed of the split, initialisation and augmentation.")
+
+    def config(self) -> Any:
+        """The :class:`~mindvis.eval.classifier.ClassifierConfig` of the preset with the given settings.
+
+        Raises:
+            ConfigError: an unknown preset or a value the config refuses.
+        """
+        from mindvis.eval.classifier import classifier_config  # torch; a command's --help reads this module
+
+        return classifier_config(
+            self.preset,
+            epochs=self.epochs,
+            input_size=self.input_size,
+            holdout_fraction=self.holdout_fraction,
+            blur=self.blur,
+            seed=self.seed,
+        )
