@@ -257,3 +257,13 @@ def test_no_option_help_is_swallowed_as_markup():
         if Text.from_markup(p.help).plain != p.help.replace("\\[", "[")  # \[ shows a bracket on purpose
     ]
     assert not bad, bad
+
+
+def test_config_options_carry_typer_bounds_and_refuse_unknown_names():
+    from mindvis.commands._options import SEED_RANGE, config_options
+    from mindvis.eval.config import ProbeConfig
+
+    specs = {s.name: s for s in config_options(ProbeConfig, limits={"prior_items": {"min": 2}})}
+    assert specs["prior_items"].limits == (("min", 2),) and specs["prior_draws"].limits == ()
+    with pytest.raises(TypeError, match="no settings"):
+        config_options(ProbeConfig, limits={"seed": SEED_RANGE})

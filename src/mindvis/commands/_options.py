@@ -127,7 +127,9 @@ def add_options(
     return decorate
 
 
-def config_options(cls: type, prefix: str = "") -> list[OptionSpec]:
+def config_options(
+    cls: type, prefix: str = "", limits: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[OptionSpec]:
     """The options of the fields of config dataclass ``cls`` declared with :func:`mindvis.config.setting`.
 
     Each option takes the field's name, type, default and help text, and the flag ``--<name-with-dashes>``
@@ -135,7 +137,16 @@ def config_options(cls: type, prefix: str = "") -> list[OptionSpec]:
     config's ``__post_init__`` refuses other values with the field named). Fields a command sets another way
     are simply not declared with ``setting``. ``prefix`` goes before each option's parameter name (not its flag), for
     a command that takes the settings of two configs with fields of the same name (whose flags then differ).
+    ``limits`` gives typer's bounds of some options by field name (``{"seed": SEED_RANGE, "steps": {"min": 1}}``),
+    so that a bad value is a usage error naming the flag before the config is built.
+
+    Raises:
+        TypeError: a name in ``limits`` is not a setting of ``cls``.
     """
+    limits = dict(limits or {})
+    unknown = sorted(set(limits) - {f.name for f in settings_of(cls)})
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no settings {unknown}")
     hints = typing.get_type_hints(cls)
     specs = []
     for f in settings_of(cls):
@@ -148,7 +159,10 @@ def config_options(cls: type, prefix: str = "") -> list[OptionSpec]:
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         if annotation in (bool, bool | None) and "/" not in flag:
             flag = f"{flag}/--no-{flag[2:]}"
-        specs.append(OptionSpec(prefix + f.name, annotation, f.default, (flag,), f.metadata["help"]))
+        bounds = tuple(limits.get(f.name, {}).items())
+        specs.append(
+            OptionSpec(prefix + f.name, annotation, f.default, (flag,), f.metadata["help"], limits=bounds)
+        )
     return specs
 
 
@@ -267,8 +281,7 @@ def stage_a_options(cls: type[StageAConfig], hidden: tuple[str, ...] = ()) -> li
         TypeError: a name in ``hidden`` is not an option.
     """
     shared = [f.name for f in settings_of(StageAConfig)]
-    specs = {s.name: s for s in config_options(cls)}
-    specs["seed"] = dataclasses.replace(specs["seed"], limits=tuple(SEED_RANGE.items()))
+    specs = {s.name: s for s in config_options(cls, limits={"seed": SEED_RANGE})}
     out = [s for name, s in specs.items() if name not in shared]
     for name in shared:
         out += [_THREADS, specs[name]] if name == "seed" else [specs[name]]

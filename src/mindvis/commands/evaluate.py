@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +10,11 @@ import typer
 from mindvis.commands._options import SEED_RANGE, add_options, config_options, config_values
 from mindvis.eval.config import EvaluateConfig
 
+
 #: The bounds typer checks before the config does (a usage error naming the flag).
-_LIMITS = {"seed": tuple(SEED_RANGE.items())}
-
-
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
-    @add_options(
-        [dataclasses.replace(s, limits=_LIMITS.get(s.name, s.limits)) for s in config_options(EvaluateConfig)]
-    )
+    @add_options(config_options(EvaluateConfig, limits={"seed": SEED_RANGE}))
     def evaluate(
         inputs: list[Path] = typer.Argument(
             ...,

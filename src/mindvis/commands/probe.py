@@ -3,7 +3,6 @@ stimulus information is lost (raw voxels, stage A tokens, stage B conditioning).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +12,13 @@ from mindvis.commands._options import add_options, config_options, config_values
 from mindvis.eval.config import ProbeConfig
 
 #: The bounds typer checks before the config does (a usage error naming the flag).
-_LIMITS = {"prior_items": (("min", 2),), "prior_draws": (("min", 1),)}
+_LIMITS = {"prior_items": {"min": 2}, "prior_draws": {"min": 1}}
 
 
 def register(app: typer.Typer) -> None:
     @app.command("probe")
     @add_options(
-        [dataclasses.replace(s, limits=_LIMITS.get(s.name, s.limits)) for s in config_options(ProbeConfig)],
+        config_options(ProbeConfig, limits=_LIMITS),
         after={
             "models": dataset_options(
                 which=("dataset", "data_dir", "subject", "roi"), required=("dataset", "data_dir")

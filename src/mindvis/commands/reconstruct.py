@@ -40,9 +40,7 @@ _LIMITS: dict[str, dict[str, Any]] = {
 }
 
 _OPTIONS: list[OptionSpec] = [
-    dataclasses.replace(s, limits=tuple(_LIMITS.get(s.name, {}).items()))
-    for s in config_options(ReconstructConfig)
-] + [
+    *config_options(ReconstructConfig, limits=_LIMITS),
     OptionSpec("progress", bool, True, ("--progress/--no-progress",), "Show a progress bar."),
     OptionSpec("overwrite", bool, False, ("--overwrite",), "Replace a non-empty output folder."),
 ]

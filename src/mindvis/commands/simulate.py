@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +13,10 @@ from mindvis.synthcortex.config import SynthConfig
 from mindvis.utils.io import check_output_apart
 
 
-def _options() -> list:
-    specs = config_options(SynthConfig)
-    return [
-        dataclasses.replace(s, limits=tuple(SEED_RANGE.items())) if s.name == "seed" else s for s in specs
-    ]
-
-
 def register(app: typer.Typer) -> None:
-    app.command("simulate", help=simulate.__doc__)(add_options([], after={"preset": _options()})(simulate))
+    app.command("simulate", help=simulate.__doc__)(
+        add_options([], after={"preset": config_options(SynthConfig, limits={"seed": SEED_RANGE})})(simulate)
+    )
 
 
 def simulate(

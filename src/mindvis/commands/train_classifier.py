@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +11,12 @@ from mindvis.commands._options import SEED_RANGE, add_options, config_options, c
 from mindvis.eval.config import ClassifierOptions
 
 #: Bounds that typer checks on the generated options.
-_LIMITS = {"seed": tuple(SEED_RANGE.items()), "blur": (("min", 0.0), ("max", 1.0))}
-
-
-def _options() -> list:
-    return [
-        dataclasses.replace(s, limits=_LIMITS[s.name]) if s.name in _LIMITS else s
-        for s in config_options(ClassifierOptions)
-    ]
+_LIMITS = {"seed": SEED_RANGE, "blur": {"min": 0.0, "max": 1.0}}
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train-classifier")
-    @add_options([], after={"exclude_test": _options()})
+    @add_options([], after={"exclude_test": config_options(ClassifierOptions, limits=_LIMITS)})
     def train_classifier(
         corpus: Path = typer.Option(
             ...,
